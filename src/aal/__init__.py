@@ -1,0 +1,19 @@
+"""aal: Associative Adversarial Learning and an adversarial-robustness toolkit for PyTorch.
+
+Images are in [0,1] everywhere; normalisation lives inside models. The main entry points:
+
+* :func:`aal.create_model` and :mod:`aal.models` (registry of architectures),
+* :mod:`aal.attacks` (``attack(model, x, y, mask=None) -> x_adv``),
+* :mod:`aal.methods` (``method(model, batch) -> Output``),
+* :mod:`aal.engine` (the trainer and checkpoints), :mod:`aal.eval` (the evaluator),
+* :mod:`aal.data` (datasets from their official files), :mod:`aal.config`.
+
+Importing aal has no side effects beyond registering built-in components.
+"""
+
+from aal import attacks
+from aal.models import create_model
+
+__version__ = "0.1.0"
+
+__all__ = ["attacks", "create_model", "__version__"]

