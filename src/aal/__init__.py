@@ -11,9 +11,27 @@ Images are in [0,1] everywhere; normalisation lives inside models. The main entr
 Importing aal has no side effects beyond registering built-in components.
 """
 
-from aal import attacks
+from aal import attacks, attention, data, engine, eval, methods, models
+from aal.data import load_data
+from aal.engine import Trainer
+from aal.eval import evaluate
+from aal.methods import create_method
 from aal.models import create_model
 
 __version__ = "0.1.0"
 
-__all__ = ["attacks", "create_model", "__version__"]
+__all__ = [
+    "Trainer",
+    "__version__",
+    "attacks",
+    "attention",
+    "create_method",
+    "create_model",
+    "data",
+    "engine",
+    "eval",
+    "evaluate",
+    "load_data",
+    "methods",
+    "models",
+]

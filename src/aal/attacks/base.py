@@ -122,8 +122,10 @@ class ThreatModel:
 
     def __init__(self, eps: float | Tensor) -> None:
         if isinstance(eps, Tensor):
-            if (eps < 0).any():
-                raise ValueError("eps must be non-negative")
+            if eps.dim() > 1:
+                raise ValueError(f"eps must be a number or a per-sample (B,) tensor, got shape {tuple(eps.shape)}")
+            if bool((eps < 0).any()) or not bool(torch.isfinite(eps).all()):
+                raise ValueError("eps must be finite and non-negative")
         elif eps < 0 or not math.isfinite(eps):
             raise ValueError(f"eps must be a non-negative number, got {eps}")
         self.eps = eps
@@ -183,9 +185,15 @@ class L2Threat(ThreatModel):
     norm = "l2"
 
     def init(self, x: Tensor, generator: torch.Generator | None) -> Tensor:
+        # A Gaussian direction scaled to a uniform radius (as torchattacks' PGDL2). All draws for
+        # sample i come from row i of one uniform (B, N+1) draw, turned Gaussian by the inverse
+        # normal CDF: on CPU ``rand`` fills serially, so sample 0 gets the same start whatever the
+        # batch size (``randn`` followed by a second ``rand`` for the radii would not).
         eps = _per_sample(self.eps, x)
-        d = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-        r = torch.rand((x.shape[0],) + (1,) * (x.dim() - 1), generator=generator, device=x.device, dtype=x.dtype)
+        b, n = x.shape[0], x[0].numel()
+        v = torch.rand((b, n + 1), generator=generator, device=x.device, dtype=torch.float64)
+        d = torch.special.ndtri(v[:, :n].clamp_min(2.0**-53)).to(x.dtype).view(x.shape)
+        r = v[:, n].to(x.dtype).view(-1, *([1] * (x.dim() - 1)))
         return d / _l2_norm(d).clamp_min(1e-12) * r * eps
 
     def step(self, u: Tensor, grad: Tensor, step_size: float | Tensor) -> Tensor:
@@ -207,11 +215,13 @@ def check_mask(mask: Tensor | None, x: Tensor) -> Tensor | None:
     if mask.dim() != x.dim():
         raise ValueError(f"mask must have {x.dim()} dims (e.g. (B,1,H,W)), got shape {tuple(mask.shape)}")
     try:
-        torch.broadcast_shapes(mask.shape, x.shape)
+        shape = torch.broadcast_shapes(mask.shape, x.shape)
     except RuntimeError as err:
         raise ValueError(f"mask of shape {tuple(mask.shape)} does not broadcast to x {tuple(x.shape)}") from err
+    if shape != x.shape:  # e.g. a (B,1,H,W) mask with a (1,C,H,W) x would grow x_adv
+        raise ValueError(f"mask of shape {tuple(mask.shape)} does not broadcast to x {tuple(x.shape)}")
     mask = mask.detach().to(device=x.device, dtype=x.dtype)
-    if bool((mask < 0).any()) or bool((mask > 1).any()):
+    if not bool(((mask >= 0) & (mask <= 1)).all()):  # also rejects NaN
         raise ValueError("mask values must lie in [0,1]")
     return mask
 
@@ -249,6 +259,8 @@ class Attack:
             raise ValueError(f"unknown norm {norm!r}; choose from {sorted(THREATS)}")
         if targeted and minimize:
             raise ValueError("targeted=True already descends the loss (toward the target); do not set minimize too")
+        if mode not in ("eval", "train", "keep"):
+            raise ValueError(f"mode must be 'eval', 'train' or 'keep', got {mode!r}")
         self.threat = THREATS[norm](eps)
         self.eps = eps
         self.norm = norm
@@ -263,22 +275,44 @@ class Attack:
     def direction(self) -> float:
         return -1.0 if (self.targeted or self.minimize) else 1.0
 
-    def _generator(self, x: Tensor) -> torch.Generator | None:
+    def _generator(self, x: Tensor, restart: int = 0) -> torch.Generator | None:
+        """The generator for random starts of restart ``restart`` (``None`` without a seed).
+
+        Restart 0 is seeded with ``seed``; restart k > 0 with a seed derived from ``(seed, k)``
+        only, not from the state left by earlier restarts (which depends on the batch size), so
+        a sample's result does not depend on the other samples of its batch (on CPU).
+        """
         if self.seed is None:
             return None
+        seed = self.seed
+        if restart:
+            seeds = torch.randint(0, 2**62, (restart,), generator=torch.Generator().manual_seed(self.seed))
+            seed = int(seeds[-1])
         g = torch.Generator(device=x.device)
-        g.manual_seed(self.seed)
+        g.manual_seed(seed)
         return g
 
     def objective(self, model: nn.Module, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         """``(direction * loss (B,), outputs)`` at ``x``."""
         out = model(x)
-        return self.direction * self.loss_fn(out, y), out
+        loss = self.loss_fn(out, y)
+        if loss.shape != (x.shape[0],):
+            raise ValueError(f"the attack loss must be per-sample, shape ({x.shape[0]},); got {tuple(loss.shape)}")
+        return self.direction * loss, out
 
     def grad(self, model: nn.Module, x: Tensor, u: Tensor, y: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
-        """Gradient of the objective w.r.t. the latent ``u`` only; also the objective and outputs."""
+        """Gradient of the objective w.r.t. the latent ``u`` only; also the objective and outputs.
+
+        The [0,1] clip is passed straight through in the backward pass: :meth:`ThreatModel.box`
+        already keeps ``x + mask * u`` in [0,1] up to rounding, and a pixel that rounds one ulp
+        outside (frequent with a fractional mask) would otherwise get a zero gradient and stay
+        stuck on the boundary. The gradient is thus ``mask * dL/dx_adv``, as in Madry et al.
+        """
         u = u.detach().requires_grad_(True)
-        obj, out = self.objective(model, self.threat.apply(x, u, mask), y)
+        delta = u if mask is None else mask * u
+        x_adv = x + delta
+        x_adv = x_adv.detach().clamp(0.0, 1.0) + (x_adv - x_adv.detach())
+        obj, out = self.objective(model, x_adv, y)
         (g,) = torch.autograd.grad(obj.sum(), u)
         return g, obj.detach(), out.detach()
 
@@ -337,14 +371,23 @@ class IterativeAttack(Attack):
             raise ValueError(f"steps must be >= 1, got {steps}")
         if int(restarts) < 1:
             raise ValueError(f"restarts must be >= 1, got {restarts}")
+        if step_size is not None:
+            bad = bool((step_size < 0).any()) if isinstance(step_size, Tensor) else not (0 <= step_size < math.inf)
+            if bad:
+                raise ValueError(f"step_size must be finite and non-negative, got {step_size}")
         self.steps = int(steps)
         self.restarts = int(restarts)
         self.rand_init = bool(rand_init)
         self.step_size = 2.5 * eps / self.steps if step_size is None else step_size
 
     def success(self, out: Tensor, y: Tensor) -> Tensor:
-        """Per-sample success: misclassified (untargeted) or predicted as the target (targeted)."""
-        if out.dim() != 2:
+        """Per-sample success: misclassified (untargeted) or predicted as the target (targeted).
+
+        With ``minimize`` (or non-classifier outputs) there is no success criterion: restarts are
+        ranked by the objective alone (counting a misclassification as success would pick the
+        restart that fails the aim of an inverse attack).
+        """
+        if out.dim() != 2 or self.minimize:
             return torch.zeros(out.shape[0], dtype=torch.bool, device=out.device)
         pred = out.argmax(1)
         return pred == y if self.targeted else pred != y
@@ -363,8 +406,8 @@ class IterativeAttack(Attack):
             return self._one_run(model, x, y, mask, generator)
         best_u = None
         best_obj = best_succ = None
-        for _ in range(self.restarts):
-            u = self._one_run(model, x, y, mask, generator)
+        for k in range(self.restarts):
+            u = self._one_run(model, x, y, mask, generator if k == 0 else self._generator(x, k))
             with torch.no_grad():
                 obj, out = self.objective(model, self.threat.apply(x, u, mask), y)
                 succ = self.success(out, y)

@@ -2,13 +2,20 @@
 
 ``ATTENTION`` maps a config name (``model.attention=cbam``) to a factory ``f(channels) -> layer``.
 Every layer's ``forward(h, override=None)`` returns ``(h_out, M)``.
+
+Also here: the AAL kernels ``k(M^a)`` (:data:`KERNELS`, :mod:`.kernels`), the associative
+attention of AAL (:func:`associative_attention`, :mod:`.associative`, seed 001 Eqs. 5-14) and
+the input-level attention variant ``"cbam_input"`` (:mod:`.input_level`).
 """
 
 from __future__ import annotations
 
 from torch import nn
 
+from aal.attention.associative import AssocResult, associative_attention, top_fraction
 from aal.attention.cbam import SpatialAttention
+from aal.attention.input_level import INPUT_LEVEL, InputAttentionNet, InputSpatialAttention, with_input_attention
+from aal.attention.kernels import KERNELS, Kernel, apply_kernel, get_kernel
 from aal.models.base import NoAttention
 from aal.registry import Registry
 
@@ -27,9 +34,30 @@ def _cbam(channels: int) -> nn.Module:
     return SpatialAttention(kernel_size=7)
 
 
+@ATTENTION.register("cbam_input")
+def _cbam_input(channels: int, apply_to: str = "image") -> nn.Module:
+    """Input-level CBAM (public AAL code): C->C conv + spatial attention on the image; see with_input_attention."""
+    return InputSpatialAttention(channels, kernel_size=7, apply_to=apply_to)
+
+
 def create_attention(name: str | None, channels: int) -> nn.Module:
     """Build the attention layer ``name`` (``None`` means "none") for ``channels`` feature maps."""
     return ATTENTION.create(name or "none", channels)
 
 
-__all__ = ["ATTENTION", "SpatialAttention", "create_attention"]
+__all__ = [
+    "ATTENTION",
+    "AssocResult",
+    "INPUT_LEVEL",
+    "InputAttentionNet",
+    "InputSpatialAttention",
+    "KERNELS",
+    "Kernel",
+    "SpatialAttention",
+    "apply_kernel",
+    "associative_attention",
+    "create_attention",
+    "get_kernel",
+    "top_fraction",
+    "with_input_attention",
+]

@@ -18,7 +18,7 @@ Example:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from torch import Tensor, nn
@@ -56,6 +56,16 @@ class Method:
     def __call__(self, model: nn.Module, batch: Batch) -> Output:
         raise NotImplementedError
 
+    def updates(self, model: nn.Module, batch: Batch) -> Iterator[Output]:
+        """The optimizer steps this method takes on one batch, yielded lazily.
+
+        The trainer runs ``zero_grad -> backward -> step`` after each yielded output, so a method
+        that needs several sequential updates per batch (e.g. AAL's public code: a clean step,
+        then an adversarial step computed with the *updated* weights) overrides this; the default
+        is one step with :meth:`__call__`. No per-method branch in the trainer.
+        """
+        yield self(model, batch)
+
     # -- optional hooks -------------------------------------------------------------------
     def on_epoch_start(self, epoch: int, num_epochs: int) -> None:
         """Called by the trainer before each epoch (0-based); e.g. for warm-ups."""
@@ -79,3 +89,15 @@ def split_batch(batch: Batch) -> tuple[Tensor, Tensor]:
     if not (isinstance(batch, (tuple, list)) and len(batch) == 2 and all(isinstance(t, torch.Tensor) for t in batch)):
         raise TypeError("classification methods expect a batch (x, y) of two tensors")
     return batch[0], batch[1]
+
+
+# The registry lives here (not in __init__) so every method module can register itself without
+# import cycles; ``aal.methods`` imports the built-in method modules.
+from aal.registry import Registry  # noqa: E402
+
+METHODS: Registry[Method] = Registry("method")
+
+
+def create_method(name: str, **params: Any) -> Method:
+    """Build the training method registered as ``name`` with its hyper-parameters."""
+    return METHODS.create(name, **params)

@@ -50,9 +50,16 @@ def create_model(
     Returns:
         the model, in train mode.
     """
+    from aal.attention import INPUT_LEVEL, with_input_attention
+
+    # input-level attention (the public AAL code's variant) sits before the stem, not in the slot
+    input_level = attention is not None and attention.lower() in INPUT_LEVEL
     model = MODELS.create(
-        name, num_classes=num_classes, in_channels=in_channels, mean=mean, std=std, attention=attention, **kwargs
+        name, num_classes=num_classes, in_channels=in_channels, mean=mean, std=std,
+        attention=None if input_level else attention, **kwargs,
     )
+    if input_level:
+        model = with_input_attention(model, attention)
     if channels_last:
         import torch
 

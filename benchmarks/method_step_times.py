@@ -1,0 +1,107 @@
+"""Time one training step of every registered method on the same model and batch.
+
+Prints each method's step time relative to a plain forward+backward step (the `standard`
+method), measured side by side in one process, interleaved round-robin so that machine noise
+hits every method alike. A step = method(model, batch) + backward + SGD step.
+
+    python benchmarks/method_step_times.py                      # small_cnn on 28x28, batch 128
+    python benchmarks/method_step_times.py --model preact_resnet18 --size 32 --channels 3
+    python benchmarks/method_step_times.py --json out.json
+
+AAL methods run with model.attention=cbam (they need an attention map); every other method runs
+on the same architecture with the same attention layer, so the comparison is like for like.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+
+import torch
+
+from aal.engine.run import machine_description
+from aal.methods import METHODS, create_method
+from aal.models import create_model
+from aal.utils.runtime import tune_malloc
+
+
+def default_params(name: str, eps: float) -> dict:
+    """Per-method settings for the benchmark: the configs' training settings at eps."""
+    import inspect
+
+    factory = METHODS.get(name)
+    sig = inspect.signature(factory.__init__ if inspect.isclass(factory) else factory)
+    params = {}
+    if "eps" in sig.parameters:
+        params["eps"] = eps
+    if "steps" in sig.parameters:
+        params["steps"] = 10
+    return params
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="small_cnn")
+    p.add_argument("--size", type=int, default=28)
+    p.add_argument("--channels", type=int, default=1)
+    p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--eps", type=float, default=0.1)
+    p.add_argument("--repeats", type=int, default=5, help="timed rounds per method")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--methods", default="", help="comma-separated subset (default: all registered)")
+    p.add_argument("--attention", default="cbam")
+    p.add_argument("--channels-last", action="store_true")
+    p.add_argument("--json", default=None)
+    args = p.parse_args(argv)
+
+    tune_malloc(True)
+    torch.manual_seed(0)
+    names = [n for n in args.methods.split(",") if n] or METHODS.names()
+    if "standard" not in names:
+        names = ["standard", *names]
+    model = create_model(args.model, num_classes=10, in_channels=args.channels, attention=args.attention,
+                         channels_last=args.channels_last)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    x = torch.rand(args.batch, args.channels, args.size, args.size)
+    if args.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 10, (args.batch,))
+    methods = {n: create_method(n, **default_params(n, args.eps)) for n in names}
+
+    def step(method) -> float:
+        t0 = time.perf_counter()
+        for out in method.updates(model, (x, y)):
+            opt.zero_grad(set_to_none=True)
+            out.loss.backward()
+            opt.step()
+        return time.perf_counter() - t0
+
+    model.train()
+    for _ in range(args.warmup):
+        for m in methods.values():
+            step(m)
+    times = {n: [] for n in names}
+    for _ in range(args.repeats):
+        for n, m in methods.items():  # round-robin: noise hits every method alike
+            times[n].append(step(m))
+    base = statistics.median(times["standard"])
+    rows = []
+    for n in names:
+        med = statistics.median(times[n])
+        rows.append({"method": n, "median_s": med, "relative": med / base, "params": default_params(n, args.eps)})
+    print(f"model={args.model} batch={args.batch} input={args.channels}x{args.size}x{args.size} "
+          f"attention={args.attention} threads={torch.get_num_threads()}")
+    print(f"{'method':<14}{'step (s)':>10}{'x standard':>12}")
+    for r in rows:
+        print(f"{r['method']:<14}{r['median_s']:>10.4f}{r['relative']:>12.2f}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"args": vars(args), "machine": machine_description(), "rows": rows}, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Install everything aal needs on a fresh Debian machine: the Fashion-MNIST system package
+# (official IDX files in /usr/share/datasets/fashion-mnist/), the CPU build of torch 2.13.0
+# (a looser pin pulls several GB of CUDA wheels), and aal itself with its test extras.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]; then
+    SUDO=""
+    if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
+    $SUDO apt-get install -y -q dataset-fashion-mnist \
+        || { $SUDO apt-get update -q && $SUDO apt-get install -y -q dataset-fashion-mnist; }
+fi
+
+python3 -m pip install -q --disable-pip-version-check torch==2.13.0
+python3 -m pip install -q --disable-pip-version-check -e ".[test]"
+# pyenv installs console scripts behind shims that exist only after a rehash
+if command -v pyenv >/dev/null 2>&1; then pyenv rehash || true; fi

@@ -1,0 +1,7 @@
+"""``python -m aal ...`` is the same as the ``aal`` command (also under torchrun)."""
+
+import sys
+
+from aal.cli import main
+
+sys.exit(main())

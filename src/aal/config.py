@@ -1,0 +1,503 @@
+"""Typed, frozen run configuration loaded from YAML with ``key=value`` overrides.
+
+A config file has sections mirroring the dataclasses below::
+
+    seed: 0
+    epochs: 10
+    data:   {name: fashion_mnist, batch_size: 128}
+    model:  {name: small_cnn, attention: none}      # extra keys -> model options (e.g. stem: cifar)
+    method: {name: pgd_at, eps: 0.1, steps: 10}     # extra keys -> the method's hyper-parameters
+    optim:  {name: sgd, lr: 0.05, momentum: 0.9, weight_decay: 5.0e-4}
+    schedule: {name: cosine}
+    eval:   {attacks: [clean, fgsm, pgd20], eps: 0.1}
+
+Overrides use dotted keys: ``method.eps=8/255 optim.lr=0.05 epochs=3``. Every float accepts a
+fraction such as ``8/255``. Validation happens before any work starts: unknown keys, unknown
+registered names and impossible values raise :class:`ConfigError` with a one-line message that
+names the key (the CLI turns it into exit code 2). Method and model hyper-parameters are
+validated against the registered factory's signature and type annotations, and the method is
+built once as a dry run so that its own checks (e.g. ``steps >= 1``) fire early.
+
+Example:
+    >>> from aal.config import load_config
+    >>> cfg = load_config(None, ["method.name=fgsm_at", "method.eps=8/255", "epochs=2"])
+    >>> cfg.method.name, round(cfg.method.params["eps"], 5), cfg.epochs
+    ('fgsm_at', 0.03137, 2)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """An invalid configuration; the message names the offending key."""
+
+
+_FRACTION = re.compile(r"^\s*([-+]?\d*\.?\d+(?:[eE][-+]?\d+)?)\s*/\s*(\d*\.?\d+(?:[eE][-+]?\d+)?)\s*$")
+
+
+def parse_float(value: Any, key: str) -> float:
+    """A float from a number or a string such as ``"0.1"`` or ``"8/255"``."""
+    if isinstance(value, bool):
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if isinstance(value, (int, float)):
+        return float(value)
+    if isinstance(value, str):
+        m = _FRACTION.match(value)
+        if m:
+            den = float(m[2])
+            if den == 0:
+                raise ConfigError(f"{key}: division by zero in {value!r}")
+            return float(m[1]) / den
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    raise ConfigError(f"{key}: expected a number (e.g. 0.1 or 8/255), got {value!r}")
+
+
+def coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check/convert ``value`` to the annotated type ``tp`` (int, float, bool, str, Optional, tuple, Literal)."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any or tp is inspect.Parameter.empty:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return coerce(value, a, key)
+            except ConfigError as err:
+                errors.append(str(err))
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{key}: {value!r} matches none of {tp}")
+    if origin is typing.Literal:
+        if value not in args:
+            raise ConfigError(f"{key}: must be one of {', '.join(map(repr, args))}, got {value!r}")
+        return value
+    if origin in (tuple, list, Sequence) or tp in (tuple, list):
+        if isinstance(value, str):
+            value = [v for v in value.split(",") if v]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        inner = args[0] if args else Any
+        return tuple(coerce(v, inner, f"{key}[{i}]") for i, v in enumerate(value))
+    if origin in (dict, Mapping) or tp in (dict, Mapping):
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return dict(value)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+            return value.lower() in ("true", "yes", "1")
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, str) and value.strip().lstrip("-").isdigit())):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return int(value)
+    if tp is float:
+        return parse_float(value, key)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    return value
+
+
+# ----------------------------------------------------------------------------- the sections
+@dataclass(frozen=True)
+class DataConfig:
+    """Dataset and loader settings.
+
+    Attributes:
+        name: registered dataset (``aal list``).
+        root: directory of the official files (default: the dataset's own default, if any).
+        val_fraction: fraction of the training set held out for per-epoch validation.
+        batch_size: training batch size (global; divided across processes when distributed).
+        augment: ``none``, ``crop`` or ``crop_flip`` (batched, in torch, seeded).
+        padding: zero padding of the random crop.
+        download: allow downloading the official files (with checksums) if missing.
+        train_n: train on the first ``train_n`` training images only (quick runs, tests).
+    """
+
+    name: str = "fashion_mnist"
+    root: str | None = None
+    val_fraction: float = 0.0
+    batch_size: int = 128
+    augment: str = "none"
+    padding: int = 4
+    download: bool = False
+    train_n: int | None = None
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Model settings.
+
+    Attributes:
+        name: registered model.
+        attention: attention layer after the first convolution (``none``, ``cbam``, ...).
+        normalize: put the dataset's mean/std normalisation inside the model.
+        channels_last: memory format; ``None`` picks the default measured faster for the model
+            (channels_last for convolutional nets with pooling, see :func:`aal.utils.runtime`).
+        options: model-specific keyword arguments (any other key of the ``model`` section).
+    """
+
+    name: str = "small_cnn"
+    attention: str = "none"
+    normalize: bool = True
+    channels_last: bool | None = None
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class MethodConfig:
+    """Training method: its registered name and hyper-parameters (every other key)."""
+
+    name: str = "pgd_at"
+    params: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """Optimizer (SGD with momentum by default, as in the AAL paper and Madry et al.)."""
+
+    name: str = "sgd"
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    nesterov: bool = False
+
+
+@dataclass(frozen=True)
+class ScheduleConfig:
+    """Learning-rate schedule, stepped every iteration.
+
+    Attributes:
+        name: ``cosine`` (to 0, no restart), ``multistep`` or ``constant``.
+        milestones: epochs at which ``multistep`` multiplies the LR by ``gamma``.
+        gamma: multistep factor.
+        warmup_epochs: linear warm-up length.
+    """
+
+    name: str = "cosine"
+    milestones: tuple[int, ...] = ()
+    gamma: float = 0.1
+    warmup_epochs: float = 0.0
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Evaluation settings.
+
+    Attributes:
+        attacks: final evaluation attacks (specs such as ``clean``, ``fgsm``, ``pgd20``, ``pgd50x5``).
+        eps: evaluation budget (L-inf unless a spec says ``-l2``); always full, unmasked attacks.
+        n: evaluate on the first ``n`` test images (``None``: the whole test set).
+        batch_size: evaluation batch size.
+        epoch_attacks: attacks run at the end of every epoch on the validation data.
+        epoch_n: number of validation (or test, if no validation split) images used per epoch.
+        seed: seed of the attacks' random starts.
+    """
+
+    attacks: tuple[str, ...] = ("clean", "fgsm", "pgd20")
+    eps: float = 0.1
+    n: int | None = None
+    batch_size: int = 500
+    epoch_attacks: tuple[str, ...] = ("clean", "pgd10")
+    epoch_n: int = 1000
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """A whole training run.
+
+    Attributes:
+        seed: seed of everything (weights, data order, augmentation, random starts).
+        epochs: training epochs.
+        out_dir: parent directory of run folders.
+        name: run folder name (default: ``<method>-<dataset>-<timestamp>``).
+        progress: show progress bars.
+        malloc_tune: tune glibc malloc at process start (see :func:`aal.utils.runtime.tune_malloc`).
+        threads: torch intra-op threads (``None``: torch's default).
+        checkpoint_every: save a checkpoint every this many epochs (and at the end).
+        grad_clip: clip the gradient norm (``None``: off).
+    """
+
+    seed: int = 0
+    epochs: int = 10
+    out_dir: str = "runs"
+    name: str | None = None
+    progress: bool = True
+    malloc_tune: bool = True
+    threads: int | None = None
+    checkpoint_every: int = 1
+    grad_clip: float | None = None
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain, YAML/JSON-able nested dict in the file layout (flattened params/options)."""
+        d = dataclasses.asdict(self)
+        d["model"] = {k: v for k, v in d["model"].items() if k != "options"} | dict(self.model.options)
+        d["method"] = {"name": self.method.name} | dict(self.method.params)
+        return _plain(d)
+
+
+def _plain(v: Any) -> Any:
+    if isinstance(v, Mapping):
+        return {k: _plain(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_plain(x) for x in v]
+    return v
+
+
+_SECTIONS: dict[str, type] = {
+    "data": DataConfig,
+    "model": ModelConfig,
+    "method": MethodConfig,
+    "optim": OptimConfig,
+    "schedule": ScheduleConfig,
+    "eval": EvalConfig,
+}
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _build_section(cls: type, raw: Mapping[str, Any], prefix: str) -> Any:
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"{prefix}: expected a mapping, got {raw!r}")
+    hints = _hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs: dict[str, Any] = {}
+    extra: dict[str, Any] = {}
+    for key, value in raw.items():
+        if cls is ModelConfig and key not in names:
+            extra[key] = value
+            continue
+        if cls is MethodConfig and key != "name":
+            extra[key] = value
+            continue
+        if key not in names or key in ("options", "params"):
+            known = [n for n in names if n not in ("options", "params")]
+            raise ConfigError(f"unknown key '{prefix}.{key}' (known: {', '.join(known)})")
+        kwargs[key] = coerce(value, hints[key], f"{prefix}.{key}")
+    if cls is ModelConfig:
+        kwargs["options"] = extra
+    if cls is MethodConfig:
+        kwargs["params"] = extra
+    return cls(**kwargs)
+
+
+def _set_dotted(d: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    cur = d
+    for p in parts[:-1]:
+        nxt = cur.setdefault(p, {})
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"override {dotted!r}: {p!r} is not a section")
+        cur = nxt
+    cur[parts[-1]] = value
+
+
+def parse_overrides(overrides: Sequence[str]) -> dict[str, Any]:
+    """``["a.b=1", "c=8/255"]`` -> nested dict; values parsed as YAML scalars (strings kept)."""
+    out: dict[str, Any] = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like key=value (e.g. method.eps=8/255)")
+        key, _, text = item.partition("=")
+        key = key.strip()
+        if not key:
+            raise ConfigError(f"override {item!r} has an empty key")
+        try:
+            value = yaml.safe_load(text) if text.strip() else ""
+        except yaml.YAMLError:
+            value = text
+        _set_dotted(out, key, value)
+    return out
+
+
+def _merge(base: dict[str, Any], new: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in new.items():
+        if isinstance(v, Mapping) and isinstance(out.get(k), Mapping):
+            out[k] = _merge(dict(out[k]), v)
+        else:
+            out[k] = v
+    return out
+
+
+def config_from_dict(raw: Mapping[str, Any], validate: bool = True) -> RunConfig:
+    """Build and (optionally) validate a :class:`RunConfig` from a nested dict."""
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"a config must be a mapping at the top level, got {type(raw).__name__}")
+    hints = _hints(RunConfig)
+    kwargs: dict[str, Any] = {}
+    top = [f.name for f in dataclasses.fields(RunConfig)]
+    for key, value in raw.items():
+        if key in _SECTIONS:
+            kwargs[key] = _build_section(_SECTIONS[key], value or {}, key)
+        elif key in top:
+            kwargs[key] = coerce(value, hints[key], key)
+        else:
+            raise ConfigError(f"unknown key '{key}' (known: {', '.join(top)})")
+    cfg = RunConfig(**kwargs)
+    if validate:
+        cfg = validate_config(cfg)
+    return cfg
+
+
+def load_config(path: str | Path | None, overrides: Sequence[str] = (), validate: bool = True) -> RunConfig:
+    """Load a YAML config (or the defaults when ``path`` is None) and apply overrides."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            loaded = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{p}: not valid YAML ({err})") from err
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{p}: a config must be a mapping at the top level")
+        raw = loaded
+    raw = _merge(raw, parse_overrides(overrides))
+    return config_from_dict(raw, validate=validate)
+
+
+# ----------------------------------------------------------------------------- validation
+def check_kwargs(factory: Any, params: Mapping[str, Any], prefix: str, skip: Sequence[str] = ()) -> dict[str, Any]:
+    """Validate ``params`` against ``factory``'s keyword arguments and annotations; return coerced copies."""
+    target = factory.__init__ if inspect.isclass(factory) else factory
+    sig = inspect.signature(target)
+    try:
+        hints = typing.get_type_hints(target)
+    except (NameError, TypeError):
+        hints = {}
+    accepted = {
+        n: p for n, p in sig.parameters.items() if n != "self" and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+    }
+    has_var_kw = any(p.kind == p.VAR_KEYWORD for p in sig.parameters.values())
+    out: dict[str, Any] = {}
+    for key, value in params.items():
+        if key in skip or (key not in accepted and not has_var_kw):
+            known = [n for n in accepted if n not in skip]
+            raise ConfigError(f"unknown key '{prefix}.{key}' (known: {', '.join(known) or 'none'})")
+        out[key] = coerce(value, hints.get(key, Any), f"{prefix}.{key}")
+    return out
+
+
+def _positive(value: float | int | None, key: str, allow_zero: bool = False) -> None:
+    if value is None:
+        return
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ConfigError(f"{key}: must be {'>= 0' if allow_zero else '> 0'}, got {value}")
+
+
+def validate_config(cfg: RunConfig) -> RunConfig:
+    """Check names against the registries and values for sanity; build the method as a dry run.
+
+    Returns:
+        the config with the method's and model's parameters coerced to their annotated types.
+    """
+    # imported here: the registries pull in torch, and config parsing alone should stay light
+    from aal.attacks import from_spec
+    from aal.attention import ATTENTION
+    from aal.data import DATASETS
+    from aal.methods import METHODS
+    from aal.models import MODELS
+
+    _positive(cfg.epochs, "epochs")
+    _positive(cfg.checkpoint_every, "checkpoint_every")
+    _positive(cfg.threads, "threads")
+    _positive(cfg.grad_clip, "grad_clip")
+    d = cfg.data
+    if d.name not in DATASETS:
+        raise ConfigError(f"data.name: unknown dataset {d.name!r} (known: {', '.join(DATASETS.names())})")
+    _positive(d.batch_size, "data.batch_size")
+    _positive(d.padding, "data.padding", allow_zero=True)
+    _positive(d.train_n, "data.train_n")
+    if not 0.0 <= d.val_fraction < 1.0:
+        raise ConfigError(f"data.val_fraction: must be in [0, 1), got {d.val_fraction}")
+    if d.augment not in ("none", "crop", "crop_flip"):
+        raise ConfigError(f"data.augment: must be one of none, crop, crop_flip; got {d.augment!r}")
+    m = cfg.model
+    if m.name not in MODELS:
+        raise ConfigError(f"model.name: unknown model {m.name!r} (known: {', '.join(MODELS.names())})")
+    if m.attention not in ATTENTION:
+        raise ConfigError(f"model.attention: unknown attention {m.attention!r} (known: {', '.join(ATTENTION.names())})")
+    options = check_kwargs(
+        MODELS.get(m.name), m.options, "model", skip=("num_classes", "in_channels", "mean", "std", "attention")
+    )
+    if cfg.method.name not in METHODS:
+        raise ConfigError(f"method.name: unknown method {cfg.method.name!r} (known: {', '.join(METHODS.names())})")
+    params = check_kwargs(METHODS.get(cfg.method.name), cfg.method.params, "method")
+    try:
+        METHODS.create(cfg.method.name, **params)
+    except (ValueError, TypeError) as err:
+        raise ConfigError(f"method ({cfg.method.name}): {err}") from err
+    o = cfg.optim
+    if o.name not in ("sgd", "adam"):
+        raise ConfigError(f"optim.name: must be sgd or adam, got {o.name!r}")
+    _positive(o.lr, "optim.lr")
+    _positive(o.weight_decay, "optim.weight_decay", allow_zero=True)
+    _positive(o.momentum, "optim.momentum", allow_zero=True)
+    s = cfg.schedule
+    if s.name not in ("cosine", "multistep", "constant"):
+        raise ConfigError(f"schedule.name: must be cosine, multistep or constant, got {s.name!r}")
+    _positive(s.warmup_epochs, "schedule.warmup_epochs", allow_zero=True)
+    e = cfg.eval
+    _positive(e.eps, "eval.eps", allow_zero=True)
+    _positive(e.n, "eval.n")
+    _positive(e.batch_size, "eval.batch_size")
+    _positive(e.epoch_n, "eval.epoch_n", allow_zero=True)
+    for key, specs in (("eval.attacks", e.attacks), ("eval.epoch_attacks", e.epoch_attacks)):
+        for spec in specs:
+            if spec == "clean":
+                continue
+            try:
+                from_spec(spec, e.eps)
+            except ValueError as err:
+                raise ConfigError(f"{key}: {err}") from err
+    # the validated config carries typed values (e.g. eps "8/255" -> 0.0313...)
+    return dataclasses.replace(
+        cfg,
+        model=dataclasses.replace(m, options=options),
+        method=dataclasses.replace(cfg.method, params=params),
+    )
+
+
+def method_params(cfg: RunConfig) -> dict[str, Any]:
+    """The method's hyper-parameters, coerced to their annotated types."""
+    from aal.methods import METHODS
+
+    return check_kwargs(METHODS.get(cfg.method.name), cfg.method.params, "method")
+
+
+def dump_config(cfg: RunConfig, path: str | Path) -> None:
+    """Write the resolved config as YAML (loadable again with :func:`load_config`)."""
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

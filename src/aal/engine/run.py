@@ -1,0 +1,272 @@
+"""From a :class:`~aal.config.RunConfig` to a trained, evaluated run folder.
+
+A run folder holds::
+
+    config.yaml          the resolved config (re-loadable: ``aal train RUN/config.yaml``)
+    metrics.jsonl        one JSON line per epoch, written as training goes
+    checkpoints/last/    model + optimizer + scheduler + method state + RNG (safetensors + JSON)
+    results.json         the final evaluation (clean / robust accuracy per attack)
+
+Example:
+    >>> from aal.config import load_config
+    >>> from aal.engine.run import train_run
+    >>> cfg = load_config("configs/fashion_mnist/pgd_at.yaml", ["epochs=1"])   # doctest: +SKIP
+    >>> run_dir, result = train_run(cfg)                                        # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from aal.config import RunConfig, dump_config, load_config, method_params
+from aal.data import BatchLoader, DataBundle, Split, load_data
+from aal.engine.checkpoint import load_checkpoint, load_model_weights
+from aal.engine.optim import build_optimizer, build_scheduler
+from aal.engine.trainer import Trainer
+from aal.eval import EvalResult, evaluate
+from aal.methods import Method, create_method
+from aal.models import create_model
+from aal.utils.runtime import seed_everything
+
+# Models for which channels_last measured faster on this 2-core CPU (pooling/conv heavy nets);
+# the small MNIST CNN is left in NCHW (see benchmarks/).
+_CHANNELS_LAST_DEFAULT = ("resnet", "preact", "wrn", "wide")
+
+
+def default_channels_last(model_name: str) -> bool:
+    """The memory format used when ``model.channels_last`` is not set."""
+    return model_name.startswith(_CHANNELS_LAST_DEFAULT)
+
+
+def build_model(cfg: RunConfig, bundle: DataBundle | None = None, info: Any = None) -> nn.Module:
+    """The model described by ``cfg.model`` for the dataset's channels, classes and statistics."""
+    info = info if info is not None else bundle.info  # type: ignore[union-attr]
+    m = cfg.model
+    channels_last = default_channels_last(m.name) if m.channels_last is None else m.channels_last
+    return create_model(
+        m.name,
+        num_classes=info.num_classes,
+        in_channels=info.in_channels,
+        mean=info.mean if m.normalize else None,
+        std=info.std if m.normalize else None,
+        attention=None if m.attention == "none" else m.attention,
+        channels_last=channels_last,
+        **dict(m.options),
+    )
+
+
+def build_method(cfg: RunConfig) -> Method:
+    """The training method with its validated hyper-parameters."""
+    return create_method(cfg.method.name, **method_params(cfg))
+
+
+def _eval_split(bundle: DataBundle) -> Split:
+    return bundle.val if bundle.val is not None and len(bundle.val) > 0 else bundle.test
+
+
+def make_epoch_eval(cfg: RunConfig, bundle: DataBundle) -> Callable[[nn.Module], dict[str, float]] | None:
+    """Per-epoch evaluation on the validation split (or the first test images if there is none)."""
+    e = cfg.eval
+    if e.epoch_n == 0 or not e.epoch_attacks:
+        return None
+    split = _eval_split(bundle)
+    which = "val" if split is bundle.val else "test"
+
+    def fn(model: nn.Module) -> dict[str, float]:
+        res = evaluate(model, split, attacks=e.epoch_attacks, eps=e.eps, batch_size=e.batch_size, n=e.epoch_n, seed=e.seed)
+        return {f"{which}_{k}": v for k, v in res.accuracy.items()}
+
+    return fn
+
+
+def make_run_dir(cfg: RunConfig) -> Path:
+    """``out_dir/name`` or ``out_dir/<method>-<dataset>-<YYYYmmdd-HHMMSS>`` (made unique)."""
+    base = Path(cfg.out_dir)
+    name = cfg.name or f"{cfg.method.name}-{cfg.data.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    path = base / name
+    k = 1
+    while path.exists() and cfg.name is None:
+        path = base / f"{name}-{k}"
+        k += 1
+    path.mkdir(parents=True, exist_ok=cfg.name is not None)
+    return path
+
+
+@dataclass
+class Experiment:
+    """Everything a run needs, built from a config."""
+
+    cfg: RunConfig
+    bundle: DataBundle
+    model: nn.Module
+    method: Method
+    loader: BatchLoader
+
+
+def build_experiment(cfg: RunConfig) -> Experiment:
+    """Data, model, method and training loader for ``cfg`` (seeded)."""
+    seed_everything(cfg.seed)
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
+    d = cfg.data
+    bundle = load_data(d.name, root=d.root, val_fraction=d.val_fraction, seed=cfg.seed, download=d.download)
+    if d.train_n is not None:
+        bundle.train = bundle.train.subset(d.train_n)
+    model = build_model(cfg, bundle)
+    method = build_method(cfg)
+    channels_last = default_channels_last(cfg.model.name) if cfg.model.channels_last is None else cfg.model.channels_last
+    loader = BatchLoader(
+        bundle.train,
+        batch_size=d.batch_size,
+        shuffle=True,
+        drop_last=True,
+        augment=d.augment,
+        padding=d.padding,
+        seed=cfg.seed,
+        channels_last=channels_last,
+    )
+    return Experiment(cfg, bundle, model, method, loader)
+
+
+def final_eval(cfg: RunConfig, model: nn.Module, bundle: DataBundle, progress: bool = False) -> EvalResult:
+    """The final evaluation on the test split with full, unmasked attacks."""
+    e = cfg.eval
+    return evaluate(
+        model, bundle.test, attacks=e.attacks, eps=e.eps, batch_size=e.batch_size, n=e.n, seed=e.seed, progress=progress
+    )
+
+
+def train_run(cfg: RunConfig, resume: str | Path | None = None, log: Callable[[str], None] = print) -> tuple[Path, EvalResult]:
+    """Train ``cfg`` (or resume the run folder ``resume``), evaluate, write ``results.json``."""
+    exp = build_experiment(cfg)
+    if resume is not None:
+        run_dir = Path(resume)
+    else:
+        run_dir = make_run_dir(cfg)
+        dump_config(cfg, run_dir / "config.yaml")
+    log(f"run folder: {run_dir}")
+    optimizer = build_optimizer(
+        exp.model, cfg.optim.name, lr=cfg.optim.lr, momentum=cfg.optim.momentum,
+        weight_decay=cfg.optim.weight_decay, nesterov=cfg.optim.nesterov,
+    )
+    s = cfg.schedule
+    scheduler = build_scheduler(
+        optimizer, s.name, epochs=cfg.epochs, steps_per_epoch=len(exp.loader),
+        milestones=s.milestones, gamma=s.gamma, warmup_epochs=s.warmup_epochs,
+    )
+    trainer = Trainer(
+        exp.model, exp.method, exp.loader, optimizer, scheduler, epochs=cfg.epochs, run_dir=run_dir,
+        evaluate_fn=make_epoch_eval(cfg, exp.bundle), checkpoint_every=cfg.checkpoint_every,
+        progress=cfg.progress, grad_clip=cfg.grad_clip, seed=cfg.seed, config=cfg.to_dict(),
+    )
+    if resume is not None and _has_checkpoint(run_dir):
+        trainer.resume(run_dir)
+    else:
+        if resume is not None:
+            log("no checkpoint in the run folder yet (killed during the first epoch): starting from epoch 1")
+            (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+        trainer.fit()
+    t0 = time.perf_counter()
+    result = final_eval(cfg, exp.model, exp.bundle, progress=cfg.progress)
+    payload = {
+        "eval": result.to_dict(),
+        "eval_seconds": time.perf_counter() - t0,
+        "method": cfg.method.name,
+        "dataset": cfg.data.name,
+        "model": cfg.model.name,
+        "epochs": cfg.epochs,
+        "train_seconds": _train_seconds(run_dir),
+        "machine": machine_description(),
+    }
+    (run_dir / "results.json").write_text(json.dumps(payload, indent=2))
+    return run_dir, result
+
+
+def _has_checkpoint(run_dir: Path) -> bool:
+    from aal.engine.checkpoint import resolve_checkpoint
+
+    try:
+        resolve_checkpoint(run_dir)
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def _train_seconds(run_dir: Path) -> float | None:
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return None
+    total = 0.0
+    for line in path.read_text().splitlines():
+        if line.strip():
+            total += float(json.loads(line).get("epoch_time", 0.0))
+    return total
+
+
+def machine_description() -> dict[str, Any]:
+    """Where a figure was measured: CPU model, cores, torch version and threads."""
+    import os
+    import platform
+
+    cpu = platform.processor() or ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "cuda": torch.cuda.is_available(),
+    }
+
+
+def find_run_files(path: str | Path) -> tuple[Path, Path]:
+    """``(config.yaml, checkpoint)`` for a run folder or a checkpoint path inside one."""
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"no run folder or checkpoint at {p}")
+    ckpt = p / "checkpoints" / "last" if (p / "checkpoints" / "last").exists() else p
+    for parent in [p, *p.parents]:
+        if (parent / "config.yaml").is_file():
+            return parent / "config.yaml", ckpt
+    raise FileNotFoundError(f"no config.yaml found in {p} or its parents; pass a run folder made by `aal train`")
+
+
+def load_run(path: str | Path) -> tuple[RunConfig, nn.Module, DataBundle]:
+    """Rebuild a trained model from a run folder (or a checkpoint inside one) and its data."""
+    cfg_path, ckpt = find_run_files(path)
+    cfg = load_config(cfg_path, validate=False)
+    d = cfg.data
+    bundle = load_data(d.name, root=d.root, val_fraction=d.val_fraction, seed=cfg.seed, download=False)
+    model = build_model(cfg, bundle)
+    load_model_weights(ckpt, model)
+    model.eval()
+    return cfg, model, bundle
+
+
+__all__ = [
+    "Experiment",
+    "build_experiment",
+    "build_method",
+    "build_model",
+    "default_channels_last",
+    "final_eval",
+    "find_run_files",
+    "load_checkpoint",
+    "load_run",
+    "machine_description",
+    "make_run_dir",
+    "train_run",
+]

@@ -1,0 +1,246 @@
+"""Clean and robust accuracy, AutoAttack-style: attack only what is still correct.
+
+:func:`evaluate` measures clean accuracy, then runs each attack *only on the points the model
+classifies correctly* (points already wrong count as wrong under every attack, as in
+AutoAttack's ``run_standard_evaluation``), and reports, per attack, the accuracy under it and
+the per-sample worst case over all attacks (``"robust"``: correct under every attack).
+
+Two modes:
+
+* ``cumulative=False`` (default): every attack runs on all clean-correct points, so each
+  attack's number stands on its own (comparable across papers), and ``robust`` is the worst
+  case over them.
+* ``cumulative=True``: each attack runs only on the points that survived the previous ones
+  (AutoAttack's ensemble; cheaper); each attack's number is then the robust accuracy *after*
+  it, and ``robust`` equals the last one.
+
+Example:
+    >>> import torch, aal
+    >>> from aal.eval import evaluate
+    >>> model = aal.create_model("small_cnn")
+    >>> x, y = torch.rand(32, 1, 28, 28), torch.randint(0, 10, (32,))
+    >>> res = evaluate(model, (x, y), attacks=("clean", "fgsm", "pgd5"), eps=0.1)
+    >>> sorted(res.accuracy)
+    ['clean', 'fgsm', 'pgd5', 'robust']
+    >>> print(res.table())  # doctest: +SKIP
+    attack  accuracy %  time s
+    clean        9.38     0.0
+    ...
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from aal.attacks import from_spec
+
+AttackFn = Callable[[nn.Module, Tensor, Tensor], Tensor]
+AttackSpec = str | AttackFn | tuple[str, AttackFn]
+
+
+@dataclass
+class EvalResult:
+    """The outcome of :func:`evaluate`.
+
+    Attributes:
+        accuracy: fraction in [0,1] per attack name, plus ``"clean"`` (when evaluated) and
+            ``"robust"`` (correct under every attack; present when any attack ran).
+        n: number of evaluated points.
+        eps: the budget the attacks were built with.
+        seconds: wall-clock seconds per entry (``"clean"`` and each attack).
+        cumulative: whether attacks ran on the survivors of the previous ones.
+        correct: per-sample correctness (bool (n,) tensors) per entry; not part of :meth:`to_dict`.
+    """
+
+    accuracy: dict[str, float]
+    n: int
+    eps: float
+    seconds: dict[str, float]
+    cumulative: bool = False
+    correct: dict[str, Tensor] = field(default_factory=dict, repr=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-serialisable summary (no tensors)."""
+        return {
+            "accuracy": {k: float(v) for k, v in self.accuracy.items()},
+            "n": int(self.n),
+            "eps": float(self.eps),
+            "seconds": {k: float(v) for k, v in self.seconds.items()},
+            "cumulative": bool(self.cumulative),
+        }
+
+    def table(self) -> str:
+        """Aligned text table: ``attack | accuracy % | time s`` (``robust`` last)."""
+        rows = [("attack", "accuracy %", "time s")]
+        for name, acc in self.accuracy.items():
+            secs = self.seconds.get(name)
+            rows.append((name, f"{100 * acc:.2f}", "" if secs is None else f"{secs:.1f}"))
+        w = [max(len(r[i]) for r in rows) for i in range(3)]
+        lines = [f"{r[0]:<{w[0]}}  {r[1]:>{w[1]}}  {r[2]:>{w[2]}}" for r in rows]
+        lines.append(f"(n={self.n}, eps={self.eps:.4g}{', cumulative' if self.cumulative else ''})")
+        return "\n".join(lines)
+
+
+def _as_tensors(data: Any, n: int | None) -> tuple[Tensor, Tensor, bool]:
+    """``(images, labels, is_uint8)`` restricted to the first ``n`` points."""
+    if isinstance(data, (tuple, list)) and len(data) == 2:
+        x, y = data
+    elif hasattr(data, "images") and hasattr(data, "labels"):
+        x, y = data.images, data.labels
+    else:
+        raise TypeError("data must be an (x, y) pair of tensors or have .images (uint8 N,C,H,W) and .labels")
+    x, y = torch.as_tensor(x), torch.as_tensor(y)
+    if len(x) != len(y):
+        raise ValueError(f"{len(x)} images but {len(y)} labels")
+    if n is not None:
+        if n < 1:
+            raise ValueError(f"n must be >= 1, got {n}")
+        x, y = x[:n], y[:n]
+    if x.dtype == torch.uint8:
+        return x, y.long(), True
+    if not x.is_floating_point():
+        raise TypeError(f"images must be float in [0,1] or uint8, got {x.dtype}")
+    return x, y.long(), False
+
+
+def _named_attacks(attacks: Sequence[AttackSpec], eps: float, seed: int) -> list[tuple[str, AttackFn | None]]:
+    out: list[tuple[str, AttackFn | None]] = []
+    for a in attacks:
+        if isinstance(a, str):
+            name, fn = a.strip().lower(), None if a.strip().lower() == "clean" else from_spec(a, eps, seed=seed)
+        elif isinstance(a, tuple) and len(a) == 2 and isinstance(a[0], str) and callable(a[1]):
+            name, fn = a
+        elif callable(a):
+            name, fn = getattr(a, "name", type(a).__name__), a
+        else:
+            raise TypeError(f"an attack must be a spec string, an attack object or a (name, attack) pair, got {a!r}")
+        if name in [o[0] for o in out] or name == "robust":
+            raise ValueError(f"attack name {name!r} is repeated or reserved; pass (name, attack) pairs to rename")
+        out.append((name, fn))
+    return out
+
+
+def evaluate(
+    model: nn.Module,
+    data: Any,
+    attacks: Sequence[AttackSpec] = ("clean", "fgsm", "pgd20"),
+    eps: float = 0.1,
+    batch_size: int = 256,
+    n: int | None = None,
+    seed: int = 0,
+    progress: bool = False,
+    device: str | torch.device | None = None,
+    cumulative: bool = False,
+) -> EvalResult:
+    """Clean accuracy, accuracy under each attack, and the per-sample worst case.
+
+    Args:
+        model: classifier taking images in [0,1]; put in eval mode during the call and every
+            submodule's mode restored after.
+        data: ``(x, y)`` with ``x`` float (N,C,H,W) in [0,1] (or uint8) and ``y`` (N,) labels,
+            or a split with ``.images`` uint8 (N,C,H,W) and ``.labels`` (N,). uint8 images are
+            converted to [0,1] floats batch by batch.
+        attacks: attack specs for :func:`aal.attacks.from_spec` (``"fgsm"``, ``"pgd20"``,
+            ``"pgd50x5"``, ``"cw20"``, ...), ``"clean"`` (clean accuracy is always measured,
+            listing it only places its row), attack objects (named by their ``name``
+            attribute) or ``(name, attack)`` pairs; an attack is any
+            ``attack(model, x, y) -> x_adv``.
+        eps: budget for attacks built from specs.
+        batch_size: points per forward / attack call.
+        n: evaluate the first ``n`` points only (a fixed subset, identical across calls).
+        seed: seed of the attacks' random starts (results are repeatable for a fixed seed).
+        progress: show a tqdm bar per attack.
+        device: where batches go (default: the device of the model's parameters).
+        cumulative: run each attack only on the survivors of the previous ones (see module doc).
+
+    Returns:
+        an :class:`EvalResult`.
+
+    Example:
+        >>> import torch, aal
+        >>> model = aal.create_model("small_cnn")
+        >>> x, y = torch.rand(16, 1, 28, 28), torch.randint(0, 10, (16,))
+        >>> r = evaluate(model, (x, y), attacks=["fgsm"], eps=0.05, n=8)
+        >>> r.n, r.accuracy["robust"] <= r.accuracy["clean"]
+        (8, True)
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    x_all, y_all, is_uint8 = _as_tensors(data, n)
+    named = _named_attacks(attacks, eps, seed)
+    if device is None:
+        p = next(model.parameters(), None)
+        device = p.device if p is not None else torch.device("cpu")
+    device = torch.device(device)
+    total = len(y_all)
+
+    def batch(idx: Tensor) -> tuple[Tensor, Tensor]:
+        xb = x_all[idx].to(device, non_blocking=True)
+        xb = xb.float().div_(255) if is_uint8 else xb.float()
+        return xb, y_all[idx].to(device)
+
+    def chunks(idx: Tensor, desc: str):
+        parts = list(idx.split(batch_size))
+        return tqdm(parts, desc=desc, unit="batch", leave=False, disable=True if not progress else None)
+
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        accuracy: dict[str, float] = {}
+        seconds: dict[str, float] = {}
+        correct: dict[str, Tensor] = {}
+        t0 = time.perf_counter()
+        clean = torch.zeros(total, dtype=torch.bool)
+        with torch.no_grad():
+            for idx in chunks(torch.arange(total), "clean"):
+                xb, yb = batch(idx)
+                clean[idx] = (model(xb).argmax(1) == yb).cpu()
+        seconds["clean"], correct["clean"] = time.perf_counter() - t0, clean
+        accuracy["clean"] = clean.float().mean().item() if total else 0.0
+        robust = clean.clone()
+        for name, attack in named:
+            if attack is None:
+                continue
+            t0 = time.perf_counter()
+            survived = clean.clone()
+            # points already misclassified need no attack: they count as wrong
+            pool = (robust if cumulative else clean).nonzero().flatten()
+            if cumulative:
+                survived &= robust
+            for idx in chunks(pool, name):
+                xb, yb = batch(idx)
+                x_adv = attack(model, xb, yb)
+                with torch.no_grad():
+                    survived[idx] = (model(x_adv).argmax(1) == yb).cpu()
+            seconds[name], correct[name] = time.perf_counter() - t0, survived
+            accuracy[name] = survived.float().mean().item() if total else 0.0
+            robust &= survived
+        if len(accuracy) > 1:
+            accuracy["robust"], correct["robust"] = (robust.float().mean().item() if total else 0.0), robust
+    finally:
+        for m, training in modes:
+            m.training = training
+    return EvalResult(accuracy, total, float(eps), seconds, cumulative, correct)
+
+
+def accuracy(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 256) -> float:
+    """Clean accuracy (fraction in [0,1]) of ``model`` on ``x`` (N,C,H,W) in [0,1] (or uint8), ``y`` (N,).
+
+    The model runs in eval mode; its modes are restored after.
+
+    Example:
+        >>> import torch, aal
+        >>> acc = accuracy(aal.create_model("small_cnn"), torch.rand(8, 1, 28, 28), torch.zeros(8, dtype=torch.long))
+        >>> 0.0 <= acc <= 1.0
+        True
+    """
+    return evaluate(model, (x, y), attacks=("clean",), batch_size=batch_size).accuracy["clean"]
+
+
+__all__ = ["EvalResult", "accuracy", "evaluate"]

@@ -1,0 +1,42 @@
+"""Training methods: ``method(model, batch) -> Output(loss, logits, logs)`` and their registry.
+
+A method turns one batch into a scalar loss (crafting the adversarial examples it needs) and
+never touches the optimizer; one trainer loop serves them all. Constructor keyword arguments
+are the hyper-parameters (typed, validated at construction).
+
+Registered (``METHODS.names()``): ``standard`` (clean CE), ``fgsm_at`` (Wong et al. 2020),
+``pgd_at`` (Madry et al. 2018), ``trades`` (Zhang et al. 2019), and ``aal``.
+
+Example:
+    >>> import torch, aal
+    >>> from aal.methods import create_method
+    >>> model = aal.create_model("small_cnn")
+    >>> method = create_method("pgd_at", eps=0.1, steps=3)
+    >>> out = method(model, (torch.rand(4, 1, 28, 28), torch.randint(0, 10, (4,))))
+    >>> out.loss.backward()
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+from aal.methods.adversarial import FGSMAT, PGDAT, AdversarialTraining
+from aal.methods.base import METHODS, Method, Output, create_method, split_batch
+from aal.methods.standard import Standard
+from aal.methods.trades import TRADES, TradesKLAttack
+
+__all__ = [
+    "AdversarialTraining",
+    "FGSMAT",
+    "METHODS",
+    "Method",
+    "Output",
+    "PGDAT",
+    "Standard",
+    "TRADES",
+    "TradesKLAttack",
+    "create_method",
+    "split_batch",
+]
+
+from aal.methods import aal as _aal  # noqa: E402,F401  (registers aal, aal_fgsm, aal_pgd)

@@ -1,0 +1,33 @@
+"""Small process-level helpers: seeding, RNG snapshots, malloc tuning, threads, ranks.
+
+Example:
+    >>> from aal.utils import seed_everything
+    >>> seed_everything(0)
+    0
+"""
+
+from aal.utils.runtime import (
+    configure_threads,
+    get_rng_state,
+    is_main_process,
+    malloc_tuned,
+    resolve_device,
+    runtime_info,
+    seed_everything,
+    set_rng_state,
+    tune_malloc,
+    world_size,
+)
+
+__all__ = [
+    "configure_threads",
+    "get_rng_state",
+    "is_main_process",
+    "malloc_tuned",
+    "resolve_device",
+    "runtime_info",
+    "seed_everything",
+    "set_rng_state",
+    "tune_malloc",
+    "world_size",
+]

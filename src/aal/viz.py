@@ -1,0 +1,129 @@
+"""Figures of AAL's attention and selective attacks (in the style of seed 001, Fig. 3).
+
+:func:`attention_grid` writes one PNG: one row per sample, columns
+
+    image | adversarial image x' (selective) | M on x | M on x' | M^a | k(M^a) | |x' - x|
+
+* The maps (M, M on x', M^a, k(M^a)) share one colour scale, [0,1], with one colour bar; the
+  perturbation column uses [0, eps] with its own colour bar, so rows and runs are comparable.
+* Maps are shown at their own resolution (the attention layer's, e.g. 24x24 for ``small_cnn``),
+  stretched over the same square as the image; ``|x' - x|`` is the max over channels.
+* "M on x'" is the model's own attention recomputed on the adversarial input (eval mode): it
+  shows how much the perturbation moves the attention, the coupling AAL backtracks.
+
+Matplotlib is used through its object API with the Agg canvas (no pyplot, no global state, no
+display needed).
+
+Example:
+    >>> import torch, aal
+    >>> from aal.viz import attention_grid
+    >>> model = aal.create_model("small_cnn", attention="cbam")
+    >>> x, y = torch.rand(4, 1, 28, 28), torch.tensor([0, 1, 2, 3])
+    >>> path = attention_grid(model, x, y, eps=0.1, out_path="/tmp/attention.png", n=4)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from aal.attacks.base import attack_mode
+
+COLUMNS = ("image", "x' (selective)", "M on x", "M on x'", "M^a", "k(M^a)", "|x' - x|")
+
+
+def _image(t: Tensor):
+    """(C,H,W) in [0,1] -> an array imshow understands (H,W) or (H,W,3)."""
+    a = t.detach().float().cpu().clamp(0, 1)
+    return a[0].numpy() if a.shape[0] == 1 else a[:3].permute(1, 2, 0).numpy()
+
+
+def attention_grid(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    *,
+    eps: float,
+    out_path: str | Path,
+    n: int = 8,
+    method: Any = None,
+    title: str | None = None,
+    dpi: int = 100,
+    **method_params: Any,
+) -> Path:
+    """Write a PNG grid of images, selective adversarial images and attention maps.
+
+    Args:
+        model: an attention model (``create_model(..., attention="cbam")``).
+        x: images (B,C,H,W) in [0,1]; the first ``n`` are shown.
+        y: labels (B,).
+        eps: the attack budget.
+        out_path: where to write the PNG (parent folders are created).
+        n: number of rows (samples), at most B.
+        method: an :class:`aal.methods.aal.AAL` to use; default ``AAL(eps=eps, **method_params)``.
+        title: optional figure title.
+        dpi: resolution of the PNG.
+        **method_params: AAL hyper-parameters (``attack``, ``kernel``, ``coupling``, ``xi1``...)
+            when ``method`` is not given.
+
+    Returns:
+        the path written.
+    """
+    from matplotlib.figure import Figure  # lazy: plotting is optional at import time
+
+    from aal.methods.aal import AAL
+
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    if method is None:
+        method = AAL(eps=eps, **method_params)
+    elif method_params:
+        raise ValueError("give either a method or its parameters, not both")
+    n = min(n, x.shape[0])
+    x, y = x[:n].detach(), y[:n]
+    x_adv, res, mask = method.craft(model, x, y)
+    with attack_mode(model, "eval"), torch.no_grad():
+        _, m_adv = model(x_adv, return_attention=True)
+    if m_adv is None:
+        m_adv = res.m
+    pert = (x_adv - x).abs().amax(1, keepdim=True)
+
+    ncols = len(COLUMNS)
+    fig = Figure(figsize=(1.55 * ncols + 0.9, 1.55 * n + (0.5 if title else 0.25)), dpi=dpi)
+    axes = fig.subplots(n, ncols, squeeze=False)
+    map_kw = dict(cmap="viridis", vmin=0.0, vmax=1.0, interpolation="nearest")
+    pert_kw = dict(cmap="magma", vmin=0.0, vmax=max(float(eps), 1e-12), interpolation="nearest")
+    img_kw = dict(cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest")
+    map_im = pert_im = None
+    for i in range(n):
+        row = axes[i]
+        row[0].imshow(_image(x[i]), **img_kw)
+        row[1].imshow(_image(x_adv[i]), **img_kw)
+        for j, m in ((2, res.m[i]), (3, m_adv[i]), (4, res.m_a[i]), (5, mask[i])):
+            map_im = row[j].imshow(m[0].float().cpu().numpy(), **map_kw)
+        pert_im = row[6].imshow(pert[i, 0].float().cpu().numpy(), **pert_kw)
+        row[0].set_ylabel(f"y={int(y[i])}", fontsize=8)
+        for ax in row:
+            ax.set_xticks([])
+            ax.set_yticks([])
+    for j, name in enumerate(COLUMNS):
+        axes[0, j].set_title(name, fontsize=9)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.subplots_adjust(left=0.03, right=0.86, bottom=0.02, top=0.93 if title else 0.96, wspace=0.06, hspace=0.06)
+    cax_map = fig.add_axes((0.875, 0.55, 0.015, 0.38))
+    fig.colorbar(map_im, cax=cax_map).ax.tick_params(labelsize=7)
+    cax_map.set_title("maps", fontsize=7)
+    cax_pert = fig.add_axes((0.875, 0.08, 0.015, 0.38))
+    fig.colorbar(pert_im, cax=cax_pert).ax.tick_params(labelsize=7)
+    cax_pert.set_title("|x'-x|", fontsize=7)
+    out = Path(out_path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=dpi)
+    return out
+
+
+__all__ = ["COLUMNS", "attention_grid"]
