@@ -29,7 +29,7 @@ from aal.utils.runtime import tune_malloc
 
 
 def default_params(name: str, eps: float) -> dict:
-    """Per-method settings for the benchmark: the configs' training settings at eps."""
+    """Per-method settings for the benchmark: each method's own defaults (PGD-10 etc.) at ``eps``."""
     import inspect
 
     factory = METHODS.get(name)
@@ -37,8 +37,6 @@ def default_params(name: str, eps: float) -> dict:
     params = {}
     if "eps" in sig.parameters:
         params["eps"] = eps
-    if "steps" in sig.parameters:
-        params["steps"] = 10
     return params
 
 

@@ -223,7 +223,17 @@ def machine_description() -> dict[str, Any]:
                 break
     except OSError:
         pass
+    commit = None
+    try:
+        import subprocess
+
+        here = Path(__file__).resolve().parent
+        r = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5)
+        commit = r.stdout.strip() or None if r.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        pass
     return {
+        "aal_commit": commit,
         "cpu": cpu,
         "cores": os.cpu_count(),
         "torch": torch.__version__,
