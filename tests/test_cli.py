@@ -106,3 +106,23 @@ def test_kill_and_resume_gives_same_weights(tmp_path):
         assert (a[k] == b[k]).all(), k
     lines = (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["epoch"] for line in lines][-1] == json.loads((tmp_path / "ref" / "metrics.jsonl").read_text().splitlines()[-1])["epoch"]
+
+
+@needs_fmnist
+def test_viz_writes_a_png_for_an_aal_run(tmp_path):
+    r = run_aal("train", "configs/fashion_mnist/aal_fgsm.yaml", "epochs=1", "data.train_n=256", "eval.n=50",
+                "eval.epoch_n=0", "eval.attacks=clean", "progress=false", f"out_dir={tmp_path}", "name=a")
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = tmp_path / "grid.png"
+    v = run_aal("viz", str(tmp_path / "a"), "--n", "3", "--out", str(out))
+    assert v.returncode == 0, v.stderr[-2000:]
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000
+
+
+@needs_fmnist
+def test_viz_refuses_a_model_without_attention(tmp_path):
+    r = run_aal("train", "configs/fashion_mnist/standard.yaml", "epochs=1", "data.train_n=128", "eval.n=20",
+                "eval.epoch_n=0", "eval.attacks=clean", "progress=false", f"out_dir={tmp_path}", "name=s")
+    assert r.returncode == 0, r.stderr[-2000:]
+    v = run_aal("viz", str(tmp_path / "s"), "--out", str(tmp_path / "x.png"))
+    assert v.returncode == 2 and "attention" in v.stderr

@@ -127,3 +127,37 @@ def attention_grid(
 
 
 __all__ = ["COLUMNS", "attention_grid"]
+
+
+def attention_grid_for_run(cfg: Any, model: nn.Module, bundle: Any, *, n: int = 8, out_path: str | Path = "attention.png",
+                           seed: int = 0) -> Path:
+    """:func:`attention_grid` for a trained run: ``n`` test images drawn with ``seed``.
+
+    The run's own AAL method (with its hyper-parameters) makes the selective attack when the run
+    was trained with one; otherwise AAL's defaults at the run's evaluation budget are used.
+
+    Raises:
+        aal.config.ConfigError: the model has no attention layer (nothing to visualise).
+    """
+    from aal.config import ConfigError
+    from aal.engine.run import build_method
+    from aal.methods.aal import AAL
+
+    if not getattr(model, "has_attention", False) and not hasattr(model, "input_attention"):
+        raise ConfigError(
+            f"aal viz needs a model with an attention layer; this run used model.attention={cfg.model.attention!r}"
+        )
+    if n < 1:
+        raise ConfigError(f"--n: must be >= 1, got {n}")
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randperm(len(bundle.test), generator=g)[:n]
+    split = bundle.test.subset(idx)
+    x = split.images.float().div(255.0)
+    y = split.labels
+    method = build_method(cfg)
+    if not isinstance(method, AAL):
+        method = None
+    return attention_grid(
+        model, x, y, eps=cfg.eval.eps, out_path=out_path, n=n, method=method,
+        title=f"{cfg.method.name} on {cfg.data.name}",
+    )
