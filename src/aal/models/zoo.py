@@ -91,70 +91,40 @@ def preact_resnet18(
     return build_preact_resnet18(num_classes, _channels(in_channels), mean, std, attention)
 
 
-@MODELS.register("resnet18")
-def resnet18(
-    num_classes: int = 10,
-    in_channels: int | None = None,
-    mean: Sequence[float] | None = None,
-    std: Sequence[float] | None = None,
-    attention: str | None = None,
-    *,
-    stem: str = "cifar",
-    zero_init_residual: bool = False,
-) -> AttentionNet:
-    """ResNet-18 (He et al. 2016), BasicBlock [2,2,2,2]; 512-d features.
+_RESNET_OPTIONS = """
 
     Options:
         stem: "cifar" (default; conv3x3 stride 1, no max-pool: the attention map is HxW) or
             "imagenet" (conv7x7 stride 2, then BN-ReLU-maxpool in the trunk: the map is H/2 x W/2).
         zero_init_residual: zero the last BN weight of every block (torchvision's option).
     """
-    c = _channels(in_channels)
-    return build_resnet("basic", (2, 2, 2, 2), num_classes, c, mean, std, attention, stem, zero_init_residual)
 
 
-@MODELS.register("resnet34")
-def resnet34(
-    num_classes: int = 10,
-    in_channels: int | None = None,
-    mean: Sequence[float] | None = None,
-    std: Sequence[float] | None = None,
-    attention: str | None = None,
-    *,
-    stem: str = "cifar",
-    zero_init_residual: bool = False,
-) -> AttentionNet:
-    """ResNet-34 (He et al. 2016), BasicBlock [3,4,6,3]; 512-d features.
+def _register_resnet(name: str, block: str, layers: tuple[int, ...], summary: str) -> None:
+    # One factory per depth, with the full explicit signature the config validator reads.
+    def factory(
+        num_classes: int = 10,
+        in_channels: int | None = None,
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
+        attention: str | None = None,
+        *,
+        stem: str = "cifar",
+        zero_init_residual: bool = False,
+    ) -> AttentionNet:
+        c = _channels(in_channels)
+        return build_resnet(block, layers, num_classes, c, mean, std, attention, stem, zero_init_residual)
 
-    Options:
-        stem: "cifar" (default; conv3x3 stride 1, no max-pool: the attention map is HxW) or
-            "imagenet" (conv7x7 stride 2, then BN-ReLU-maxpool in the trunk: the map is H/2 x W/2).
-        zero_init_residual: zero the last BN weight of every block (torchvision's option).
-    """
-    c = _channels(in_channels)
-    return build_resnet("basic", (3, 4, 6, 3), num_classes, c, mean, std, attention, stem, zero_init_residual)
+    factory.__name__ = factory.__qualname__ = name
+    factory.__doc__ = summary + _RESNET_OPTIONS
+    MODELS.register(name)(factory)
 
 
-@MODELS.register("resnet50")
-def resnet50(
-    num_classes: int = 10,
-    in_channels: int | None = None,
-    mean: Sequence[float] | None = None,
-    std: Sequence[float] | None = None,
-    attention: str | None = None,
-    *,
-    stem: str = "cifar",
-    zero_init_residual: bool = False,
-) -> AttentionNet:
-    """ResNet-50 (He et al. 2016), Bottleneck v1.5 [3,4,6,3]; 2048-d features.
-
-    Options:
-        stem: "cifar" (default; conv3x3 stride 1, no max-pool: the attention map is HxW) or
-            "imagenet" (conv7x7 stride 2, then BN-ReLU-maxpool in the trunk: the map is H/2 x W/2).
-        zero_init_residual: zero the last BN weight of every block (torchvision's option).
-    """
-    c = _channels(in_channels)
-    return build_resnet("bottleneck", (3, 4, 6, 3), num_classes, c, mean, std, attention, stem, zero_init_residual)
+_register_resnet("resnet18", "basic", (2, 2, 2, 2), "ResNet-18 (He et al. 2016), BasicBlock [2,2,2,2]; 512-d features.")
+_register_resnet("resnet34", "basic", (3, 4, 6, 3), "ResNet-34 (He et al. 2016), BasicBlock [3,4,6,3]; 512-d features.")
+_register_resnet(
+    "resnet50", "bottleneck", (3, 4, 6, 3), "ResNet-50 (He et al. 2016), Bottleneck v1.5 [3,4,6,3]; 2048-d features."
+)
 
 
 @MODELS.register("wide_resnet")
