@@ -94,3 +94,9 @@ def test_coerce_union_and_tuple():
 def test_config_from_dict_rejects_non_mapping():
     with pytest.raises(ConfigError):
         config_from_dict([1, 2])  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("overrides, key", [(["model.name=resnet18", "model.stem=bogus"], "stem"), (["model.name=wrn34_10", "model.dropout=-1"], "dropout")])
+def test_bad_model_options_caught_before_work(overrides, key):
+    with pytest.raises(ConfigError, match=key):
+        load_config(None, overrides)

@@ -453,6 +453,13 @@ def validate_config(cfg: RunConfig) -> RunConfig:
     options = check_kwargs(
         MODELS.get(m.name), m.options, "model", skip=("num_classes", "in_channels", "mean", "std", "attention")
     )
+    try:  # dry run on the meta device: option values are checked without allocating weights
+        import torch
+
+        with torch.device("meta"):
+            MODELS.create(m.name, attention=None if m.attention == "none" else m.attention, **options)
+    except (ValueError, TypeError) as err:
+        raise ConfigError(f"model ({m.name}): {err}") from err
     if cfg.method.name not in METHODS:
         raise ConfigError(f"method.name: unknown method {cfg.method.name!r} (known: {', '.join(METHODS.names())})")
     params = check_kwargs(METHODS.get(cfg.method.name), cfg.method.params, "method")
