@@ -25,8 +25,9 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from aal.config import RunConfig, dump_config, load_config, method_params
+from aal.config import ConfigError, RunConfig, dump_config, load_config, method_params
 from aal.data import BatchLoader, DataBundle, Split, load_data
+from aal.engine import distributed as dist_utils
 from aal.engine.checkpoint import load_checkpoint, load_model_weights
 from aal.engine.optim import build_optimizer, build_scheduler
 from aal.engine.trainer import Trainer
@@ -35,14 +36,15 @@ from aal.methods import Method, create_method
 from aal.models import create_model
 from aal.utils.runtime import seed_everything
 
-# Models for which channels_last measured faster on this 2-core CPU (pooling/conv heavy nets);
-# the small MNIST CNN is left in NCHW (see benchmarks/).
-_CHANNELS_LAST_DEFAULT = ("resnet", "preact", "wrn", "wide")
-
-
 def default_channels_last(model_name: str) -> bool:
-    """The memory format used when ``model.channels_last`` is not set."""
-    return model_name.startswith(_CHANNELS_LAST_DEFAULT)
+    """The memory format used when ``model.channels_last`` is not set: channels_last.
+
+    Measured on this 2-core CPU, side by side: ResNet-18 train/attack steps 1.16-1.29x faster
+    (NCHW max-pooling was 12x slower), and PGD-5 on the small CNN (batch 128, one thread)
+    1.27x faster. Every registered model is convolutional, so it is the default for all;
+    ``model.channels_last=false`` turns it off.
+    """
+    return True
 
 
 def build_model(cfg: RunConfig, bundle: DataBundle | None = None, info: Any = None) -> nn.Module:
@@ -80,7 +82,8 @@ def make_epoch_eval(cfg: RunConfig, bundle: DataBundle) -> Callable[[nn.Module],
     which = "val" if split is bundle.val else "test"
 
     def fn(model: nn.Module) -> dict[str, float]:
-        res = evaluate(model, split, attacks=e.epoch_attacks, eps=e.eps, batch_size=e.batch_size, n=e.epoch_n, seed=e.seed)
+        res = evaluate(model, split, attacks=e.epoch_attacks, eps=e.eps, batch_size=e.batch_size, n=e.epoch_n, seed=e.seed,
+                       distributed=True)  # sharded over ranks under torchrun; the usual call otherwise
         return {f"{which}_{k}": v for k, v in res.accuracy.items()}
 
     return fn
@@ -111,7 +114,12 @@ class Experiment:
 
 
 def build_experiment(cfg: RunConfig) -> Experiment:
-    """Data, model, method and training loader for ``cfg`` (seeded)."""
+    """Data, model, method and training loader for ``cfg`` (seeded).
+
+    Under ``torch.distributed`` (initialise it first, e.g. :func:`~aal.engine.distributed.init_distributed`)
+    the loader yields this rank's shard with ``data.batch_size / world_size`` images per batch;
+    the model is initialised from the same seed on every rank.
+    """
     seed_everything(cfg.seed)
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
@@ -122,14 +130,21 @@ def build_experiment(cfg: RunConfig) -> Experiment:
     model = build_model(cfg, bundle)
     method = build_method(cfg)
     channels_last = default_channels_last(cfg.model.name) if cfg.model.channels_last is None else cfg.model.channels_last
+    world = dist_utils.get_world_size()
+    try:  # data.batch_size is the global batch
+        batch_size = dist_utils.per_process_batch(d.batch_size, world)
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
     loader = BatchLoader(
         bundle.train,
-        batch_size=d.batch_size,
+        batch_size=batch_size,
         shuffle=True,
         drop_last=True,
         augment=d.augment,
         padding=d.padding,
         seed=cfg.seed,
+        rank=dist_utils.get_rank(),
+        world_size=world,
         channels_last=channels_last,
     )
     return Experiment(cfg, bundle, model, method, loader)
@@ -139,18 +154,36 @@ def final_eval(cfg: RunConfig, model: nn.Module, bundle: DataBundle, progress: b
     """The final evaluation on the test split with full, unmasked attacks."""
     e = cfg.eval
     return evaluate(
-        model, bundle.test, attacks=e.attacks, eps=e.eps, batch_size=e.batch_size, n=e.n, seed=e.seed, progress=progress
+        model, bundle.test, attacks=e.attacks, eps=e.eps, batch_size=e.batch_size, n=e.n, seed=e.seed, progress=progress,
+        distributed=True,  # sharded over ranks under torchrun; the usual call otherwise
     )
 
 
 def train_run(cfg: RunConfig, resume: str | Path | None = None, log: Callable[[str], None] = print) -> tuple[Path, EvalResult]:
-    """Train ``cfg`` (or resume the run folder ``resume``), evaluate, write ``results.json``."""
+    """Train ``cfg`` (or resume the run folder ``resume``), evaluate, write ``results.json``.
+
+    Under ``torchrun`` (``WORLD_SIZE > 1`` in the environment) it joins the process group
+    (gloo: training runs on the CPU) and trains with DDP (:mod:`aal.engine.distributed`); every
+    rank returns the same ``(run_dir, result)``, rank 0 alone logs and writes files.
+    """
+    ctx = dist_utils.init_distributed(device="cpu")  # a no-op outside torchrun
+    try:
+        return _train_run(cfg, resume, log if dist_utils.is_main_rank() else (lambda _msg: None))
+    finally:
+        dist_utils.shutdown(ctx)  # only if this call created the group
+
+
+def _train_run(cfg: RunConfig, resume: str | Path | None, log: Callable[[str], None]) -> tuple[Path, EvalResult]:
+    main = dist_utils.is_main_rank()
     exp = build_experiment(cfg)
     if resume is not None:
         run_dir = Path(resume)
     else:
-        run_dir = make_run_dir(cfg)
-        dump_config(cfg, run_dir / "config.yaml")
+        # rank 0 names and creates the folder (names carry a timestamp); the others are told
+        run_dir = make_run_dir(cfg) if main else None
+        if main:
+            dump_config(cfg, run_dir / "config.yaml")
+        run_dir = Path(dist_utils.broadcast_object(str(run_dir) if main else None))
     log(f"run folder: {run_dir}")
     optimizer = build_optimizer(
         exp.model, cfg.optim.name, lr=cfg.optim.lr, momentum=cfg.optim.momentum,
@@ -171,10 +204,13 @@ def train_run(cfg: RunConfig, resume: str | Path | None = None, log: Callable[[s
     else:
         if resume is not None:
             log("no checkpoint in the run folder yet (killed during the first epoch): starting from epoch 1")
-            (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+            if main:
+                (run_dir / "metrics.jsonl").unlink(missing_ok=True)
         trainer.fit()
     t0 = time.perf_counter()
-    result = final_eval(cfg, exp.model, exp.bundle, progress=cfg.progress)
+    result = final_eval(cfg, exp.model, exp.bundle, progress=cfg.progress and main)
+    if not main:
+        return run_dir, result
     payload = {
         "eval": result.to_dict(),
         "eval_seconds": time.perf_counter() - t0,
