@@ -246,6 +246,81 @@ def test_options_stay_within_budget(cbam_model, params):
     assert ("loss_clean" in out.logs) == ("clean_weight" in params)
 
 
+# ----------------------------------------------------------------------------- controls
+def test_control_masks_keep_each_images_mean_and_values():
+    from aal.methods.aal import control_mask
+
+    g = torch.Generator().manual_seed(0)
+    mask = torch.rand(3, 1, 6, 5, generator=g) ** 2
+    mask[1] = 0.0  # an image with nothing to attack stays at nothing
+    assert control_mask(mask, "none") is mask
+    uni = control_mask(mask, "uniform")
+    torch.manual_seed(0)
+    shuf = control_mask(mask, "shuffle")
+    for m in (uni, shuf):
+        assert m.shape == mask.shape
+        assert ((m >= 0) & (m <= 1)).all()
+        torch.testing.assert_close(m.flatten(1).mean(1), mask.flatten(1).mean(1))
+    # uniform: one value per image; shuffle: the same multiset of values at other places
+    assert torch.equal(uni.flatten(1).amax(1), uni.flatten(1).amin(1))
+    assert torch.equal(shuf.flatten(1).sort(1).values, mask.flatten(1).sort(1).values)
+    assert not torch.equal(shuf[0], mask[0]) and not torch.equal(shuf[2], mask[2])
+    # the permutation differs per image and is drawn from the (seeded) global RNG
+    torch.manual_seed(0)
+    assert torch.equal(control_mask(mask, "shuffle"), shuf)
+    with pytest.raises(ValueError, match="mask_control"):
+        control_mask(mask, "random")
+
+
+def test_binarized_mask_keeps_the_top_fraction_at_one():
+    from aal.methods.aal import binarize_mask
+
+    mask = torch.arange(20.0).view(1, 1, 4, 5) / 19
+    b = binarize_mask(mask, 0.25)
+    assert set(b.unique().tolist()) == {0.0, 1.0}
+    assert int(b.sum()) == 5
+    assert b.flatten()[-5:].eq(1).all()  # the 5 largest values
+
+
+@pytest.mark.parametrize("attack", ["fgsm", "pgd"])
+@pytest.mark.parametrize(
+    "params",
+    [{"mask_control": "uniform"}, {"mask_control": "shuffle"}, {"mask_binarize": 0.3},
+     {"mask_binarize": 0.3, "mask_control": "shuffle"}],
+)  # fmt: skip
+def test_control_budgets_in_the_method(cbam_model, attack, params):
+    x, y = _batch(4)
+    extra = {"steps": 2} if attack == "pgd" else {}
+    torch.manual_seed(1)
+    method = AAL(eps=EPS, attack=attack, **params, **extra)
+    torch.manual_seed(1)
+    x_adv, res, mask = method.craft(cbam_model, x, y)
+    k = apply_kernel("M2", res.m_a_input)
+    assert ((mask >= 0) & (mask <= 1)).all()
+    # the budget is respected elementwise, for the control mask actually used
+    assert ((x_adv - x).abs() <= EPS * mask + 1e-6).all()
+    assert (x_adv != x).any()
+    if "mask_binarize" in params:
+        assert set(mask.unique().tolist()) <= {0.0, 1.0}
+        n = mask[0].numel()
+        torch.testing.assert_close(mask.flatten(1).sum(1), torch.full((4,), float(round(0.3 * n))))
+    else:
+        torch.testing.assert_close(mask.flatten(1).mean(1), k.flatten(1).mean(1))
+        assert not torch.equal(mask, k)
+    out = method(cbam_model, (x, y))
+    out.loss.backward()
+    assert torch.isfinite(out.loss)
+    torch.testing.assert_close(torch.tensor(out.logs["mask_mean"]), method.budget(res).mean(), atol=0.05, rtol=0)
+
+
+def test_invalid_mask_options_name_the_argument():
+    with pytest.raises(ValueError, match="mask_control"):
+        AAL(eps=EPS, mask_control="random")
+    for bad in (0.0, 1.5, -0.1):
+        with pytest.raises(ValueError, match="mask_binarize"):
+            AAL(eps=EPS, mask_binarize=bad)
+
+
 def test_background_kernel_attacks_the_complement():
     # M = sigmoid(40 x - 20): exactly 1 (float32) on the top half (x = 1), 0.5 on the bottom half (x = 0.5)
     torch.manual_seed(0)

@@ -24,7 +24,9 @@ import aal
 from aal.attacks import PGD
 from aal.methods import METHODS, Output, create_method
 
-NAMES = METHODS.names()
+# methods on (x, y) batches; episodic (few-shot) and detection methods have their own contract
+# tests in test_fewshot.py / test_detection.py
+NAMES = [n for n in METHODS.names() if getattr(METHODS.get(n), "batch_type", "classification") == "classification"]
 ADVERSARIAL = ["fgsm_at", "pgd_at", "trades"]
 
 
@@ -49,6 +51,21 @@ def small_model(seed: int = 0) -> nn.Module:
     return aal.create_model("small_cnn", attention="cbam")
 
 
+def model_for(name: str, seed: int = 0) -> nn.Module:
+    """The small model method ``name`` trains: the cbam small_cnn, with a cosine head for ``spat``,
+    or behind a small purifier (classifier frozen) for the AToP stages."""
+    model = small_model(seed)
+    if name == "spat":
+        from aal.methods.spat import use_cosine_head
+
+        return use_cosine_head(model)
+    if name.startswith("atop"):
+        from aal.models.purifier import build_atop_model
+
+        return build_atop_model(model, "purifier_ae", in_channels=1, purifier_options={"width": 8})
+    return model
+
+
 def batch(b: int = 8, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     return torch.rand(b, 1, 28, 28, generator=g), torch.randint(0, 10, (b,), generator=g)
@@ -61,12 +78,14 @@ def test_builtins_registered():
 
 @pytest.mark.parametrize("name", NAMES)
 def test_contract(name):
-    model, (x, y) = small_model(), batch()
+    model, (x, y) = model_for(name), batch()
     x0 = x.clone()
     method = build(name)
     assert method.name == name
     repr(method)
     model.train()
+    modes = [m.training for m in model.modules()]  # all True, except a frozen AToP classifier
+    trainable = [p.requires_grad for p in model.parameters()]  # likewise
     assert all(p.grad is None for p in model.parameters())
 
     out = method(model, (x, y))
@@ -76,19 +95,22 @@ def test_contract(name):
     assert out.logits is None or out.logits.shape == (8, 10)
     assert all(isinstance(v, float) and math.isfinite(v) for v in out.logs.values())
     assert torch.equal(x, x0), "the method modified its input"
-    assert all(m.training for m in model.modules()), "train mode not preserved"
-    assert all(p.requires_grad for p in model.parameters()), "requires_grad not restored"
+    assert [m.training for m in model.modules()] == modes, "train mode not preserved"
+    assert [p.requires_grad for p in model.parameters()] == trainable, "requires_grad not restored"
     assert all(p.grad is None for p in model.parameters()), "crafting left parameter gradients"
 
     out.loss.backward()
     for pname, p in model.named_parameters():
+        if not p.requires_grad:  # a frozen classifier (AToP) must get none
+            assert p.grad is None, f"{pname} is frozen but got a gradient"
+            continue
         assert p.grad is not None, f"{pname} got no gradient"
         assert torch.isfinite(p.grad).all(), f"{pname} has a non-finite gradient"
 
 
 @pytest.mark.parametrize("name", NAMES)
 def test_eval_mode_preserved(name):
-    model, (x, y) = small_model(), batch()
+    model, (x, y) = model_for(name), batch()
     model.eval()
     build(name)(model, (x, y))
     assert not any(m.training for m in model.modules())

@@ -1,4 +1,4 @@
-"""The ``aal`` command line: ``train``, ``eval``, ``list``, ``viz``.
+"""The ``aal`` command line: ``train``, ``eval``, ``check``, ``report``, ``list``, ``viz``.
 
 Each subcommand is a thin layer over the library (:mod:`aal.engine.run`, :mod:`aal.eval`);
 configuration lives in YAML files (:mod:`aal.config`), not in flags.
@@ -8,7 +8,17 @@ Examples::
     aal train configs/fashion_mnist/pgd_at.yaml epochs=5 method.eps=0.1
     aal train --resume runs/pgd_at-fashion_mnist-20260101-120000
     aal eval runs/pgd_at-fashion_mnist-20260101-120000 --attacks clean,fgsm,pgd20 --n 1000
+    aal eval RUN --suite standard --n 1000      # APGD-CE -> APGD-T -> Square; resumable
+    aal eval RUN --suite full                   # standard suite + gradient-masking checks
+    aal check RUN --n 500                       # gradient-masking checks only
+    aal report RUN_A RUN_B --out report/        # report.md + report.json + PNG plots
     aal list
+
+Exit codes: 0 success; 1 missing or corrupt files (data, run folder, checkpoint), or, for
+``aal check`` and ``aal eval --suite full``, at least one gradient-masking check FAILED (the
+results are printed in full first; WARN alone exits 0); 2 invalid arguments or configuration
+(one ``aal: error:`` line); 130 interrupted (``aal eval --suite`` resumes from its state file
+when rerun with the same arguments).
 """
 
 from __future__ import annotations
@@ -30,10 +40,82 @@ def _tune_malloc(enabled: bool) -> None:
     tune_malloc(enabled and os.environ.get("AAL_NO_MALLOC_TUNE", "") not in ("1", "true", "yes"))
 
 
+def task_of(config_path: str | os.PathLike | None) -> str:
+    """The ``task`` a config file declares (``classification`` when it has no ``task`` key).
+
+    Classification configs are :class:`aal.config.RunConfig`; few-shot and detection configs have
+    their own sections (episodes, boxes) and builders in :mod:`aal.tasks`.
+    """
+    import yaml
+    from pathlib import Path
+
+    if config_path is None or not Path(config_path).is_file():
+        return "classification"
+    try:
+        raw = yaml.safe_load(Path(config_path).read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{config_path}: not valid YAML ({err})") from err
+    task = raw.get("task", "classification") if isinstance(raw, dict) else "classification"
+    if task not in TASKS:
+        raise ConfigError(f"task: unknown task {task!r} (known: {', '.join(TASKS)})")
+    return task
+
+
+TASKS = ("classification", "fewshot", "detection")
+
+
+def _print_task_results(results: dict) -> None:
+    if "test" in results and isinstance(results["test"], dict):  # detection: the test metrics
+        results = results["test"]
+    for key, r in results.items():
+        if key in ("history", "machine", "config"):
+            continue
+        if isinstance(r, dict) and "mean" in r:
+            print(f"{key:<24} {100 * r['mean']:6.2f} % +- {100 * r['ci95']:.2f}  (n={r['n']} episodes)")
+        else:
+            print(f"{key:<24} {r}")
+
+
+def _train_task(task: str, args: argparse.Namespace, cfg_path: str | None) -> int:
+    if task == "fewshot":
+        from aal.tasks.fewshot import load_fewshot_config, train_fewshot
+
+        if args.resume:
+            cfg = load_fewshot_config(cfg_path)
+            _tune_malloc(not args.no_malloc_tune)
+            run_dir, results = train_fewshot(cfg, run_dir=args.resume, resume=True)
+        else:
+            overrides = list(args.overrides) + (["progress=false"] if args.no_progress else [])
+            cfg = load_fewshot_config(args.config, overrides)
+            _tune_malloc(not args.no_malloc_tune)
+            run_dir, results = train_fewshot(cfg, run_dir="auto")
+    else:
+        from aal.tasks.detection import load_detection_config, train_detection
+
+        if args.resume:
+            cfg = load_detection_config(cfg_path)
+            _tune_malloc(not args.no_malloc_tune)
+            run_dir, results = train_detection(cfg, run_dir=args.resume, resume=True)
+        else:
+            overrides = list(args.overrides) + (["progress=false"] if args.no_progress else [])
+            cfg = load_detection_config(args.config, overrides)
+            _tune_malloc(not args.no_malloc_tune)
+            run_dir, results = train_detection(cfg, run_dir="auto")
+    _print_task_results(results)
+    print(f"run folder: {run_dir}")
+    return 0
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from aal.config import load_config
     from aal.engine.run import find_run_files, train_run
 
+    cfg_path = str(find_run_files(args.resume)[0]) if args.resume else args.config
+    if args.resume and (args.config or args.overrides):
+        raise ConfigError("--resume takes the run folder only; its config.yaml is reused as it was")
+    task = task_of(cfg_path)
+    if task != "classification":
+        return _train_task(task, args, cfg_path)
     if args.resume:
         if args.config or args.overrides:
             raise ConfigError("--resume takes the run folder only; its config.yaml is reused as it was")
@@ -53,25 +135,95 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_eval(args: argparse.Namespace) -> int:
+def _load_for_eval(args: argparse.Namespace):
     from aal.config import parse_float
     from aal.engine.run import load_run
-    from aal.eval import evaluate
 
-    _tune_malloc(not args.no_malloc_tune)
+    if getattr(args, "n", None) is not None and args.n <= 0:
+        raise ConfigError(f"--n: must be > 0, got {args.n}")
+    if getattr(args, "batch_size", 1) < 1:
+        raise ConfigError(f"--batch-size: must be >= 1, got {args.batch_size}")
+    eps = parse_float(args.eps, "--eps") if getattr(args, "eps", None) is not None else None
+    if eps is not None and not eps > 0:
+        raise ConfigError(f"--eps: must be > 0, got {args.eps}")
+    _tune_malloc(not getattr(args, "no_malloc_tune", False))
     cfg, model, bundle = load_run(args.run)
-    attacks = [a.strip() for a in args.attacks.split(",") if a.strip()]
-    eps = parse_float(args.eps, "--eps") if args.eps is not None else cfg.eval.eps
+    return cfg, model, bundle, (eps if eps is not None else cfg.eval.eps)
+
+
+def _checks_list(spec: str | None) -> list[str] | None:
+    from aal.eval.checks import CHECKS
+
+    if spec is None:
+        return None
+    names = [c.strip().lower() for c in spec.split(",") if c.strip()]
+    bad = [c for c in names if c not in CHECKS]
+    if bad or not names:
+        raise ConfigError(f"--only: unknown checks {bad or spec!r}; choose from {', '.join(CHECKS)}")
+    return names
+
+
+def _check_check_args(args: argparse.Namespace) -> None:
+    _checks_list(getattr(args, "only", None))
+    if args.square_queries < 1:
+        raise ConfigError(f"--square-queries: must be >= 1, got {args.square_queries}")
+    if getattr(args, "check_n", 1) < 1:
+        raise ConfigError(f"--check-n: must be >= 1, got {args.check_n}")
+
+
+def _run_checks(args: argparse.Namespace, model, bundle, eps: float, n: int | None):
+    from aal.eval.checks import run_checks
+
+    return run_checks(
+        model, bundle.test, eps=eps, norm=args.norm, n=n, batch_size=args.batch_size, seed=args.seed,
+        progress=not args.json and sys.stderr.isatty(), square_queries=args.square_queries,
+        which=_checks_list(getattr(args, "only", None)),
+    )
+
+
+def _eval_task(task: str, args: argparse.Namespace) -> int:
+    if args.suite is not None or args.attacks is not None:
+        raise ConfigError(f"--suite/--attacks apply to classification runs; this is a {task} run")
     if args.n is not None and args.n <= 0:
         raise ConfigError(f"--n: must be > 0, got {args.n}")
-    from aal.attacks import from_spec
+    if task == "fewshot":
+        from aal.tasks.fewshot import load_fewshot_run
 
+        results = load_fewshot_run(args.run).final_eval(episodes=args.n)
+    else:
+        from aal.tasks.detection import load_detection_run
+
+        results = load_detection_run(args.run).final_eval(n=args.n)
+    if args.json:
+        print(json.dumps(results, indent=2))
+    else:
+        _print_task_results(results)
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from aal.engine.run import find_run_files
+
+    task = task_of(find_run_files(args.run)[0])
+    if task != "classification":
+        return _eval_task(task, args)
+    if args.suite is not None:
+        return _cmd_eval_suite(args)
+    from aal.attacks import from_spec
+    from aal.eval import evaluate
+
+    if args.norm != "linf":
+        raise ConfigError("--norm applies to --suite; for --attacks give the norm in the spec (e.g. pgd20-l2)")
+    attacks = [a.strip() for a in (args.attacks or "clean,fgsm,pgd20").split(",") if a.strip()]
+    if args.n is not None and args.n <= 0:
+        raise ConfigError(f"--n: must be > 0, got {args.n}")
     for spec in attacks:
         if spec != "clean":
             try:
-                from_spec(spec, eps)
+                from_spec(spec, 0.1)
             except ValueError as err:
                 raise ConfigError(f"--attacks: {err}") from err
+    cfg, model, bundle, eps = _load_for_eval(args)
     result = evaluate(
         model, bundle.test, attacks=attacks, eps=eps, batch_size=args.batch_size, n=args.n, seed=args.seed,
         progress=not args.json and sys.stderr.isatty(),
@@ -83,20 +235,96 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_eval_suite(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from aal.attacks import ATTACKS
+    from aal.engine.run import find_run_files
+    from aal.eval.suite import SUITES, SuiteStateError, run_suite
+
+    if args.attacks is not None:
+        raise ConfigError("--attacks and --suite exclude each other: a suite fixes its attacks")
+    suite = "standard" if args.suite == "full" else args.suite
+    missing = sorted({s.attack for s in SUITES[suite] if s.attack not in ATTACKS})
+    if missing:
+        raise ConfigError(f"--suite {args.suite}: attacks {', '.join(missing)} are not registered in this version of aal")
+    _check_check_args(args)
+    if args.eot_n < 1:
+        raise ConfigError(f"--eot-n: must be >= 1, got {args.eot_n}")
+    cfg, model, bundle, eps = _load_for_eval(args)
+    if args.state is not None:
+        state = Path(args.state)
+    else:
+        run_dir = find_run_files(args.run)[0].parent
+        state = run_dir / "eval" / f"suite-{suite}-{args.norm}-eps{eps:.6g}-n{args.n or 'all'}-seed{args.seed}.json"
+    if args.fresh and state.exists():
+        state.unlink()
+    eot = {"auto": "auto", "on": True, "off": False}[args.eot]
+    try:
+        result = run_suite(
+            model, bundle.test, suite, eps=eps, norm=args.norm, n=args.n, batch_size=args.batch_size, seed=args.seed,
+            progress=not args.json and sys.stderr.isatty(), state_path=state, eot=eot, eot_n=args.eot_n,
+        )
+    except SuiteStateError as err:
+        raise ConfigError(f"--state: {err} (or pass --fresh)") from err
+    report = None
+    if args.suite == "full":
+        report = _run_checks(args, model, bundle, eps, min(args.n, args.check_n) if args.n else args.check_n)
+    if args.json:
+        payload = {**result.to_dict(), "state": str(state)}
+        if report is not None:
+            payload = {"suite": payload, "checks": report.to_dict()}
+        print(json.dumps(payload, indent=2))
+    else:
+        print(result.table())
+        print(f"state: {state}")
+        if report is not None:
+            print()
+            print(report.table())
+    return 1 if report is not None and report.status == "fail" else 0
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    _check_check_args(args)
+    cfg, model, bundle, eps = _load_for_eval(args)
+    report = _run_checks(args, model, bundle, eps, args.n)
+    print(json.dumps(report.to_dict(), indent=2) if args.json else report.table())
+    return 1 if report.status == "fail" else 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from aal.config import parse_float
+    from aal.eval.report import make_report
+
+    if args.n is not None and args.n <= 0:
+        raise ConfigError(f"--n: must be > 0, got {args.n}")
+    if args.batch_size < 1:
+        raise ConfigError(f"--batch-size: must be >= 1, got {args.batch_size}")
+    eps = parse_float(args.eps, "--eps") if args.eps is not None else None
+    if eps is not None and not eps > 0:
+        raise ConfigError(f"--eps: must be > 0, got {args.eps}")
+    _tune_malloc(not args.no_malloc_tune)
+    quiet = args.quiet or not sys.stderr.isatty()
+    path = make_report(
+        args.runs, args.out, n=args.n, eps=eps, seed=args.seed, batch_size=args.batch_size, checks=args.checks,
+        log=None if quiet else (lambda m: print(m, file=sys.stderr)),
+    )
+    print(f"wrote {path}")
+    return 0
+
+
 def cmd_list(args: argparse.Namespace) -> int:
     from aal.attacks import ATTACKS
-    from aal.attention import ATTENTION
+    from aal.attention import ATTENTION, KERNELS
     from aal.data import DATASETS
+    from aal.data.fewshot import FEWSHOT_DATASETS
     from aal.methods import METHODS
     from aal.models import MODELS
 
-    registries = [("models", MODELS), ("attention", ATTENTION), ("attacks", ATTACKS), ("methods", METHODS), ("datasets", DATASETS)]
-    try:
-        from aal.attention import KERNELS
-
-        registries.append(("kernels", KERNELS))
-    except ImportError:
-        pass
+    registries = [
+        ("models", MODELS), ("attention", ATTENTION), ("kernels", KERNELS), ("attacks", ATTACKS),
+        ("methods", METHODS), ("datasets", DATASETS), ("few-shot datasets", FEWSHOT_DATASETS),
+    ]
     for title, reg in registries:
         print(f"{title}:")
         for entry in reg.entries():
@@ -105,6 +333,17 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_viz(args: argparse.Namespace) -> int:
+    from aal.engine.run import find_run_files
+
+    task = task_of(find_run_files(args.run)[0])
+    if task == "fewshot":
+        raise ConfigError("aal viz supports classification and detection runs, not few-shot runs yet")
+    if task == "detection":
+        from aal.tasks.detection import detection_grid_for_run, load_detection_run
+
+        out = detection_grid_for_run(load_detection_run(args.run), n=args.n, out_path=args.out, seed=args.seed)
+        print(f"wrote {out}")
+        return 0
     from aal.engine.run import load_run
     from aal.viz import attention_grid_for_run
 
@@ -132,16 +371,55 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--no-malloc-tune", action="store_true", help="leave glibc malloc untuned")
     t.set_defaults(func=cmd_train)
 
-    e = sub.add_parser("eval", help="evaluate a run folder or checkpoint")
+    e = sub.add_parser("eval", help="evaluate a run folder or checkpoint (attacks or a suite)")
     e.add_argument("run", help="run folder (or a checkpoint inside one)")
-    e.add_argument("--attacks", default="clean,fgsm,pgd20", help="comma-separated specs: clean, fgsm, pgd20, pgd50x5, cw20, pgd20-l2")
+    e.add_argument("--attacks", default=None,
+                   help="comma-separated specs: clean, fgsm, pgd20, pgd50x5, cw20, pgd20-l2 (default: clean,fgsm,pgd20)")
+    e.add_argument("--suite", choices=("fast", "standard", "full"), default=None,
+                   help="fast: APGD-CE + APGD-T; standard: APGD-CE -> APGD-T -> Square (FAB-T not implemented); "
+                        "full: standard + gradient-masking checks")
     e.add_argument("--eps", default=None, help="budget, e.g. 0.1 or 8/255 (default: the run's eval.eps)")
+    e.add_argument("--norm", choices=("linf", "l2"), default="linf", help="threat model of --suite (default linf)")
     e.add_argument("--n", type=int, default=None, help="first n test images (default: all)")
     e.add_argument("--batch-size", type=int, default=500)
     e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--state", default=None,
+                   help="--suite: resumable state file (default RUN/eval/suite-<suite>-<norm>-eps<eps>-n<n>-seed<seed>.json)")
+    e.add_argument("--fresh", action="store_true", help="--suite: discard an existing state file and start over")
+    e.add_argument("--eot", choices=("auto", "on", "off"), default="auto",
+                   help="--suite: EOT for randomised models (auto: iff two forward passes disagree)")
+    e.add_argument("--eot-n", type=int, default=20, help="--suite: EOT draws per step (default 20)")
+    e.add_argument("--check-n", type=int, default=500, help="--suite full: images for the checks (default 500)")
+    e.add_argument("--square-queries", type=int, default=1000, help="--suite full: Square queries in the checks")
+    e.add_argument("--only", default=None, help="--suite full: comma-separated subset of the checks")
     e.add_argument("--json", action="store_true", help="print JSON instead of a table")
     e.add_argument("--no-malloc-tune", action="store_true")
     e.set_defaults(func=cmd_eval)
+
+    c = sub.add_parser("check", help="gradient-masking checks (pass/warn/fail); exit 1 if any check fails")
+    c.add_argument("run", help="run folder (or a checkpoint inside one)")
+    c.add_argument("--eps", default=None, help="budget (default: the run's eval.eps)")
+    c.add_argument("--norm", choices=("linf", "l2"), default="linf")
+    c.add_argument("--n", type=int, default=500, help="first n test images (default 500)")
+    c.add_argument("--batch-size", type=int, default=500)
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--square-queries", type=int, default=1000, help="Square's query budget (default 1000)")
+    c.add_argument("--only", default=None, help="comma-separated subset of the checks")
+    c.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    c.add_argument("--no-malloc-tune", action="store_true")
+    c.set_defaults(func=cmd_check)
+
+    r = sub.add_parser("report", help="Markdown report comparing runs, with plots and its JSON")
+    r.add_argument("runs", nargs="+", help="run folders")
+    r.add_argument("--out", required=True, help="output folder (report.md, report.json, *.png)")
+    r.add_argument("--n", type=int, default=500, help="test images for the report's own PGD measurements (default 500)")
+    r.add_argument("--eps", default=None, help="budget for the measurements (default: each run's eval.eps)")
+    r.add_argument("--batch-size", type=int, default=500)
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--checks", action="store_true", help="also run the gradient-masking checks per run (slower)")
+    r.add_argument("--quiet", action="store_true", help="no progress messages")
+    r.add_argument("--no-malloc-tune", action="store_true")
+    r.set_defaults(func=cmd_report)
 
     ls = sub.add_parser("list", help="show registered models, attacks, methods, datasets")
     ls.set_defaults(func=cmd_list)
@@ -168,7 +446,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"aal: error: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("aal: interrupted; resume with `aal train --resume RUN_DIR`", file=sys.stderr)
+        if args.command == "train":
+            hint = "; resume with `aal train --resume RUN_DIR`"
+        elif args.command == "eval" and getattr(args, "suite", None):
+            hint = "; rerun the same command to resume from the suite's state file"
+        else:
+            hint = ""
+        print(f"aal: interrupted{hint}", file=sys.stderr)
         return 130
 
 

@@ -154,6 +154,9 @@ class ModelConfig:
         normalize: put the dataset's mean/std normalisation inside the model.
         channels_last: memory format; ``None`` picks the default measured faster for the model
             (channels_last for convolutional nets with pooling, see :func:`aal.utils.runtime`).
+        head: classifier head: ``linear`` (the model's own) or ``cosine`` (L2-normalised features
+            and weights, scaled by ``head_scale``; SPAT needs it).
+        head_scale: scale ``s`` of the cosine head.
         options: model-specific keyword arguments (any other key of the ``model`` section).
     """
 
@@ -161,6 +164,8 @@ class ModelConfig:
     attention: str = "none"
     normalize: bool = True
     channels_last: bool | None = None
+    head: str = "linear"
+    head_scale: float = 8.0
     options: Mapping[str, Any] = field(default_factory=dict)
 
 
@@ -450,6 +455,9 @@ def validate_config(cfg: RunConfig) -> RunConfig:
         raise ConfigError(f"model.name: unknown model {m.name!r} (known: {', '.join(MODELS.names())})")
     if m.attention not in ATTENTION:
         raise ConfigError(f"model.attention: unknown attention {m.attention!r} (known: {', '.join(ATTENTION.names())})")
+    if m.head not in ("linear", "cosine"):
+        raise ConfigError(f"model.head: must be linear or cosine, got {m.head!r}")
+    _positive(m.head_scale, "model.head_scale")
     options = check_kwargs(
         MODELS.get(m.name), m.options, "model", skip=("num_classes", "in_channels", "mean", "std", "attention")
     )

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import re
 
+from aal.attacks.apgd import APGD, APGDCE, APGDDLR, APGDT, checkpoints
 from aal.attacks.base import (
     LOSSES,
     Attack,
@@ -28,8 +29,12 @@ from aal.attacks.base import (
     attack_mode,
     ce_loss,
     cw_loss,
+    dlr_loss,
+    dlr_targeted_loss,
+    margin_loss,
 )
 from aal.attacks.gradient import BIM, FGSM, FGSMRS, PGD
+from aal.attacks.square import Square
 from aal.registry import Registry
 
 ATTACKS: Registry[Attack] = Registry("attack")
@@ -37,6 +42,10 @@ ATTACKS.register("fgsm")(FGSM)
 ATTACKS.register("fgsm_rs")(FGSMRS)
 ATTACKS.register("pgd")(PGD)
 ATTACKS.register("bim")(BIM)
+ATTACKS.register("apgd_ce")(APGDCE)
+ATTACKS.register("apgd_dlr")(APGDDLR)
+ATTACKS.register("apgd_t")(APGDT)
+ATTACKS.register("square")(Square)
 
 _SPEC = re.compile(r"^(?P<name>[a-z_]+?)(?P<steps>\d+)?(?:x(?P<restarts>\d+))?(?:-(?P<norm>linf|l2))?$")
 
@@ -45,8 +54,9 @@ def from_spec(spec: str, eps: float, **kwargs) -> Attack:
     """Build an attack from a short evaluation spec.
 
     Grammar: ``NAME[STEPS][xRESTARTS][-NORM]``, e.g. ``fgsm``, ``pgd20``, ``pgd50x5``,
-    ``pgd20-l2``, ``cw20`` (PGD on the CW margin loss). Names are those of ``ATTACKS``
-    plus ``cw``.
+    ``pgd20-l2``, ``cw20`` (PGD on the CW margin loss), ``apgd_ce100``, ``apgd_t``,
+    ``apgd_dlr100x5-l2``, ``square1000`` (for Square, STEPS is the number of queries,
+    ``n_queries``). Names are those of ``ATTACKS`` plus ``cw``.
 
     Args:
         spec: the spec string.
@@ -71,13 +81,17 @@ def from_spec(spec: str, eps: float, **kwargs) -> Attack:
             raise ValueError(f"{name} is single-step; spec {spec!r} must not give steps or restarts")
         return ATTACKS.create(name, eps, **kwargs)
     if steps:
-        kwargs["steps"] = int(steps)
+        kwargs["n_queries" if name == "square" else "steps"] = int(steps)
     if restarts:
         kwargs["restarts"] = int(restarts)
     return ATTACKS.create(name, eps, **kwargs)
 
 
 __all__ = [
+    "APGD",
+    "APGDCE",
+    "APGDDLR",
+    "APGDT",
     "ATTACKS",
     "Attack",
     "BIM",
@@ -88,9 +102,14 @@ __all__ = [
     "LOSSES",
     "LinfThreat",
     "PGD",
+    "Square",
     "ThreatModel",
     "attack_mode",
     "ce_loss",
+    "checkpoints",
     "cw_loss",
+    "dlr_loss",
+    "dlr_targeted_loss",
     "from_spec",
+    "margin_loss",
 ]

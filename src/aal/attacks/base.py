@@ -81,11 +81,52 @@ def cw_loss(logits: Tensor, y: Tensor, kappa: float = 50.0) -> Tensor:
     return (other - z_y).clamp_min(-kappa)
 
 
-LOSSES: dict[str, LossFn] = {"ce": ce_loss, "cw": cw_loss}
+def margin_loss(logits: Tensor, y: Tensor) -> Tensor:
+    """Per-sample margin ``max_{j!=y} z_j - z_y`` without a clamp (Square Attack's loss)."""
+    return cw_loss(logits, y, kappa=math.inf)
+
+
+def _sorted_logits(logits: Tensor, need: int, what: str) -> Tensor:
+    if logits.dim() != 2 or logits.shape[1] < need:
+        raise ValueError(f"the {what} loss needs (B, C) logits with at least {need} classes, got shape {tuple(logits.shape)}")
+    return logits.sort(dim=1).values
+
+
+def dlr_loss(logits: Tensor, y: Tensor) -> Tensor:
+    """Per-sample Difference of Logits Ratio (Croce & Hein 2020, Eq. 6), shape (B,).
+
+    ``DLR(z, y) = -(z_y - max_{i!=y} z_i) / (z_pi1 - z_pi3 + 1e-12)`` with ``z_pi1 >= z_pi2 >= ...``
+    the sorted logits. Shift- and scale-invariant in the logits; needs at least 3 classes.
+    Ascending it moves a point toward misclassification (as the CE).
+
+    Example:
+        >>> dlr_loss(torch.tensor([[3.0, 1.0, 0.0]]), torch.tensor([0]))   # -(3-1)/(3-0)
+        tensor([-0.6667])
+    """
+    srt = _sorted_logits(logits, 3, "DLR")
+    z_y = logits.gather(1, y[:, None]).squeeze(1)
+    # the largest other logit: the runner-up if y is on top, else the top one
+    other = torch.where(z_y >= srt[:, -1], srt[:, -2], srt[:, -1])
+    return -(z_y - other) / (srt[:, -1] - srt[:, -3] + 1e-12)
+
+
+def dlr_targeted_loss(logits: Tensor, y: Tensor, target: Tensor) -> Tensor:
+    """Per-sample targeted DLR (Croce & Hein 2020, Eq. 7), shape (B,); needs at least 4 classes.
+
+    ``-(z_y - z_t) / (z_pi1 - (z_pi3 + z_pi4) / 2 + 1e-12)`` for true labels ``y`` and targets
+    ``t``; APGD-T *ascends* it (toward ``z_t > z_y``).
+    """
+    srt = _sorted_logits(logits, 4, "targeted DLR")
+    z_y = logits.gather(1, y[:, None]).squeeze(1)
+    z_t = logits.gather(1, target[:, None]).squeeze(1)
+    return -(z_y - z_t) / (srt[:, -1] - 0.5 * (srt[:, -3] + srt[:, -4]) + 1e-12)
+
+
+LOSSES: dict[str, LossFn] = {"ce": ce_loss, "cw": cw_loss, "margin": margin_loss, "dlr": dlr_loss}
 
 
 def resolve_loss(loss: str | LossFn) -> LossFn:
-    """A loss given by name (``"ce"``, ``"cw"``) or as a callable."""
+    """A loss given by name (a key of :data:`LOSSES`) or as a callable."""
     if callable(loss):
         return loss
     if loss not in LOSSES:
@@ -236,7 +277,8 @@ class Attack:
     Args:
         eps: budget (float or per-sample (B,) tensor) in pixel units of [0,1] images.
         norm: ``"linf"`` or ``"l2"``.
-        loss: ``"ce"``, ``"cw"`` or a callable ``(outputs, y) -> (B,)``.
+        loss: a name in :data:`LOSSES` (``"ce"``, ``"cw"``, ``"margin"``, ``"dlr"``) or a callable
+            ``(outputs, y) -> (B,)``.
         targeted: ``y`` holds target classes; the attack *descends* the loss toward them.
         minimize: descend the loss of the true labels (inverse adversarial examples, UIAT).
         mode: model mode during the attack (``"eval"``, ``"train"``, ``"keep"``).
@@ -291,6 +333,18 @@ class Attack:
         g = torch.Generator(device=x.device)
         g.manual_seed(seed)
         return g
+
+    def success(self, out: Tensor, y: Tensor) -> Tensor:
+        """Per-sample success: misclassified (untargeted) or predicted as the target (targeted).
+
+        With ``minimize`` (or non-classifier outputs) there is no success criterion: restarts are
+        ranked by the objective alone (counting a misclassification as success would pick the
+        restart that fails the aim of an inverse attack).
+        """
+        if out.dim() != 2 or self.minimize:
+            return torch.zeros(out.shape[0], dtype=torch.bool, device=out.device)
+        pred = out.argmax(1)
+        return pred == y if self.targeted else pred != y
 
     def objective(self, model: nn.Module, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         """``(direction * loss (B,), outputs)`` at ``x``."""
@@ -379,18 +433,6 @@ class IterativeAttack(Attack):
         self.restarts = int(restarts)
         self.rand_init = bool(rand_init)
         self.step_size = 2.5 * eps / self.steps if step_size is None else step_size
-
-    def success(self, out: Tensor, y: Tensor) -> Tensor:
-        """Per-sample success: misclassified (untargeted) or predicted as the target (targeted).
-
-        With ``minimize`` (or non-classifier outputs) there is no success criterion: restarts are
-        ranked by the objective alone (counting a misclassification as success would pick the
-        restart that fails the aim of an inverse attack).
-        """
-        if out.dim() != 2 or self.minimize:
-            return torch.zeros(out.shape[0], dtype=torch.bool, device=out.device)
-        pred = out.argmax(1)
-        return pred == y if self.targeted else pred != y
 
     def _one_run(self, model, x, y, mask, generator) -> Tensor:
         u = self.threat.init(x, generator) if self.rand_init else torch.zeros_like(x)

@@ -32,8 +32,15 @@ from aal.data.base import (
 from aal.data.cifar import read_cifar_pickle  # noqa: E402
 from aal.data.idx import read_idx  # noqa: E402
 from aal.data.loader import BatchLoader  # noqa: E402
+from aal.data.voc import BCCD_CLASSES, VOC_CLASSES, DetectionLoader, DetectionSplit, load_voc, parse_voc_xml  # noqa: E402
 
 __all__ = [
+    "BCCD_CLASSES",
+    "VOC_CLASSES",
+    "DetectionLoader",
+    "DetectionSplit",
+    "load_voc",
+    "parse_voc_xml",
     "AUGMENTATIONS",
     "BatchLoader",
     "DATASETS",

@@ -60,6 +60,8 @@ def build_model(cfg: RunConfig, bundle: DataBundle | None = None, info: Any = No
         std=info.std if m.normalize else None,
         attention=None if m.attention == "none" else m.attention,
         channels_last=channels_last,
+        head=m.head,
+        head_scale=m.head_scale,
         **dict(m.options),
     )
 
@@ -124,17 +126,17 @@ def build_experiment(cfg: RunConfig) -> Experiment:
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
     d = cfg.data
+    world = dist_utils.get_world_size()
+    try:  # data.batch_size is the global batch; checked before the data is loaded
+        batch_size = dist_utils.per_process_batch(d.batch_size, world)
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
     bundle = load_data(d.name, root=d.root, val_fraction=d.val_fraction, seed=cfg.seed, download=d.download)
     if d.train_n is not None:
         bundle.train = bundle.train.subset(d.train_n)
     model = build_model(cfg, bundle)
     method = build_method(cfg)
     channels_last = default_channels_last(cfg.model.name) if cfg.model.channels_last is None else cfg.model.channels_last
-    world = dist_utils.get_world_size()
-    try:  # data.batch_size is the global batch
-        batch_size = dist_utils.per_process_batch(d.batch_size, world)
-    except ValueError as err:
-        raise ConfigError(str(err)) from err
     loader = BatchLoader(
         bundle.train,
         batch_size=batch_size,
@@ -220,6 +222,7 @@ def _train_run(cfg: RunConfig, resume: str | Path | None, log: Callable[[str], N
         "epochs": cfg.epochs,
         "train_seconds": _train_seconds(run_dir),
         "machine": machine_description(),
+        "processes": dist_utils.get_world_size(),  # DDP processes that trained and evaluated
     }
     (run_dir / "results.json").write_text(json.dumps(payload, indent=2))
     return run_dir, result

@@ -40,6 +40,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from aal.engine import distributed as dist_utils
 from aal.engine.checkpoint import load_checkpoint, resolve_checkpoint, save_checkpoint
 from aal.utils.runtime import get_rng_state, is_main_process, seed_everything, set_rng_state, world_size
 
@@ -57,23 +58,17 @@ class RunningMeans:
         self.sums[key] = self.sums.get(key, 0.0) + value * weight
         self.weights[key] = self.weights.get(key, 0.0) + weight
 
-    def means(self) -> dict[str, float]:
-        if world_size() > 1:
-            self._all_reduce()
-        return {k: float(v) / self.weights[k] for k, v in self.sums.items() if self.weights[k] > 0}
-
-    def _all_reduce(self) -> None:
-        # every rank sees a shard of the data; report means over the whole epoch (same keys on all ranks)
-        dist = torch.distributed
+    def means(self, all_ranks: bool = True) -> dict[str, float]:
+        """Means so far; over every rank's data when distributed (a collective: every rank must
+        call it, with the same keys), or this rank's only with ``all_ranks=False``. Never mutates."""
         keys = sorted(self.sums)
-        dev = next((v.device for v in self.sums.values() if isinstance(v, Tensor)), torch.device("cpu"))
-        if dist.get_backend() == "nccl" and dev.type != "cuda":
-            dev = torch.device("cuda", torch.cuda.current_device())
-        values = [float(self.sums[k]) for k in keys] + [self.weights[k] for k in keys]
-        flat = torch.tensor(values, dtype=torch.float64, device=dev)
-        dist.all_reduce(flat)
-        for i, k in enumerate(keys):
-            self.sums[k], self.weights[k] = float(flat[i]), float(flat[len(keys) + i])
+        sums = [float(self.sums[k]) for k in keys]
+        weights = [self.weights[k] for k in keys]
+        if all_ranks and world_size() > 1:
+            # every rank sees a shard of the data; report means over the whole epoch
+            flat = dist_utils.all_reduce_(torch.tensor(sums + weights, dtype=torch.float64))
+            sums, weights = flat[: len(keys)].tolist(), flat[len(keys) :].tolist()
+        return {k: s / w for k, s, w in zip(keys, sums, weights) if w > 0}
 
 
 def _batch_size(batch: Any) -> int:
@@ -136,8 +131,18 @@ class Trainer:
         config: JSON-able run configuration stored in every checkpoint (``extra["config"]``).
         log_fn: receives the one-line summary of each epoch (default: printed via ``tqdm.write``
             when ``progress`` is on, silent otherwise).
+        distributed: wrap the model for DistributedDataParallel when ``torch.distributed`` runs
+            more than one process (``None``/``True``; ``False``: never). See
+            :mod:`aal.engine.distributed`.
+        find_unused_parameters: passed to DDP (default True: a method may leave parameters out
+            of a step's loss, e.g. AAL with ``adv_attention="fixed"``).
 
-    Only rank 0 writes files and shows progress when ``torch.distributed`` is initialised.
+    Distributed (one Trainer per process, e.g. under ``torchrun``): the method gets a
+    :class:`~aal.engine.distributed.DDPModel` (training forwards through DDP, attack forwards on
+    the plain model), ``train_loader`` must yield this rank's shard (``BatchLoader(rank=...,
+    world_size=...)``), logged means and ``images`` cover all ranks, the method state is
+    broadcast from rank 0 when training starts, BatchNorm buffers after every epoch, and only
+    rank 0 writes files and shows progress. ``self.model`` stays the plain model.
     """
 
     def __init__(
@@ -157,6 +162,8 @@ class Trainer:
         seed: int | None = 0,
         config: dict[str, Any] | None = None,
         log_fn: Callable[[str], None] | None = None,
+        distributed: bool | None = None,
+        find_unused_parameters: bool = True,
     ) -> None:
         if int(epochs) < 1 or int(eval_every) < 1 or int(checkpoint_every) < 1:
             raise ValueError(
@@ -164,7 +171,11 @@ class Trainer:
             )
         if grad_clip is not None and not grad_clip > 0:
             raise ValueError(f"grad_clip must be positive or None, got {grad_clip}")
-        self.model, self.method, self.loader = model, method, train_loader
+        self.model, self.method, self.loader = dist_utils.unwrap_model(model), method, train_loader
+        # what the method calls: the DDP wrapper when several processes train, else the model itself
+        self.train_model = self.model
+        if distributed is not False:
+            self.train_model = dist_utils.wrap_model(self.model, find_unused_parameters=find_unused_parameters)
         self.optimizer, self.scheduler = optimizer, scheduler
         self.epochs, self.eval_every, self.checkpoint_every = int(epochs), int(eval_every), int(checkpoint_every)
         self.run_dir = Path(run_dir) if run_dir is not None else None
@@ -197,7 +208,11 @@ class Trainer:
         """
         start = self.start_epoch if start_epoch is None else int(start_epoch)
         if start == 0 and not self._resumed and self.seed is not None:
-            seed_everything(self.seed)
+            seed_everything(dist_utils.rank_seed(self.seed))  # per-rank streams; rank 0 (or one process): the seed
+        # no-ops on one process; under DDP every rank must start from rank 0's state (a resumed
+        # method state, or a method built differently on some rank, would silently diverge)
+        dist_utils.broadcast_model_state(self.model)
+        dist_utils.broadcast_method_state(self.method)
         records = []
         for epoch in range(start, self.epochs):
             record = self.train_epoch(epoch)
@@ -217,8 +232,11 @@ class Trainer:
                     f"mean training loss is {record['train_loss']} in epoch {epoch + 1}; stopping before "
                     "it overwrites the last checkpoint (lower the lr or set grad_clip)"
                 )
-            if self.run_dir is not None and self._due(epoch, self.checkpoint_every) and is_main_process():
-                self.save_checkpoint(epoch + 1, record)
+            if self.run_dir is not None and self._due(epoch, self.checkpoint_every):
+                rank_rng = dist_utils.gather_rng_states()  # collective: every rank's RNG, for resume
+                if is_main_process():
+                    extra = {} if rank_rng is None else {"rank_rng": rank_rng}  # None on one process
+                    self.save_checkpoint(epoch + 1, record, **extra)
             records.append(record)
             self.history.append(record)
             self.start_epoch = epoch + 1
@@ -226,7 +244,7 @@ class Trainer:
 
     def train_epoch(self, epoch: int) -> dict[str, Any]:
         """One pass over the training data; returns the epoch's record (without evaluation)."""
-        model, opt = self.model, self.optimizer
+        model, opt = self.train_model, self.optimizer
         if hasattr(self.loader, "set_epoch"):
             self.loader.set_epoch(epoch)
         if hasattr(self.method, "on_epoch_start"):
@@ -251,7 +269,7 @@ class Trainer:
                 opt.zero_grad(set_to_none=True)
                 out.loss.backward()
                 if self.grad_clip is not None:
-                    meters.add("grad_norm", nn.utils.clip_grad_norm_(model.parameters(), self.grad_clip), n)
+                    meters.add("grad_norm", nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip), n)
                 lr = opt.param_groups[0]["lr"]  # the lr this step used
                 opt.step()
             if self.scheduler is not None:
@@ -267,10 +285,13 @@ class Trainer:
             now = time.perf_counter()
             if not bar.disable and now - last_shown > 0.5:  # .item() syncs a GPU: not every step
                 last_shown = now
-                m = meters.means()
+                m = meters.means(all_ranks=False)  # rank 0 alone shows a bar: no collective here
                 bar.set_postfix(loss=f"{m['train_loss']:.4f}", acc=f"{m.get('train_acc', float('nan')):.3f}",
                                 img_s=f"{images / (now - t0):.0f}", refresh=False)
         bar.close()
+        # DDP keeps parameters in sync but each rank's BatchNorm buffers followed its own data:
+        # give all ranks rank 0's, which the checkpoint stores and evaluation should use
+        dist_utils.broadcast_buffers(self.model)
         seconds = time.perf_counter() - t0
         m = meters.means()
         images *= world_size()
@@ -321,11 +342,18 @@ class Trainer:
         return "  ".join(parts)
 
     # ------------------------------------------------------------------------- checkpoints
-    def save_checkpoint(self, epoch: int, record: dict[str, Any] | None = None) -> Path:
-        """Atomically write ``RUN/checkpoints/last`` for ``epoch`` completed epochs."""
+    def save_checkpoint(self, epoch: int, record: dict[str, Any] | None = None,
+                        rank_rng: list[dict[str, Any]] | None = None) -> Path:
+        """Atomically write ``RUN/checkpoints/last`` for ``epoch`` completed epochs.
+
+        ``rank_rng``: every rank's RNG snapshot (distributed runs), so that each continues its
+        own stream on resume; the checkpoint's own RNG state is this process's.
+        """
         if self.checkpoint_path is None:
             raise ValueError("Trainer has no run_dir to save checkpoints in")
         extra = {"config": self.config, "epochs": self.epochs, "step": self.step, "record": record}
+        if rank_rng is not None:
+            extra["rank_rng"] = rank_rng
         return save_checkpoint(
             self.checkpoint_path, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler,
             method=self.method if hasattr(self.method, "state_dict") else None, epoch=epoch, extra=extra,
@@ -348,6 +376,8 @@ class Trainer:
         )
         self.start_epoch, self._resumed = meta["epoch"], True
         self.step = int(meta["extra"].get("step", 0))
+        # distributed: each rank continues its own random streams (no-op on one process)
+        dist_utils.restore_rank_rng(meta["extra"].get("rank_rng"), fallback_seed=(self.seed or 0) + 7919 * self.start_epoch)
         if self.run_dir is None and ckpt.parent.name == "checkpoints":
             self.run_dir = ckpt.parent.parent
         self._truncate_metrics(self.start_epoch)

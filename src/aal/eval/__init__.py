@@ -1,5 +1,11 @@
 """Evaluation: clean and robust accuracy, AutoAttack-style (attack only what is still correct).
 
+* :func:`evaluate`: clean accuracy and accuracy under a list of attacks (:mod:`.evaluator`).
+* :func:`run_suite`: the standard / fast attack ensembles (APGD-CE -> APGD-T -> Square),
+  resumable, with EOT for randomised models (:mod:`.suite`, :mod:`.eot`).
+* :func:`run_checks`: gradient-masking sanity checks, pass / warn / fail (:mod:`.checks`).
+* per-class analytics (:mod:`.analytics`) and Markdown reports comparing runs (:mod:`.report`).
+
 Example:
     >>> import torch, aal
     >>> from aal.eval import evaluate
@@ -9,6 +15,42 @@ Example:
     ['clean', 'fgsm', 'robust']
 """
 
+from aal.eval.analytics import (
+    ClassReport,
+    class_report,
+    confusion_matrix,
+    hardest_pairs,
+    per_class_accuracy,
+    predict_under_attack,
+)
+from aal.eval.checks import CHECKS, CheckReport, CheckResult, run_checks
+from aal.eval.eot import EOTWrapper, is_randomized, randomness
+from aal.eval.detection_metrics import DetectionMAP, mean_average_precision, voc_ap
 from aal.eval.evaluator import EvalResult, accuracy, evaluate
+from aal.eval.suite import SUITES, Stage, SuiteResult, run_suite
 
-__all__ = ["EvalResult", "accuracy", "evaluate"]
+__all__ = [
+    "DetectionMAP",
+    "mean_average_precision",
+    "voc_ap",
+    "CHECKS",
+    "CheckReport",
+    "CheckResult",
+    "ClassReport",
+    "EOTWrapper",
+    "EvalResult",
+    "SUITES",
+    "Stage",
+    "SuiteResult",
+    "accuracy",
+    "class_report",
+    "confusion_matrix",
+    "evaluate",
+    "hardest_pairs",
+    "is_randomized",
+    "per_class_accuracy",
+    "predict_under_attack",
+    "randomness",
+    "run_checks",
+    "run_suite",
+]

@@ -137,6 +137,7 @@ def evaluate(
     progress: bool = False,
     device: str | torch.device | None = None,
     cumulative: bool = False,
+    distributed: bool = False,
 ) -> EvalResult:
     """Clean accuracy, accuracy under each attack, and the per-sample worst case.
 
@@ -158,6 +159,12 @@ def evaluate(
         progress: show a tqdm bar per attack.
         device: where batches go (default: the device of the model's parameters).
         cumulative: run each attack only on the survivors of the previous ones (see module doc).
+        distributed: shard the points across the ``torch.distributed`` processes (rank ``r``
+            takes points ``r, r + W, ...``) and combine the per-point results over ranks, so every
+            rank returns the full result. Every rank must call it (a collective). Accuracies are
+            those of one process up to the attacks' random starts, which depend on the batch
+            a point is in; deterministic attacks (FGSM, PGD without random start) give exactly
+            the same result. Ignored on one process.
 
     Returns:
         an :class:`EvalResult`.
@@ -179,6 +186,11 @@ def evaluate(
         device = p.device if p is not None else torch.device("cpu")
     device = torch.device(device)
     total = len(y_all)
+    world = torch.distributed.get_world_size() if distributed and torch.distributed.is_initialized() else 1
+    if world > 1:
+        from aal.engine.distributed import all_reduce_, get_rank, shard_indices  # lazy: aal.engine imports aal.eval
+
+        progress = progress and get_rank() == 0
 
     def batch(idx: Tensor) -> tuple[Tensor, Tensor]:
         xb = x_all[idx].to(device, non_blocking=True)
@@ -198,7 +210,9 @@ def evaluate(
         t0 = time.perf_counter()
         clean = torch.zeros(total, dtype=torch.bool)
         with torch.no_grad():
-            for idx in chunks(torch.arange(total), "clean"):
+            # distributed: this rank's shard only; the others' points stay False until the reduce
+            # below, so every attack pool (derived from `clean`) is this rank's shard too
+            for idx in chunks(torch.arange(total) if world == 1 else shard_indices(total), "clean"):
                 xb, yb = batch(idx)
                 clean[idx] = (model(xb).argmax(1) == yb).cpu()
         seconds["clean"], correct["clean"] = time.perf_counter() - t0, clean
@@ -223,6 +237,12 @@ def evaluate(
             robust &= survived
         if len(accuracy) > 1:
             accuracy["robust"], correct["robust"] = (robust.float().mean().item() if total else 0.0), robust
+        if world > 1:  # the shards are disjoint: a logical or of the per-point results is their union
+            for name, c in correct.items():
+                all_reduce_(c, "max")
+                accuracy[name] = c.float().mean().item() if total else 0.0
+            t = all_reduce_(torch.tensor([seconds[k] for k in seconds], dtype=torch.float64), "max")
+            seconds = dict(zip(seconds, t.tolist()))  # the slowest rank's wall time
     finally:
         for m, training in modes:
             m.training = training

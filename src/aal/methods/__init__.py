@@ -5,7 +5,10 @@ never touches the optimizer; one trainer loop serves them all. Constructor keywo
 are the hyper-parameters (typed, validated at construction).
 
 Registered (``METHODS.names()``): ``standard`` (clean CE), ``fgsm_at`` (Wong et al. 2020),
-``pgd_at`` (Madry et al. 2018), ``trades`` (Zhang et al. 2019), and ``aal``.
+``pgd_at`` (Madry et al. 2018), ``trades`` (Zhang et al. 2019), ``mart`` (Wang et al. 2020),
+``uiat`` / ``uiat_fgsm`` (inverse adversaries, seed 003), ``spat`` (hard-class-pair
+reweighting on a cosine head, seed 004), ``atop_pretrain`` / ``atop_finetune`` (purifier
+training, seed 002), and ``aal``.
 
 Example:
     >>> import torch, aal
@@ -24,19 +27,33 @@ from aal.methods.adversarial import FGSMAT, PGDAT, AdversarialTraining
 from aal.methods.base import METHODS, Method, Output, create_method, split_batch
 from aal.methods.standard import Standard
 from aal.methods.trades import TRADES, TradesKLAttack
+from aal.methods.mart import MART
+from aal.methods.uiat import UIAT, UIATFGSM
+from aal.methods.spat import SPAT, CosineHead, use_cosine_head
+from aal.methods.atop import AToPFinetune, AToPPretrain
 
 __all__ = [
+    "AToPFinetune",
+    "AToPPretrain",
     "AdversarialTraining",
+    "CosineHead",
     "FGSMAT",
+    "MART",
     "METHODS",
     "Method",
     "Output",
     "PGDAT",
+    "SPAT",
     "Standard",
     "TRADES",
     "TradesKLAttack",
+    "UIAT",
+    "UIATFGSM",
     "create_method",
     "split_batch",
+    "use_cosine_head",
 ]
 
 from aal.methods import aal as _aal  # noqa: E402,F401  (registers aal, aal_fgsm, aal_pgd)
+from aal.methods import protonet as _protonet  # noqa: E402,F401  (registers protonet, protonet_aal)
+from aal.methods import detection as _detection  # noqa: E402,F401  (registers detection, detection_aal)

@@ -41,7 +41,7 @@ from torch import Tensor, nn
 
 from aal.attacks import PGD
 from aal.attacks.base import LinfThreat
-from aal.attention.associative import COUPLINGS, AssocResult, associative_attention
+from aal.attention.associative import COUPLINGS, AssocResult, associative_attention, top_fraction
 from aal.attention.kernels import KERNELS, apply_kernel
 from aal.methods.adversarial import ATTACK_MODES, accuracy, check_choice, check_int, check_nonneg, check_positive
 from aal.methods.base import METHODS, Batch, Method, Output, split_batch
@@ -49,6 +49,51 @@ from aal.methods.base import METHODS, Batch, Method, Output, split_batch
 AAL_ATTACKS = ("fgsm", "pgd")
 ADV_ATTENTION = ("recompute", "fixed")
 SCHEDULES = ("joint", "clean_then_adv")
+MASK_CONTROLS = ("none", "shuffle", "uniform")
+"""Control budgets for ablations (see :func:`control_mask`)."""
+
+
+def binarize_mask(mask: Tensor, frac: float) -> Tensor:
+    """The top-``frac`` fraction of each image's budget set to 1, the rest to 0.
+
+    Args:
+        mask: (B,1,H,W) budget in [0,1].
+        frac: fraction in [0,1] of the pixels kept (``round(frac * H * W)`` per image; ties broken
+            by index as :func:`aal.attention.top_fraction`).
+
+    Returns:
+        a (B,1,H,W) float mask of zeros and ones with mean ``round(frac*H*W)/(H*W)`` per image.
+    """
+    return top_fraction(mask, frac).to(mask.dtype)
+
+
+def control_mask(mask: Tensor, control: str) -> Tensor:
+    """A control budget with the same per-image mean as ``mask`` but no (or a destroyed) location.
+
+    Args:
+        mask: (B,1,H,W) budget in [0,1] (``k(M^a)``).
+        control: ``"none"`` (``mask`` unchanged), ``"shuffle"`` (each image's H*W values are
+            permuted by an independent random permutation drawn from torch's global RNG: the same
+            values, hence the same mean and histogram, at random places) or ``"uniform"`` (every
+            pixel gets the image's mean: the same mean budget, no selectivity).
+
+    Returns:
+        a (B,1,H,W) mask in [0,1].
+
+    Example:
+        >>> m = torch.tensor([[[[0.0, 1.0], [0.5, 0.5]]]])
+        >>> control_mask(m, "uniform").flatten().tolist()
+        [0.5, 0.5, 0.5, 0.5]
+    """
+    if control == "none":
+        return mask
+    flat = mask.flatten(1)
+    if control == "uniform":
+        return flat.mean(1, keepdim=True).expand_as(flat).reshape(mask.shape).contiguous()
+    if control == "shuffle":
+        perm = torch.rand(flat.shape, device=mask.device).argsort(dim=1)
+        return flat.gather(1, perm).reshape(mask.shape)
+    raise ValueError(f"mask_control must be one of {', '.join(MASK_CONTROLS)}; got {control!r}")
 
 
 class _FixedMap(nn.Module):
@@ -97,6 +142,16 @@ class AAL(Method):
       then ``x' = x + k o u``.
     * The clean term follows :class:`~aal.methods.adversarial.AdversarialTraining`:
       ``loss = (1 - w) * CE(f(x'), y) + w * CE(f(x), y)``.
+    * Controls (not in the paper; to attribute a gain to *where* AAL attacks rather than to
+      attacking less, since ``k(M^a)`` shrinks the mean budget): ``mask_control="uniform"``
+      replaces the budget by its per-image mean (same mean budget, no selectivity) and
+      ``"shuffle"`` permutes its pixels at random within each image (same values and mean,
+      location destroyed; the permutation comes from torch's global RNG, so a seeded run is
+      reproducible). Only the budget mask changes: M^a (and the ``"fixed"`` map override) is
+      untouched. ``mask_binarize=f`` turns the budget into a binary mask: the top ``f``
+      fraction of pixels of ``k(M^a)`` at the full ``eps``, the rest unattacked; it is applied
+      before the control (so ``mask_binarize=f, mask_control="uniform"`` is ``f * eps``
+      everywhere).
     * Public code preset: ``schedule="clean_then_adv", adv_attention="fixed", kernel="M",
       coupling="indicator", rho=0.01, xi2=0.05, attack_mode="train"`` (its gradients come from
       the clean training step, in train mode).
@@ -119,6 +174,10 @@ class AAL(Method):
         clean_weight: weight ``w`` in [0,1] of the clean CE (``schedule="joint"`` only).
         schedule: ``"joint"`` or ``"clean_then_adv"``.
         attack_mode: model mode while computing M^a and crafting: ``"eval"`` or ``"train"``.
+        mask_control: ``"none"`` (default), ``"shuffle"`` or ``"uniform"`` (control budgets, see
+            above and :func:`control_mask`).
+        mask_binarize: ``None`` (default) or a fraction in (0,1]: keep the top fraction of
+            ``k(M^a)`` at 1 (full ``eps``) and set the rest to 0 (:func:`binarize_mask`).
 
     Logs: ``loss_adv``, ``acc_adv``, ``mask_mean`` (mean of ``k(M^a)``), ``m_mean``,
     ``m_a_mean``, ``trigger_frac``; ``loss_clean``/``acc_clean`` when a clean term is used.
@@ -146,9 +205,17 @@ class AAL(Method):
         clean_weight: float = 0.0,
         schedule: str = "joint",
         attack_mode: str = "eval",
+        mask_control: str = "none",
+        mask_binarize: float | None = None,
     ) -> None:
         self.eps = check_nonneg("eps", eps)
         self.attack = check_choice("attack", attack, AAL_ATTACKS)
+        self.mask_control = check_choice("mask_control", mask_control, MASK_CONTROLS)
+        if mask_binarize is not None:
+            mask_binarize = _check_fraction("mask_binarize", mask_binarize)
+            if mask_binarize == 0:
+                raise ValueError("mask_binarize must lie in (0, 1] (0 would never attack); use None to disable")
+        self.mask_binarize = mask_binarize
         self.xi1 = check_nonneg("xi1", xi1)
         self.xi2 = check_nonneg("xi2", xi2)
         self.zeta = _check_fraction("zeta", zeta)
@@ -201,8 +268,11 @@ class AAL(Method):
         )  # fmt: skip
 
     def budget(self, res: AssocResult) -> Tensor:
-        """The per-pixel budget ``k(M^a)`` (B,1,H,W) in [0,1]."""
-        return apply_kernel(self.kernel, res.m_a_input)
+        """The per-pixel budget ``k(M^a)`` (B,1,H,W) in [0,1] (binarized / controlled if asked)."""
+        mask = apply_kernel(self.kernel, res.m_a_input)
+        if self.mask_binarize is not None:
+            mask = binarize_mask(mask, self.mask_binarize)
+        return control_mask(mask, self.mask_control)
 
     def _map(self, res: AssocResult) -> Tensor | None:
         """The ``attention_map`` override of the adversarial passes (None: recompute)."""
@@ -333,4 +403,7 @@ AALPGD = _preset(
     """,
 )
 
-__all__ = ["AAL", "AALFGSM", "AALPGD", "ADV_ATTENTION", "AAL_ATTACKS", "SCHEDULES"]
+__all__ = [
+    "AAL", "AALFGSM", "AALPGD", "ADV_ATTENTION", "AAL_ATTACKS", "MASK_CONTROLS", "SCHEDULES", "binarize_mask",
+    "control_mask",
+]  # fmt: skip

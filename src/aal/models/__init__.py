@@ -5,8 +5,8 @@ with its normalisation inside and an attention slot after its first convolution.
 
 Example:
     >>> import aal
-    >>> aal.models.MODELS.names()[:2]
-    ['preact_resnet18', 'resnet12']
+    >>> {"small_cnn", "resnet18"} <= set(aal.models.MODELS.names())
+    True
     >>> model = aal.create_model("small_cnn", num_classes=10, attention="cbam")
 """
 
@@ -33,6 +33,8 @@ def create_model(
     std: Sequence[float] | None = None,
     attention: str | None = None,
     channels_last: bool = False,
+    head: str = "linear",
+    head_scale: float = 8.0,
     **kwargs,
 ) -> AttentionNet:
     """Build a registered model.
@@ -45,6 +47,9 @@ def create_model(
             i.e. mean 0 and std 1 for each channel).
         attention: attention layer after the first convolution (``None``/"none", "cbam", ...).
         channels_last: return the model in ``torch.channels_last`` memory format.
+        head: ``"linear"`` (the model's own head) or ``"cosine"``: the head replaced by a
+            :class:`aal.methods.spat.CosineHead` (``head_scale * cos(features, w_k)``; SPAT).
+        head_scale: the cosine head's scale ``s``.
         **kwargs: model-specific options (e.g. ``stem="cifar"`` for ResNets).
 
     Returns:
@@ -60,6 +65,12 @@ def create_model(
     )
     if input_level:
         model = with_input_attention(model, attention)
+    if head == "cosine":
+        from aal.methods.spat import use_cosine_head
+
+        use_cosine_head(model, head_scale)
+    elif head != "linear":
+        raise ValueError(f"head must be 'linear' or 'cosine', got {head!r}")
     if channels_last:
         import torch
 

@@ -38,6 +38,7 @@ from aal.models.layers import make_head, make_normalize
 from aal.models.resnet import build_preact_resnet18, build_resnet
 from aal.models.resnet12 import build_resnet12
 from aal.models.wrn import build_wide_resnet
+from aal.models import purifier as _purifier  # noqa: E402,F401  (registers purifier_ae, purifier_unet, atop)
 
 
 def _channels(in_channels: int | None, default: int = 3) -> int:
@@ -185,3 +186,6 @@ def resnet12(
         dropout: after each block (RFS' DropBlock is not implemented).
     """
     return build_resnet12(num_classes, _channels(in_channels), mean, std, attention, stem, channels, dropout)
+
+
+from aal.models import ssd as _ssd  # noqa: E402,F401  (registers the detectors ssd_resnet18, ssd_resnet34)

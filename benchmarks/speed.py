@@ -1,0 +1,322 @@
+"""Speed, measured side by side in one run: aal vs torchattacks, and vs the machine's FLOP peak.
+
+What it prints (issue 7's goals), fp32, batch 128, random data (speed does not depend on it):
+
+1. aal's PGD-10 and FGSM *as a user runs them* (this process: glibc malloc tuned at start-up as
+   the ``aal`` CLI does, channels_last where it is aal's default) against torchattacks' PGD and
+   FGSM run *as their users run them* (a plain Python subprocess: no malloc tuning, NCHW), on
+   ResNet-18 (CIFAR stem, 3x32x32) and the small CNN (1x28x28), with the same weights and inputs.
+   The two processes take turns (round-robin, alternating who goes first), so machine noise hits
+   both alike, and only one of them computes at any time. FGSM examples are compared pixel by
+   pixel: with the same memory format the same arithmetic must give identical examples.
+2. The hardware's fp32 peak (best of a few big matmuls), a ResNet-18 training step's achieved
+   GFLOP/s against it (FLOPs counted with ``torch.utils.flop_counter.FlopCounterMode``: the
+   convolutions and matmuls of forward + backward), and a PGD-10-AT step (10 input-gradient
+   attack steps + one training step) against its FLOP lower bound (its counted FLOPs at peak).
+
+    python benchmarks/speed.py                       # ~3-5 minutes on the 2-core CPU
+    python benchmarks/speed.py --repeats 5 --out benchmarks/results/speed.txt
+    python benchmarks/speed.py --device cuda         # on a GPU machine (same tables)
+
+torchattacks is installed with ``pip install --no-deps torchattacks`` (its metadata asks for
+torchvision, which it does not import for these attacks). Ratios are what to quote; absolute
+times depend on the load of the machine, which the output records (load average before/after).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+EPS, ALPHA, STEPS, BATCH = 8 / 255, 2 / 255, 10, 128
+MODELS = {"resnet18": (3, 32), "small_cnn": (1, 28)}  # name: (channels, size)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, device: torch.device) -> tuple[float, float]:
+    """``(wall seconds, CPU seconds of this process)`` of ``fn()``.
+
+    CPU time (all threads) is the load-robust companion of wall time on a shared machine: it
+    grows only while this process's threads run. It also counts OpenMP threads spin-waiting and
+    misses the time a single-threaded stretch leaves a core idle, so on a quiet machine wall time
+    is the figure to quote; under load CPU-time ratios are the better estimate.
+    """
+    sync(device)
+    t0, c0 = time.perf_counter(), time.process_time()
+    fn()
+    sync(device)
+    return time.perf_counter() - t0, time.process_time() - c0
+
+
+# ----------------------------------------------------------------------------- torchattacks side
+def worker(path: str, device: str) -> int:
+    """The torchattacks process: plain torch (no malloc tuning), NCHW, as its users run it.
+
+    It only borrows aal's model *definitions* (importing aal changes no process setting), loads
+    the weights and batches the main process saved, and answers one JSON command per line.
+    """
+    import torchattacks
+
+    from aal.models import create_model
+
+    dev = torch.device(device)
+    saved = torch.load(path, weights_only=True)
+    models, attacks = {}, {}
+    for name, (c, _) in MODELS.items():
+        m = create_model(name, num_classes=10, in_channels=c).to(dev)  # NCHW
+        m.load_state_dict(saved[name]["weights"])
+        m.eval()
+        models[name] = m
+        attacks[name, "pgd10"] = torchattacks.PGD(m, eps=EPS, alpha=ALPHA, steps=STEPS, random_start=True)
+        attacks[name, "fgsm"] = torchattacks.FGSM(m, eps=EPS)
+    data = {n: (saved[n]["x"].to(dev), saved[n]["y"].to(dev)) for n in MODELS}
+    print(json.dumps({"ready": True, "threads": torch.get_num_threads()}), flush=True)
+    for line in sys.stdin:
+        cmd = json.loads(line)
+        if cmd["op"] == "quit":
+            break
+        x, y = data[cmd["model"]]
+        atk = attacks[cmd["model"], cmd["attack"]]
+        if cmd["op"] == "time":
+            print(json.dumps({"seconds": timed(lambda: atk(x, y), dev)}), flush=True)  # [wall, cpu]
+        elif cmd["op"] == "output":
+            torch.save(atk(x, y).cpu(), cmd["path"])
+            print(json.dumps({"saved": cmd["path"]}), flush=True)
+    return 0
+
+
+class Peer:
+    """The torchattacks subprocess, driven one command at a time (so it never runs concurrently)."""
+
+    def __init__(self, path: str, device: str) -> None:
+        env = dict(os.environ)
+        env.pop("AAL_NO_MALLOC_TUNE", None)  # irrelevant there: nothing tunes malloc in that process
+        self.proc = subprocess.Popen(
+            [sys.executable, __file__, "--worker", path, "--device", device],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env,
+        )
+        self.info = self._read()
+
+    def _read(self) -> dict:
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"the torchattacks process died (exit {self.proc.wait()})")
+        return json.loads(line)
+
+    def ask(self, **cmd) -> dict:
+        self.proc.stdin.write(json.dumps(cmd) + "\n")
+        self.proc.stdin.flush()
+        return self._read()
+
+    def close(self) -> None:
+        try:
+            self.proc.stdin.write(json.dumps({"op": "quit"}) + "\n")
+            self.proc.stdin.close()
+        except BrokenPipeError:
+            pass
+        self.proc.wait(timeout=60)
+
+
+# ----------------------------------------------------------------------------- FLOPs and peak
+def count_flops(fn) -> int:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return int(counter.get_total_flops())
+
+
+def matmul_peak(device: torch.device, n: int, repeats: int) -> tuple[float, float]:
+    """Best fp32 rate of an ``n x n`` matmul (``2 n^3`` FLOPs): ``(GFLOP per wall second, per CPU second)``."""
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    a @ b  # warm-up
+    runs = [timed(lambda: a @ b, device) for _ in range(repeats)]
+    return 2 * n**3 / min(w for w, _ in runs) / 1e9, 2 * n**3 / max(min(c for _, c in runs), 1e-9) / 1e9
+
+
+# ----------------------------------------------------------------------------- main
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--repeats", type=int, default=3, help="timed rounds of the ResNet-18 PGD-10 / AT steps")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--peak-n", type=int, default=4096, help="matmul size for the peak")
+    p.add_argument("--out", default=None, help="also write the report to this file")
+    p.add_argument("--note", default="", help="a line about the machine's state (e.g. shared with other jobs)")
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.worker:
+        return worker(args.worker, args.device)
+
+    # as the aal CLI does at start-up, before the first big tensor
+    from aal.utils.runtime import malloc_tuned, tune_malloc
+
+    tune_malloc()
+    from aal.attacks import FGSM, PGD
+    from aal.engine.run import default_channels_last, machine_description
+    from aal.methods import create_method
+    from aal.models import create_model
+
+    dev = torch.device(args.device)
+    load0 = os.getloadavg()
+    t_start = time.perf_counter()
+    out = io.StringIO()
+
+    def say(line: str = "") -> None:
+        print(line, flush=True)
+        out.write(line + "\n")
+
+    torch.manual_seed(0)
+    models, data, saved = {}, {}, {}
+    for name, (c, s) in MODELS.items():
+        cl = default_channels_last(name) and dev.type == "cpu"  # channels_last: aal's CPU default
+        m = create_model(name, num_classes=10, in_channels=c, channels_last=cl).to(dev).eval()
+        x, y = torch.rand(BATCH, c, s, s), torch.randint(0, 10, (BATCH,))
+        saved[name] = {"weights": {k: v.contiguous() for k, v in m.state_dict().items()}, "x": x, "y": y}
+        xd = x.to(dev)
+        models[name] = (m, cl)
+        data[name] = (xd.contiguous(memory_format=torch.channels_last) if cl else xd, y.to(dev))
+    tmp = tempfile.mkdtemp(prefix="aal-speed-")
+    torch.save(saved, f"{tmp}/state.pt")
+    peer = Peer(f"{tmp}/state.pt", args.device)
+
+    aal_attacks = {"pgd10": PGD(EPS, steps=STEPS, step_size=ALPHA, rand_init=True), "fgsm": FGSM(EPS)}
+    cases = [(m, a) for m in MODELS for a in ("pgd10", "fgsm")]
+    # the cheap cases get more rounds: their times are short and noisier
+    rounds = {c: args.repeats if c == ("resnet18", "pgd10") else 2 * args.repeats for c in cases}
+    times = {c: {"aal": [], "torchattacks": []} for c in cases}
+    peaks = [matmul_peak(dev, args.peak_n, repeats=3)]  # sampled through the run; the best counts
+    for c in cases:  # warm-up both sides (lazy init, first allocations); a PGD step allocates what
+        if c[1] != "fgsm":  # an FGSM call does, so the costly PGD-10 needs no warm-up call of its own
+            continue
+        m, xy = models[c[0]][0], data[c[0]]
+        aal_attacks[c[1]](m, *xy)
+        peer.ask(op="time", model=c[0], attack=c[1])
+    for r in range(max(rounds.values())):
+        peaks.append(matmul_peak(dev, args.peak_n, repeats=1))
+        for c in cases:
+            if r >= rounds[c]:
+                continue
+            m, (x, y) = models[c[0]][0], data[c[0]]
+            sides = ["aal", "torchattacks"] if r % 2 == 0 else ["torchattacks", "aal"]
+            for side in sides:
+                if side == "aal":
+                    times[c]["aal"].append(timed(lambda: aal_attacks[c[1]](m, x, y), dev))
+                else:
+                    times[c]["torchattacks"].append(peer.ask(op="time", model=c[0], attack=c[1])["seconds"])
+
+    # FGSM: identical adversarial examples?
+    fgsm_check = {}
+    for name in MODELS:
+        m, cl = models[name]
+        x, y = data[name]
+        peer.ask(op="output", model=name, attack="fgsm", path=f"{tmp}/{name}_fgsm.pt")
+        ref = torch.load(f"{tmp}/{name}_fgsm.pt", weights_only=True)
+        ours = aal_attacks["fgsm"](m, x, y).cpu()
+        row = {"identical": bool(torch.equal(ours.contiguous(), ref)), "differ_frac": float((ours != ref).float().mean()),
+               "max_abs": float((ours - ref).abs().max())}
+        if cl:  # the same model in NCHW: the same arithmetic as torchattacks
+            nchw = create_model(name, num_classes=10, in_channels=MODELS[name][0]).to(dev).eval()
+            nchw.load_state_dict(saved[name]["weights"])
+            o2 = aal_attacks["fgsm"](nchw, saved[name]["x"].to(dev), y).cpu()
+            row["nchw_identical"] = bool(torch.equal(o2, ref))
+            row["nchw_differ_frac"] = float((o2 != ref).float().mean())
+        fgsm_check[name] = row
+    peer_threads = peer.info.get("threads")
+    peer.close()
+
+    # ----------------------------------------------------------------------------- FLOPs
+    m, _ = models["resnet18"]
+    x, y = data["resnet18"]
+    opt = torch.optim.SGD(m.parameters(), lr=1e-3, momentum=0.9)
+    standard, pgd_at = create_method("standard"), create_method("pgd_at", eps=EPS, steps=STEPS, step_size=ALPHA)
+
+    def train_step(method):
+        m.train()
+        out_ = method(m, (x, y))
+        opt.zero_grad(set_to_none=True)
+        out_.loss.backward()
+        opt.step()
+
+    # every PGD step is the same forward + input-gradient backward: count PGD-1-AT and extrapolate
+    pgd1_at = create_method("pgd_at", eps=EPS, steps=1, step_size=ALPHA)
+    f_std, f_pgd1 = count_flops(lambda: train_step(standard)), count_flops(lambda: train_step(pgd1_at))
+    step_flops = {"standard": f_std, "pgd_at": f_std + STEPS * (f_pgd1 - f_std)}
+    step_times = {"standard": [], "pgd_at": []}
+    train_step(standard)  # warm-up (the attack's buffers were warmed up above)
+    for _ in range(args.repeats):
+        peaks.append(matmul_peak(dev, args.peak_n, repeats=1))
+        for _ in range(3):
+            step_times["standard"].append(timed(lambda: train_step(standard), dev))
+        step_times["pgd_at"].append(timed(lambda: train_step(pgd_at), dev))
+    peaks.append(matmul_peak(dev, args.peak_n, repeats=3))
+    peak, peak_cpu = max(p_[0] for p_ in peaks), max(p_[1] for p_ in peaks)
+
+    # ----------------------------------------------------------------------------- report
+    mach = machine_description()
+    load1 = os.getloadavg()
+    say(f"# benchmarks/speed.py  {time.strftime('%Y-%m-%d %H:%M %Z')}  aal {mach.get('aal_commit')}")
+    say(f"# machine: {mach['cpu']}, {mach['cores']} cores, torch {mach['torch']}, device {dev}, "
+        f"threads aal={torch.get_num_threads()} torchattacks={peer_threads}")
+    say(f"# load average (1/5/15 min) before {load0[0]:.1f}/{load0[1]:.1f}/{load0[2]:.1f}, "
+        f"after {load1[0]:.1f}/{load1[1]:.1f}/{load1[2]:.1f}" + (f"; {args.note}" if args.note else ""))
+    say(f"# aal process: malloc tuned={malloc_tuned()}, channels_last per aal's default "
+        f"({', '.join(f'{n}={models[n][1]}' for n in MODELS)}); torchattacks: plain subprocess, NCHW")
+    say()
+    say(f"1. attacks, fp32, batch {BATCH}, eps 8/255 (PGD-10: alpha 2/255, random start); median seconds per batch;")
+    say("   speed-up = torchattacks time / aal time, from wall time and from each process's CPU time")
+    say(f"   {'model':<10} {'attack':<7} {'aal s':>8} {'torchattacks s':>15} {'speed-up':>9} {'(CPU time)':>11} "
+        f"{'goal':>6}  rounds")
+    goals = {"resnet18": 1.5, "small_cnn": 1.25}
+    for c in cases:
+        a, t = (statistics.median(w for w, _ in times[c][k]) for k in ("aal", "torchattacks"))
+        ac, tc = (statistics.median(cpu for _, cpu in times[c][k]) for k in ("aal", "torchattacks"))
+        say(f"   {c[0]:<10} {c[1]:<7} {a:>8.3f} {t:>15.3f} {t / a:>8.2f}x {tc / ac:>10.2f}x {goals[c[0]]:>5.2f}x  "
+            f"{rounds[c]}")
+    say()
+    say("   FGSM examples, aal vs torchattacks (same weights, same inputs):")
+    for name, r in fgsm_check.items():
+        line = (f"   {name:<10} identical={r['identical']} (pixels differing {100 * r['differ_frac']:.4f}%, "
+                f"max |diff| {r['max_abs']:.4g})")
+        if "nchw_identical" in r:
+            line += f"; aal on the same model in NCHW: identical={r['nchw_identical']}"
+        say(line)
+    say()
+    med = {k: (statistics.median(w for w, _ in v), statistics.median(c for _, c in v)) for k, v in step_times.items()}
+    (std_t, std_c), (at_t, at_c) = med["standard"], med["pgd_at"]
+    f_std, f_at = step_flops["standard"] / 1e9, step_flops["pgd_at"] / 1e9
+    say(f"2. FLOPs (ResNet-18 CIFAR, batch {BATCH}, fp32, channels_last={models['resnet18'][1]}); "
+        f"peak = best {args.peak_n}x{args.peak_n} matmul of {len(peaks)} spread over the run")
+    say(f"   measured peak            {peak:7.1f} GFLOP/s wall, {peak_cpu:7.1f} GFLOP per CPU-second "
+        f"(wall samples: {', '.join(f'{v:.0f}' for v, _ in peaks)})")
+    say(f"   train step (fwd+bwd+SGD) {std_t:7.3f} s wall, {std_c:7.3f} s CPU, {f_std:7.1f} GFLOP: "
+        f"{100 * f_std / std_t / peak:5.1f}% of peak (wall), {100 * f_std / std_c / peak_cpu:5.1f}% (CPU time)   goal >= 75%")
+    say(f"   PGD-10-AT step           {at_t:7.3f} s wall, {at_c:7.3f} s CPU, {f_at:7.1f} GFLOP: "
+        f"{at_t / (f_at / peak):5.2f}x its FLOP lower bound (wall), {at_c / (f_at / peak_cpu):5.2f}x (CPU time)   "
+        f"goal <= 1.3x")
+    say(f"   (times: median of {len(step_times['standard'])} / {len(step_times['pgd_at'])} steps. PGD-10-AT FLOPs / "
+        f"train-step FLOPs = {step_flops['pgd_at'] / step_flops['standard']:.2f}: the attack takes input gradients "
+        f"only; FlopCounterMode counts convolutions and matmuls, not elementwise ops)")
+    say()
+    say(f"# total {time.perf_counter() - t_start:.0f} s")
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(out.getvalue())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
