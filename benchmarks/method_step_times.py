@@ -89,7 +89,15 @@ def main(argv=None) -> int:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    names = [n for n in args.methods.split(",") if n] or ([] if args.variant else METHODS.names())
+    # by default: every registered method that trains a classifier on (x, y) batches with the model
+    # itself (few-shot/detection methods need episodes/boxes, AToP a purifier pipeline, SPAT a
+    # cosine head: run those with --methods and a suitable --model)
+    default = [
+        n for n in METHODS.names()
+        if getattr(METHODS.get(n), "batch_type", "classification") == "classification"
+        and not n.startswith("atop") and n != "spat"
+    ]
+    names = [n for n in args.methods.split(",") if n] or ([] if args.variant else default)
     if "standard" not in names:
         names = ["standard", *names]
     specs = {n: (n, default_params(n, args.eps)) for n in names}
