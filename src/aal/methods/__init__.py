@@ -21,7 +21,6 @@ Example:
 
 from __future__ import annotations
 
-import importlib.util
 
 from aal.methods.adversarial import FGSMAT, PGDAT, AdversarialTraining
 from aal.methods.base import METHODS, Method, Output, create_method, split_batch

@@ -44,6 +44,17 @@ def check_positive(name: str, value: float) -> float:
     return v
 
 
+def check_budget(eps: float, steps: int, step_size: float | None) -> tuple[float, int, float]:
+    """Validated ``(eps, steps, step_size)`` of a PGD-style inner loop.
+
+    ``step_size=None`` gives ``2.5 * eps / steps`` (Madry et al. 2018), i.e. 2/255 for PGD-10 at
+    eps 8/255.
+    """
+    eps = check_nonneg("eps", eps)
+    steps = check_int("steps", steps)
+    return eps, steps, 2.5 * eps / steps if step_size is None else check_positive("step_size", step_size)
+
+
 def check_int(name: str, value: int, low: int = 1) -> int:
     """``value`` as an int, or ``ValueError`` if it is not an integer >= ``low``."""
     if isinstance(value, bool) or int(value) != value or value < low:
@@ -226,9 +237,7 @@ class PGDAT(AdversarialTraining):
         attack_mode: str = "eval",
     ) -> None:
         super().__init__(clean_weight=clean_weight, attack_mode=attack_mode)
-        self.eps = check_nonneg("eps", eps)
-        self.steps = check_int("steps", steps)
-        self.step_size = 2.5 * self.eps / self.steps if step_size is None else check_positive("step_size", step_size)
+        self.eps, self.steps, self.step_size = check_budget(eps, steps, step_size)
         self.rand_init = bool(rand_init)
         self.norm = check_choice("norm", norm, tuple(THREATS))
         self._attack = PGD(

@@ -60,12 +60,11 @@ from torch import Tensor, nn
 
 from aal.attacks.base import THREATS
 from aal.methods.adversarial import (
+    check_budget,
     ATTACK_MODES,
     accuracy,
     check_choice,
-    check_int,
     check_nonneg,
-    check_positive,
 )
 from aal.methods.base import METHODS, Batch, Method, Output, split_batch
 from aal.methods.trades import TradesKLAttack
@@ -257,9 +256,7 @@ class SPAT(Method):
         norm: str = "linf",
         attack_mode: str = "eval",
     ) -> None:
-        self.eps = check_nonneg("eps", eps)
-        self.steps = check_int("steps", steps)
-        self.step_size = 2.5 * self.eps / self.steps if step_size is None else check_positive("step_size", step_size)
+        self.eps, self.steps, self.step_size = check_budget(eps, steps, step_size)
         self.beta = check_nonneg("beta", beta)
         self.m = check_nonneg("m", m)
         self.n = check_nonneg("n", n)

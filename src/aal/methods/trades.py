@@ -13,12 +13,11 @@ from torch import Tensor, nn
 
 from aal.attacks.base import THREATS, IterativeAttack, ThreatModel
 from aal.methods.adversarial import (
+    check_budget,
     ATTACK_MODES,
     accuracy,
     check_choice,
-    check_int,
     check_nonneg,
-    check_positive,
 )
 from aal.methods.base import METHODS, Batch, Method, Output, split_batch
 
@@ -159,9 +158,7 @@ class TRADES(Method):
         norm: str = "linf",
         attack_mode: str = "eval",
     ) -> None:
-        self.eps = check_nonneg("eps", eps)
-        self.steps = check_int("steps", steps)
-        self.step_size = 2.5 * self.eps / self.steps if step_size is None else check_positive("step_size", step_size)
+        self.eps, self.steps, self.step_size = check_budget(eps, steps, step_size)
         self.beta = check_nonneg("beta", beta)
         self.norm = check_choice("norm", norm, tuple(THREATS))
         self.attack_mode = check_choice("attack_mode", attack_mode, ATTACK_MODES)

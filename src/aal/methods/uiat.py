@@ -60,6 +60,7 @@ from torch import Tensor, nn
 from aal.attacks import PGD
 from aal.attacks.base import THREATS, IterativeAttack, ThreatModel, attack_mode
 from aal.methods.adversarial import (
+    check_budget,
     ATTACK_MODES,
     accuracy,
     check_choice,
@@ -180,9 +181,7 @@ class UIAT(_UIATBase):
         attack_mode: str = "eval",
     ) -> None:
         self._common(beta, kl_direction, detach_inverse, norm, attack_mode)
-        self.eps = check_nonneg("eps", eps)
-        self.steps = check_int("steps", steps)
-        self.step_size = 2.5 * self.eps / self.steps if step_size is None else check_positive("step_size", step_size)
+        self.eps, self.steps, self.step_size = check_budget(eps, steps, step_size)
         self.eps_inv = self.eps / 2 if eps_inv is None else check_nonneg("eps_inv", eps_inv)
         self.inv_steps = self.steps if inv_steps is None else check_int("inv_steps", inv_steps)
         self.inv_step_size = (
