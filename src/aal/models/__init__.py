@@ -14,7 +14,6 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from torch import nn
 
 from aal.models.base import AttentionNet, NoAttention, Normalize
 from aal.registry import Registry
