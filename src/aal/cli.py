@@ -130,8 +130,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         cfg = load_config(args.config, overrides)
     _tune_malloc(cfg.malloc_tune and not args.no_malloc_tune)
     run_dir, result = train_run(cfg, resume=args.resume)
-    print(result.table())
-    print(f"run folder: {run_dir}")
+    from aal.engine.distributed import is_main_rank
+
+    if is_main_rank():  # under torchrun every process returns here: print once
+        print(result.table())
+        print(f"run folder: {run_dir}")
     return 0
 
 
