@@ -448,6 +448,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except _user_errors() as err:  # missing/corrupt files: a clear message, no traceback
         print(f"aal: error: {err}", file=sys.stderr)
         return 1
+    except BrokenPipeError:  # output piped into e.g. `head`, which closed early: not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except KeyboardInterrupt:
         if args.command == "train":
             hint = "; resume with `aal train --resume RUN_DIR`"
