@@ -43,7 +43,15 @@ from aal.attacks import PGD
 from aal.attacks.base import LinfThreat
 from aal.attention.associative import COUPLINGS, AssocResult, associative_attention, top_fraction
 from aal.attention.kernels import KERNELS, apply_kernel
-from aal.methods.adversarial import ATTACK_MODES, accuracy, check_choice, check_int, check_nonneg, check_positive
+from aal.methods.adversarial import (
+    ATTACK_MODES,
+    accuracy,
+    check_choice,
+    check_fraction,
+    check_int,
+    check_nonneg,
+    check_positive,
+)
 from aal.methods.base import METHODS, Batch, Method, Output, split_batch
 
 AAL_ATTACKS = ("fgsm", "pgd")
@@ -212,38 +220,19 @@ class AAL(Method):
         self.attack = check_choice("attack", attack, AAL_ATTACKS)
         self.mask_control = check_choice("mask_control", mask_control, MASK_CONTROLS)
         if mask_binarize is not None:
-            mask_binarize = _check_fraction("mask_binarize", mask_binarize)
+            mask_binarize = check_fraction("mask_binarize", mask_binarize)
             if mask_binarize == 0:
                 raise ValueError("mask_binarize must lie in (0, 1] (0 would never attack); use None to disable")
         self.mask_binarize = mask_binarize
-        self.xi1 = check_nonneg("xi1", xi1)
-        self.xi2 = check_nonneg("xi2", xi2)
-        self.zeta = _check_fraction("zeta", zeta)
-        self.rho = _check_fraction("rho", rho)
-        self.coupling = check_choice("coupling", coupling, COUPLINGS)
-        if not isinstance(kernel, str) or kernel not in KERNELS:
-            raise ValueError(f"kernel must be one of {', '.join(KERNELS.names())} (case-insensitive); got {kernel!r}")
-        self.kernel = kernel.lower()
-        self.rand_init = (self.attack == "pgd") if rand_init is None else bool(rand_init)
-        if self.attack == "fgsm":
-            for arg, value in (("steps", steps), ("step_size", step_size)):
-                if value is not None:
-                    raise ValueError(f"{arg} applies to attack='pgd' only (got {arg}={value!r} with attack='fgsm')")
-            default_alpha = 1.25 * self.eps if self.rand_init else self.eps
-            self.alpha = default_alpha if alpha is None else check_nonneg("alpha", alpha)
-            self.attack_steps, self.step_size = 1, None
-        else:
-            if alpha is not None:
-                raise ValueError(f"alpha applies to attack='fgsm' only (use step_size for PGD); got alpha={alpha!r}")
-            self.alpha = None
-            # stored as attack_steps: it is the PGD iteration count, not optimizer updates
-            self.attack_steps = 10 if steps is None else check_int("steps", steps)
-            default_step = 2.5 * self.eps / self.attack_steps
-            self.step_size = default_step if step_size is None else check_positive("step_size", step_size)
+        self.xi1, self.xi2, self.zeta, self.rho, self.coupling, self.kernel = check_association(
+            xi1, xi2, zeta, rho, coupling, kernel
+        )
+        # attack_steps: the PGD iteration count (not the optimizer updates of Method.updates)
+        self.rand_init, self.alpha, self.attack_steps, self.step_size = check_selective_attack(
+            self.attack, self.eps, rand_init, alpha, steps, step_size
+        )
         self.adv_attention = check_choice("adv_attention", adv_attention, ADV_ATTENTION)
-        self.clean_weight = check_nonneg("clean_weight", clean_weight)
-        if self.clean_weight > 1:
-            raise ValueError(f"clean_weight must lie in [0, 1], got {clean_weight!r}")
+        self.clean_weight = check_fraction("clean_weight", clean_weight)
         self.schedule = check_choice("schedule", schedule, SCHEDULES)
         if self.schedule == "clean_then_adv" and self.clean_weight > 0:
             raise ValueError("clean_weight applies to schedule='joint' only: 'clean_then_adv' already takes a clean step")
@@ -353,11 +342,43 @@ class AAL(Method):
         yield Output(loss_adv, logits_adv, logs)
 
 
-def _check_fraction(name: str, value: float) -> float:
-    v = check_nonneg(name, value)
-    if v > 1:
-        raise ValueError(f"{name} must lie in [0, 1], got {value!r}")
-    return v
+def check_association(
+    xi1: float, xi2: float, zeta: float, rho: float, coupling: str, kernel: str
+) -> tuple[float, float, float, float, str, str]:
+    """Validated associative-attention settings ``(xi1, xi2, zeta, rho, coupling, kernel)``.
+
+    Shared by every AAL method (classification, few-shot, detection); the kernel name is
+    returned lower-cased (the registry is case-insensitive).
+    """
+    if not isinstance(kernel, str) or kernel not in KERNELS:
+        raise ValueError(f"kernel must be one of {', '.join(KERNELS.names())} (case-insensitive); got {kernel!r}")
+    return (
+        check_nonneg("xi1", xi1), check_nonneg("xi2", xi2), check_fraction("zeta", zeta), check_fraction("rho", rho),
+        check_choice("coupling", coupling, COUPLINGS), kernel.lower(),
+    )  # fmt: skip
+
+
+def check_selective_attack(
+    attack: str, eps: float, rand_init: bool | None, alpha: float | None, steps: int | None, step_size: float | None
+) -> tuple[bool, float | None, int, float | None]:
+    """``(rand_init, alpha, attack_steps, step_size)`` of an AAL method's FGSM or PGD attack.
+
+    FGSM takes ``alpha`` (default ``1.25 * eps`` with a random start, else ``eps``) and one step;
+    PGD takes ``steps`` (default 10) and ``step_size`` (default ``2.5 * eps / steps``). Giving an
+    argument of the other attack raises ``ValueError``. ``rand_init=None``: on for PGD only.
+    """
+    rand_init = (attack == "pgd") if rand_init is None else bool(rand_init)
+    if attack == "fgsm":
+        for arg, value in (("steps", steps), ("step_size", step_size)):
+            if value is not None:
+                raise ValueError(f"{arg} applies to attack='pgd' only (got {arg}={value!r} with attack='fgsm')")
+        default_alpha = 1.25 * eps if rand_init else eps
+        return rand_init, default_alpha if alpha is None else check_nonneg("alpha", alpha), 1, None
+    if alpha is not None:
+        raise ValueError(f"alpha applies to attack='fgsm' only (use step_size for PGD); got alpha={alpha!r}")
+    attack_steps = 10 if steps is None else check_int("steps", steps)
+    default_step = 2.5 * eps / attack_steps
+    return rand_init, None, attack_steps, default_step if step_size is None else check_positive("step_size", step_size)
 
 
 def _preset(attack: str, registered: str, doc: str) -> type[AAL]:

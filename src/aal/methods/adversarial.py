@@ -44,6 +44,14 @@ def check_positive(name: str, value: float) -> float:
     return v
 
 
+def check_fraction(name: str, value: float) -> float:
+    """``value`` as a float in [0, 1], or ``ValueError`` naming ``name``."""
+    v = check_nonneg(name, value)
+    if v > 1:
+        raise ValueError(f"{name} must lie in [0, 1], got {value!r}")
+    return v
+
+
 def check_budget(eps: float, steps: int, step_size: float | None) -> tuple[float, int, float]:
     """Validated ``(eps, steps, step_size)`` of a PGD-style inner loop.
 

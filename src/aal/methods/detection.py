@@ -34,9 +34,10 @@ import torch
 from torch import Tensor, nn
 
 from aal.attacks.base import LinfThreat
-from aal.attention.associative import COUPLINGS, AssocResult, associative_attention
-from aal.attention.kernels import KERNELS, apply_kernel
-from aal.methods.adversarial import ATTACK_MODES, check_choice, check_nonneg
+from aal.attention.associative import AssocResult, associative_attention
+from aal.attention.kernels import apply_kernel
+from aal.methods.aal import check_association
+from aal.methods.adversarial import ATTACK_MODES, check_choice, check_fraction, check_nonneg
 from aal.methods.base import METHODS, Batch, Method, Output
 from aal.tasks.detection import DetectionTask
 
@@ -59,13 +60,6 @@ def split_detection_batch(batch: Batch) -> tuple[Tensor, list[dict[str, Tensor]]
     if len(targets) != images.shape[0]:
         raise ValueError(f"{images.shape[0]} images but {len(targets)} targets")
     return images, targets
-
-
-def _fraction(name: str, v: float) -> float:
-    v = check_nonneg(name, v)
-    if v > 1:
-        raise ValueError(f"{name} must lie in [0, 1], got {v!r}")
-    return v
 
 
 def _loss_logs(prefix: str, parts: Any) -> dict[str, float]:
@@ -154,15 +148,10 @@ class DetectionAAL(Method):
         loc_weight: float = 1.0,
     ) -> None:
         self.eps = check_nonneg("eps", eps)
-        self.xi1 = check_nonneg("xi1", xi1)
-        self.xi2 = check_nonneg("xi2", xi2)
-        self.zeta = _fraction("zeta", zeta)
-        self.rho = _fraction("rho", rho)
-        self.coupling = check_choice("coupling", coupling, COUPLINGS)
-        if not isinstance(kernel, str) or kernel not in KERNELS:
-            raise ValueError(f"kernel must be one of {', '.join(KERNELS.names())} (case-insensitive); got {kernel!r}")
-        self.kernel = kernel.lower()
-        self.clean_weight = _fraction("clean_weight", clean_weight)
+        self.xi1, self.xi2, self.zeta, self.rho, self.coupling, self.kernel = check_association(
+            xi1, xi2, zeta, rho, coupling, kernel
+        )
+        self.clean_weight = check_fraction("clean_weight", clean_weight)
         self.attack_mode = check_choice("attack_mode", attack_mode, ATTACK_MODES)
         self.detection = DetectionTask(iou_threshold=iou_threshold, neg_pos_ratio=neg_pos_ratio, loc_weight=loc_weight)
 

@@ -37,11 +37,11 @@ from torch import Tensor, nn
 
 from aal.attacks import PGD
 from aal.attacks.base import LinfThreat, LossFn
-from aal.attention.associative import COUPLINGS, AssocResult, associative_attention
-from aal.attention.kernels import KERNELS, apply_kernel
-from aal.methods.adversarial import ATTACK_MODES, check_choice, check_int, check_nonneg, check_positive
+from aal.attention.associative import AssocResult, associative_attention
+from aal.attention.kernels import apply_kernel
 from aal.data.fewshot import Episode, as_episode
-from aal.methods.aal import control_mask
+from aal.methods.aal import check_association, check_selective_attack, control_mask
+from aal.methods.adversarial import ATTACK_MODES, check_choice, check_fraction, check_nonneg, check_positive
 from aal.methods.base import METHODS, Batch, Method, Output
 from aal.tasks.fewshot import ATTACK_LOSSES, METRICS, FewShotTask
 
@@ -143,26 +143,13 @@ class ProtoNetAAL(ProtoNet):
         self.task = FewShotTask(metric, check_positive("temperature", temperature), attack_loss)
         self.eps = check_nonneg("eps", eps)
         self.attack = check_choice("attack", attack, FEWSHOT_ATTACKS)
-        self.xi1, self.xi2 = check_nonneg("xi1", xi1), check_nonneg("xi2", xi2)
-        self.zeta, self.rho = _fraction("zeta", zeta), _fraction("rho", rho)
-        self.coupling = check_choice("coupling", coupling, COUPLINGS)
-        if not isinstance(kernel, str) or kernel not in KERNELS:
-            raise ValueError(f"kernel must be one of {', '.join(KERNELS.names())} (case-insensitive); got {kernel!r}")
-        self.kernel = kernel.lower()
-        self.rand_init = (self.attack == "pgd") if rand_init is None else bool(rand_init)
-        if self.attack == "fgsm":
-            for arg, value in (("steps", steps), ("step_size", step_size)):
-                if value is not None:
-                    raise ValueError(f"{arg} applies to attack='pgd' only (got {arg}={value!r} with attack='fgsm')")
-            self.alpha = (1.25 * self.eps if self.rand_init else self.eps) if alpha is None else check_nonneg("alpha", alpha)
-            self.attack_steps, self.step_size = 1, None
-        else:
-            if alpha is not None:
-                raise ValueError(f"alpha applies to attack='fgsm' only (use step_size for PGD); got alpha={alpha!r}")
-            self.alpha = None
-            self.attack_steps = 10 if steps is None else check_int("steps", steps)
-            self.step_size = 2.5 * self.eps / self.attack_steps if step_size is None else check_positive("step_size", step_size)
-        self.clean_weight = _fraction("clean_weight", clean_weight)
+        self.xi1, self.xi2, self.zeta, self.rho, self.coupling, self.kernel = check_association(
+            xi1, xi2, zeta, rho, coupling, kernel
+        )
+        self.rand_init, self.alpha, self.attack_steps, self.step_size = check_selective_attack(
+            self.attack, self.eps, rand_init, alpha, steps, step_size
+        )
+        self.clean_weight = check_fraction("clean_weight", clean_weight)
         self.attack_mode = check_choice("attack_mode", attack_mode, ATTACK_MODES)
         self.mask_control = check_choice("mask_control", mask_control, FEWSHOT_MASK_CONTROLS)
 
@@ -227,13 +214,6 @@ class ProtoNetAAL(ProtoNet):
             loss = (1.0 - self.clean_weight) * loss_adv + self.clean_weight * loss_clean
             logs.update(loss_clean=float(loss_clean.detach()), acc_clean=self.task.accuracy(logits_clean, ep.query_y))
         return Output(loss, logits, logs)
-
-
-def _fraction(name: str, value: float) -> float:
-    v = check_nonneg(name, value)
-    if v > 1:
-        raise ValueError(f"{name} must lie in [0, 1], got {value!r}")
-    return v
 
 
 __all__ = ["FEWSHOT_ATTACKS", "ProtoNet", "ProtoNetAAL"]
