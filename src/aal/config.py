@@ -262,10 +262,22 @@ class RunConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain, YAML/JSON-able nested dict in the file layout (flattened params/options)."""
-        d = dataclasses.asdict(self)
-        d["model"] = {k: v for k, v in d["model"].items() if k != "options"} | dict(self.model.options)
-        d["method"] = {"name": self.method.name} | dict(self.method.params)
-        return _plain(d)
+        return config_to_dict(self)
+
+
+def config_to_dict(cfg: Any) -> dict[str, Any]:
+    """A frozen run config (classification, few-shot or detection) as a plain nested dict.
+
+    The layout is the YAML file's: the model's ``options`` and the method's ``params`` are
+    flattened into their sections, tuples become lists, so ``load`` of the dump gives ``cfg`` back.
+    """
+    d = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
+    for key, value in d.items():
+        if dataclasses.is_dataclass(value):
+            d[key] = dataclasses.asdict(value)
+    d["model"] = {k: v for k, v in d["model"].items() if k != "options"} | dict(cfg.model.options)
+    d["method"] = {"name": cfg.method.name} | dict(cfg.method.params)
+    return _plain(d)
 
 
 def _plain(v: Any) -> Any:

@@ -372,22 +372,9 @@ class DetectionRunConfig:
     eval: DetectionEvalConfig = field(default_factory=DetectionEvalConfig)
 
     def to_dict(self) -> dict[str, Any]:
-        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        d["data"] = dataclasses.asdict(self.data)
-        d["eval"] = dataclasses.asdict(self.eval)
-        d["model"] = {k: v for k, v in dataclasses.asdict(self.model).items() if k != "options"} | dict(self.model.options)
-        d["method"] = {"name": self.method.name} | dict(self.method.params)
-        d["optim"] = dataclasses.asdict(self.optim)
-        d["schedule"] = dataclasses.asdict(self.schedule)
-        return _plain(d)
+        from aal.config import config_to_dict
 
-
-def _plain(v: Any) -> Any:
-    if isinstance(v, Mapping):
-        return {k: _plain(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [_plain(x) for x in v]
-    return v
+        return config_to_dict(self)
 
 
 def detection_config_from_dict(raw: Mapping[str, Any]) -> DetectionRunConfig:
