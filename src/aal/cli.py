@@ -76,31 +76,18 @@ def _print_task_results(results: dict) -> None:
             print(f"{key:<24} {r}")
 
 
-def _train_task(task: str, args: argparse.Namespace, cfg_path: str | None) -> int:
+def _train_task(task: str, args: argparse.Namespace, cfg_path: str, overrides: list[str]) -> int:
     if task == "fewshot":
-        from aal.tasks.fewshot import load_fewshot_config, train_fewshot
-
-        if args.resume:
-            cfg = load_fewshot_config(cfg_path)
-            _tune_malloc(not args.no_malloc_tune)
-            run_dir, results = train_fewshot(cfg, run_dir=args.resume, resume=True)
-        else:
-            overrides = list(args.overrides) + (["progress=false"] if args.no_progress else [])
-            cfg = load_fewshot_config(args.config, overrides)
-            _tune_malloc(not args.no_malloc_tune)
-            run_dir, results = train_fewshot(cfg, run_dir="auto")
+        from aal.tasks.fewshot import load_fewshot_config as load, train_fewshot as train
     else:
-        from aal.tasks.detection import load_detection_config, train_detection
+        from aal.tasks.detection import load_detection_config as load, train_detection as train
 
-        if args.resume:
-            cfg = load_detection_config(cfg_path)
-            _tune_malloc(not args.no_malloc_tune)
-            run_dir, results = train_detection(cfg, run_dir=args.resume, resume=True)
-        else:
-            overrides = list(args.overrides) + (["progress=false"] if args.no_progress else [])
-            cfg = load_detection_config(args.config, overrides)
-            _tune_malloc(not args.no_malloc_tune)
-            run_dir, results = train_detection(cfg, run_dir="auto")
+    cfg = load(cfg_path, overrides)
+    _tune_malloc(not args.no_malloc_tune)
+    if args.resume:
+        run_dir, results = train(cfg, run_dir=args.resume, resume=True)
+    else:
+        run_dir, results = train(cfg, run_dir="auto")
     _print_task_results(results)
     print(f"run folder: {run_dir}")
     return 0
@@ -110,24 +97,19 @@ def cmd_train(args: argparse.Namespace) -> int:
     from aal.config import load_config
     from aal.engine.run import find_run_files, train_run
 
-    cfg_path = str(find_run_files(args.resume)[0]) if args.resume else args.config
-    if args.resume and (args.config or args.overrides):
-        raise ConfigError("--resume takes the run folder only; its config.yaml is reused as it was")
-    task = task_of(cfg_path)
-    if task != "classification":
-        return _train_task(task, args, cfg_path)
     if args.resume:
         if args.config or args.overrides:
             raise ConfigError("--resume takes the run folder only; its config.yaml is reused as it was")
-        cfg_path, _ = find_run_files(args.resume)
-        cfg = load_config(cfg_path)
+        cfg_path, overrides = str(find_run_files(args.resume)[0]), []
     else:
         if not args.config:
             raise ConfigError("give a config file (e.g. configs/fashion_mnist/pgd_at.yaml) or --resume RUN_DIR")
-        overrides = list(args.overrides)
-        if args.no_progress:
-            overrides.append("progress=false")
-        cfg = load_config(args.config, overrides)
+        cfg_path = args.config
+        overrides = list(args.overrides) + (["progress=false"] if args.no_progress else [])
+    task = task_of(cfg_path)
+    if task != "classification":
+        return _train_task(task, args, cfg_path, overrides)
+    cfg = load_config(cfg_path, overrides)
     _tune_malloc(cfg.malloc_tune and not args.no_malloc_tune)
     run_dir, result = train_run(cfg, resume=args.resume)
     from aal.engine.distributed import is_main_rank
