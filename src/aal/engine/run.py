@@ -91,6 +91,20 @@ def make_epoch_eval(cfg: RunConfig, bundle: DataBundle) -> Callable[[nn.Module],
     return fn
 
 
+def build_optimization(cfg: Any, model: nn.Module, steps_per_epoch: int) -> tuple[torch.optim.Optimizer, Any]:
+    """The optimizer and per-iteration LR schedule of a run config's ``optim`` and ``schedule``
+    sections (shared by the classification, few-shot and detection runs)."""
+    o, s = cfg.optim, cfg.schedule
+    optimizer = build_optimizer(
+        model, o.name, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay, nesterov=o.nesterov
+    )
+    scheduler = build_scheduler(
+        optimizer, s.name, epochs=cfg.epochs, steps_per_epoch=steps_per_epoch,
+        milestones=s.milestones, gamma=s.gamma, warmup_epochs=s.warmup_epochs,
+    )  # fmt: skip
+    return optimizer, scheduler
+
+
 def make_run_dir(cfg: RunConfig) -> Path:
     """``out_dir/name`` or ``out_dir/<method>-<dataset>-<YYYYmmdd-HHMMSS>`` (made unique)."""
     base = Path(cfg.out_dir)
@@ -187,15 +201,7 @@ def _train_run(cfg: RunConfig, resume: str | Path | None, log: Callable[[str], N
             dump_config(cfg, run_dir / "config.yaml")
         run_dir = Path(dist_utils.broadcast_object(str(run_dir) if main else None))
     log(f"run folder: {run_dir}")
-    optimizer = build_optimizer(
-        exp.model, cfg.optim.name, lr=cfg.optim.lr, momentum=cfg.optim.momentum,
-        weight_decay=cfg.optim.weight_decay, nesterov=cfg.optim.nesterov,
-    )
-    s = cfg.schedule
-    scheduler = build_scheduler(
-        optimizer, s.name, epochs=cfg.epochs, steps_per_epoch=len(exp.loader),
-        milestones=s.milestones, gamma=s.gamma, warmup_epochs=s.warmup_epochs,
-    )
+    optimizer, scheduler = build_optimization(cfg, exp.model, steps_per_epoch=len(exp.loader))
     trainer = Trainer(
         exp.model, exp.method, exp.loader, optimizer, scheduler, epochs=cfg.epochs, run_dir=run_dir,
         evaluate_fn=make_epoch_eval(cfg, exp.bundle), checkpoint_every=cfg.checkpoint_every,
@@ -316,6 +322,7 @@ __all__ = [
     "load_checkpoint",
     "load_run",
     "machine_description",
+    "build_optimization",
     "make_run_dir",
     "train_run",
 ]

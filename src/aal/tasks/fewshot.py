@@ -573,28 +573,22 @@ def train_fewshot(
         ``(run_dir, results)`` where ``results["fewshot"]`` maps ``"5way1shot"`` etc. (and
         ``"runs_20way1shot"`` for Omniglot's runs) to :func:`evaluate_fewshot`'s dicts.
     """
-    import yaml
-
-    from aal.engine import Trainer, build_optimizer, build_scheduler
-    from aal.engine.run import machine_description
+    from aal.engine import Trainer
+    from aal.config import dump_config
+    from aal.engine.run import build_optimization, machine_description, make_run_dir
 
     exp = build_fewshot_experiment(cfg, data, device)
     cfg = exp.cfg
     resolved = cfg.to_dict()
     if isinstance(run_dir, str) and run_dir == "auto":
-        run_dir = Path(cfg.out_dir) / (cfg.name or f"{cfg.method.name}-{cfg.data.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+        run_dir = make_run_dir(cfg)  # as `aal train` names classification runs
         log(f"run folder: {run_dir}")
     if run_dir is not None:
         run_dir = Path(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         if not resume:
-            (run_dir / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
-    o, s = cfg.optim, cfg.schedule
-    optimizer = build_optimizer(exp.model, o.name, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay, nesterov=o.nesterov)
-    scheduler = build_scheduler(
-        optimizer, s.name, epochs=cfg.epochs, steps_per_epoch=len(exp.loader), milestones=s.milestones, gamma=s.gamma,
-        warmup_epochs=s.warmup_epochs,
-    )  # fmt: skip
+            dump_config(cfg, run_dir / "config.yaml")
+    optimizer, scheduler = build_optimization(cfg, exp.model, steps_per_epoch=len(exp.loader))
     trainer = Trainer(
         exp.model, exp.method, exp.loader, optimizer, scheduler, epochs=cfg.epochs, run_dir=run_dir,
         evaluate_fn=exp.epoch_eval_fn(), checkpoint_every=cfg.checkpoint_every, progress=cfg.progress,
