@@ -191,25 +191,12 @@ def world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
-def runtime_info() -> dict[str, Any]:
-    """JSON-able facts about this process's runtime, for run metadata."""
-    return {
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "cuda": torch.cuda.is_available(),
-        "malloc_tuned": _MALLOC_TUNED,
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-    }
-
-
 __all__ = [
     "configure_threads",
     "get_rng_state",
     "is_main_process",
     "malloc_tuned",
     "resolve_device",
-    "runtime_info",
     "seed_everything",
     "set_rng_state",
     "tune_malloc",
