@@ -316,8 +316,10 @@ def _build_section(cls: type, raw: Mapping[str, Any], prefix: str) -> Any:
         if cls is MethodConfig and key != "name":
             extra[key] = value
             continue
-        if key not in names or key in ("options", "params"):
-            known = [n for n in names if n not in ("options", "params")]
+        # ModelConfig.options / MethodConfig.params collect the extra keys: never given by name
+        collected = ("options", "params") if cls in (ModelConfig, MethodConfig) else ()
+        if key not in names or key in collected:
+            known = [n for n in names if n not in collected]
             raise ConfigError(f"unknown key '{prefix}.{key}' (known: {', '.join(known)})")
         kwargs[key] = coerce(value, hints[key], f"{prefix}.{key}")
     if cls is ModelConfig:

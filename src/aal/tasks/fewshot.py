@@ -336,20 +336,6 @@ def is_fewshot_config(raw: Any) -> bool:
     return isinstance(raw, FewShotRunConfig) or (isinstance(raw, Mapping) and raw.get("task") == "fewshot")
 
 
-def _section(cls: type, raw: Any, prefix: str) -> Any:
-    from aal.config import ConfigError, coerce
-
-    if not isinstance(raw, Mapping):
-        raise ConfigError(f"{prefix}: expected a mapping, got {raw!r}")
-    hints = typing.get_type_hints(cls)
-    kwargs = {}
-    for key, value in raw.items():
-        if key not in hints:
-            raise ConfigError(f"unknown key '{prefix}.{key}' (known: {', '.join(hints)})")
-        kwargs[key] = coerce(value, hints[key], f"{prefix}.{key}")
-    return cls(**kwargs)
-
-
 def fewshot_config(raw: Mapping[str, Any], validate: bool = True) -> FewShotRunConfig:
     """Build and validate a :class:`FewShotRunConfig` from a nested dict (a loaded YAML).
 
@@ -366,10 +352,8 @@ def fewshot_config(raw: Mapping[str, Any], validate: bool = True) -> FewShotRunC
     hints = typing.get_type_hints(FewShotRunConfig)
     kwargs: dict[str, Any] = {}
     for key, value in raw.items():
-        if key in shared:
-            kwargs[key] = _build_section(shared[key], value or {}, key)
-        elif key in own:
-            kwargs[key] = _section(own[key], value or {}, key)
+        if key in shared or key in own:
+            kwargs[key] = _build_section({**shared, **own}[key], value or {}, key)
         elif key in hints:
             kwargs[key] = coerce(value, hints[key], key)
         else:
