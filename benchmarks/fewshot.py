@@ -50,6 +50,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="config override (repeatable)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--xi2", type=float, nargs="+", default=list(FIG4_XI2), help="sweep values (Fig. 4)")
+    p.add_argument("--sweep-seeds", type=int, nargs="+", default=None, help="seeds of the sweep (default: --seeds)")
     p.add_argument("--out", default=None, help="output path stem (default benchmarks/results/fewshot-<dataset>[-smoke])")
     p.add_argument("--threads", type=int, default=None, help="torch threads")
     p.add_argument("--smoke", action="store_true", help="tiny runs (1 epoch of 2 episodes, 5 test episodes, 8-wide ResNet-12)")
@@ -165,13 +166,19 @@ def main(argv: list[str] | None = None) -> int:
         md += [f"Train seconds (all seeds): protonet {secs['protonet']:.0f}, protonet_aal {secs['protonet_aal']:.0f}.", ""]
     if args.what in ("sweep", "all"):
         print(f"sweep: xi2 in {args.xi2}", flush=True)
+        # the compare arm protonet_aal at the config's xi2 is the same run: reuse it, don't train it twice
+        done = {(r["seed"], float(base["method"]["xi2"])): r for r in payload.get("compare", {}).get("runs", [])
+                if r["arm"] == "protonet_aal"}  # fmt: skip
         runs = []
-        for seed in args.seeds:
+        for seed in args.sweep_seeds or args.seeds:
             for xi2 in args.xi2:
+                if (seed, xi2) in done:
+                    runs.append({**{k: v for k, v in done[(seed, xi2)].items() if k != "arm"}, "xi2": xi2})
+                    continue
                 raw = merge_config(base, {"seed": seed, "method": {"xi2": xi2}})
                 runs.append({"xi2": xi2, "seed": seed, **run_one(raw, data, f"xi2={xi2:g} seed {seed}")})
         payload["sweep"] = {"runs": runs, "summary": summarise(runs, "xi2")}
-        md += ["## ξ2 sweep (paper Fig. 4)", "", table(payload["sweep"]["summary"], "ξ2"), ""]
+        md += ["## ξ2 sweep (paper Fig. 4)", "", f"seeds {args.sweep_seeds or args.seeds}", "", table(payload["sweep"]["summary"], "ξ2"), ""]
         plot_sweep(payload["sweep"]["summary"], stem.with_name(stem.name + "_xi2.png"))
         md += [f"![xi2 sweep]({stem.name}_xi2.png)", ""]
     stem.with_suffix(".json").write_text(json.dumps(payload, indent=2, default=float))
