@@ -94,8 +94,7 @@ def attention_grid(
     ncols = len(COLUMNS)
     fig = Figure(figsize=(1.55 * ncols + 0.9, 1.55 * n + (0.5 if title else 0.25)), dpi=dpi)
     axes = fig.subplots(n, ncols, squeeze=False)
-    map_kw = dict(cmap="viridis", vmin=0.0, vmax=1.0, interpolation="nearest")
-    pert_kw = dict(cmap="magma", vmin=0.0, vmax=max(float(eps), 1e-12), interpolation="nearest")
+    map_kw, pert_kw = map_styles(eps)
     img_kw = dict(cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest")
     map_im = pert_im = None
     for i in range(n):
@@ -111,22 +110,33 @@ def attention_grid(
             ax.set_yticks([])
     for j, name in enumerate(COLUMNS):
         axes[0, j].set_title(name, fontsize=9)
+    return finish_grid(fig, map_im, pert_im, out_path, title=title, dpi=dpi, right=0.86, space=0.06)
+
+
+def map_styles(eps: float, **extra: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    """imshow keywords of the attention maps (one [0,1] scale) and of ``|x' - x|`` ([0, eps])."""
+    map_kw = dict(cmap="viridis", vmin=0.0, vmax=1.0, interpolation="nearest", **extra)
+    pert_kw = dict(cmap="magma", vmin=0.0, vmax=max(float(eps), 1e-12), interpolation="nearest", **extra)
+    return map_kw, pert_kw
+
+
+def finish_grid(fig: Any, map_im: Any, pert_im: Any, out_path: str | Path, *, title: str | None, dpi: int,
+                right: float, space: float) -> Path:
+    """Title, layout, the two colour bars (maps, perturbation) right of the grid, and the PNG."""
     if title:
         fig.suptitle(title, fontsize=10)
-    fig.subplots_adjust(left=0.03, right=0.86, bottom=0.02, top=0.93 if title else 0.96, wspace=0.06, hspace=0.06)
-    cax_map = fig.add_axes((0.875, 0.55, 0.015, 0.38))
-    fig.colorbar(map_im, cax=cax_map).ax.tick_params(labelsize=7)
-    cax_map.set_title("maps", fontsize=7)
-    cax_pert = fig.add_axes((0.875, 0.08, 0.015, 0.38))
-    fig.colorbar(pert_im, cax=cax_pert).ax.tick_params(labelsize=7)
-    cax_pert.set_title("|x'-x|", fontsize=7)
+    fig.subplots_adjust(left=0.03, right=right, bottom=0.02, top=0.93 if title else 0.955, wspace=space, hspace=space)
+    for im, name, bottom in ((map_im, "maps", 0.55), (pert_im, "|x'-x|", 0.08)):
+        cax = fig.add_axes((right + 0.015, bottom, 0.015, 0.38))
+        fig.colorbar(im, cax=cax).ax.tick_params(labelsize=7)
+        cax.set_title(name, fontsize=7)
     out = Path(out_path)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=dpi)
     return out
 
 
-__all__ = ["COLUMNS", "attention_grid"]
+__all__ = ["COLUMNS", "attention_grid", "finish_grid", "map_styles"]
 
 
 def attention_grid_for_run(cfg: Any, model: nn.Module, bundle: Any, *, n: int = 8, out_path: str | Path = "attention.png",

@@ -211,6 +211,7 @@ def detection_grid(
     from matplotlib.patches import Rectangle
 
     from aal.methods.detection import DetectionAAL
+    from aal.viz import finish_grid, map_styles
 
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
@@ -235,8 +236,7 @@ def detection_grid(
     fig = Figure(figsize=(1.7 * ncols + 0.9, 1.7 * n + (0.5 if title else 0.3)), dpi=dpi)
     axes = fig.subplots(n, ncols, squeeze=False)
     ext = (0.0, 1.0, 1.0, 0.0)  # normalised coordinates: boxes overlay every panel directly
-    map_kw = dict(cmap="viridis", vmin=0.0, vmax=1.0, interpolation="nearest", extent=ext)
-    pert_kw = dict(cmap="magma", vmin=0.0, vmax=max(float(method.eps), 1e-12), interpolation="nearest", extent=ext)
+    map_kw, pert_kw = map_styles(method.eps, extent=ext)
     colours = ["tab:red", "tab:cyan", "tab:orange", "tab:green", "tab:pink", "tab:olive"]
 
     def boxes(ax, bx: Tensor, labels: Tensor, scores: Tensor | None = None) -> None:
@@ -275,22 +275,10 @@ def detection_grid(
             ax.set_yticks([])
     for j, name in enumerate(columns):
         axes[0, j].set_title(name, fontsize=9)
-    if title:
-        fig.suptitle(title, fontsize=10)
-    fig.subplots_adjust(left=0.03, right=0.88, bottom=0.02, top=0.93 if title else 0.95, wspace=0.05, hspace=0.05)
-    cax = fig.add_axes((0.895, 0.55, 0.015, 0.38))
-    fig.colorbar(map_im, cax=cax).ax.tick_params(labelsize=7)
-    cax.set_title("maps", fontsize=7)
-    cax2 = fig.add_axes((0.895, 0.08, 0.015, 0.38))
-    fig.colorbar(pert_im, cax=cax2).ax.tick_params(labelsize=7)
-    cax2.set_title("|x'-x|", fontsize=7)
     if class_names:
         key = ", ".join(f"{c}: {colours[k % len(colours)].removeprefix('tab:')}" for k, c in enumerate(class_names))
         fig.text(0.03, 0.003, f"boxes (GT solid, detections dashed): {key}", fontsize=6, va="bottom")
-    out = Path(out_path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=dpi)
-    return out
+    return finish_grid(fig, map_im, pert_im, out_path, title=title, dpi=dpi, right=0.88, space=0.05)
 
 
 # ----------------------------------------------------------------------------- configs and runs
