@@ -34,14 +34,7 @@ SCHEDULES = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These tensors are tiny: on a shared 2-core machine intra-op threads only add contention
-    (the training fixture runs 10x slower with 2 threads under load)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make(name: str, eps=None, norm: str = "linf", **kwargs):

@@ -13,10 +13,8 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-import aal
 from aal.attacks import ATTACKS
 from aal.eval.checks import CHECKS, CheckReport, CheckResult, RandomNoise, margin_loss, run_checks
 
@@ -26,35 +24,14 @@ EPS = 0.03  # a standard-trained model keeps ~60% accuracy here: every check has
 FAST = dict(n=100, steps=(5, 20), restarts=2, sweep_steps=10, square_queries=100, noise_draws=10, batch_size=100)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def trained():
-    """(model, test data): small CNN, 200 SGD steps of standard training on Fashion-MNIST."""
-    if not FMNIST.exists():
-        pytest.skip("Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")
-    from aal.data import load_data
-
-    bundle = load_data("fashion_mnist")
-    torch.manual_seed(0)
-    model = aal.create_model("small_cnn", mean=bundle.info.mean, std=bundle.info.std)
-    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    x = bundle.train.images[: 200 * 128].float().div(255)
-    y = bundle.train.labels[: 200 * 128]
-    model.train()
-    for xb, yb in zip(x.split(128), y.split(128)):
-        loss = F.cross_entropy(model(xb), yb)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    model.eval()
-    return model, (bundle.test.images[:200], bundle.test.labels[:200])
+def trained(fmnist_small_cnn):
+    """(model, test data): the shared small CNN (conftest), first 200 test images."""
+    model, test = fmnist_small_cnn
+    return model, (test.images[:200], test.labels[:200])
 
 
 class Quantised(nn.Module):

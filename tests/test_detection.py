@@ -60,13 +60,7 @@ BCCD = _bccd_root()
 needs_bccd = pytest.mark.skipif(BCCD is None, reason="BCCD not found (../shared/data/bccd or $AAL_DATA/bccd)")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # tiny ops on a shared 2-core machine: one intra-op thread avoids the threads waiting on each other
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ----------------------------------------------------------------------------- VOC reader

@@ -31,13 +31,7 @@ from aal.utils import get_rng_state, seed_everything, set_rng_state, tune_malloc
 
 
 # ----------------------------------------------------------------------------- helpers
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # tiny models: one thread is fastest, and far faster when other jobs share the 2 cores
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class Killed(Exception):

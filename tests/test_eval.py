@@ -13,13 +13,7 @@ from aal.attacks import FGSM
 from aal.eval import EvalResult, accuracy, evaluate
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # tiny models: one thread is fastest, and far faster when other jobs share the 2 cores
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_model():

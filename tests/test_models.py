@@ -28,15 +28,7 @@ CLASSIFIERS = [
 B = 2
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Measured here: with other jobs on the 2 cores, torch's 2 intra-op threads wait on each other
-    # and this file took 265 s instead of 17 s with one thread (tiny ops in gradcheck: 150x).
-    # One thread costs little on an idle machine at these sizes; restored after each test.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 # name -> (options, input (C,H,W), expected spatial size of the stem output / attention map).
 # wide_resnet is tested at a small depth/width to stay fast; wrn34_10 covers the full-size path.

@@ -42,13 +42,7 @@ from aal.models.purifier import (
 SEED_METHODS = ["mart", "uiat", "uiat_fgsm", "spat", "atop_pretrain", "atop_finetune"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # the 2 cores are shared with other jobs: one intra-op thread is faster at these sizes
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def small_model(seed: int = 0, cosine: bool = False) -> nn.Module:

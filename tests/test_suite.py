@@ -8,10 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-import aal
 from aal.attacks import ATTACKS, PGD
 from aal.eval import EOTWrapper, SUITES, Stage, SuiteResult, evaluate, is_randomized, randomness, run_suite
 from aal.eval.suite import SuiteStateError, build_attack, model_digest
@@ -19,12 +17,7 @@ from aal.eval.suite import SuiteStateError, build_attack, model_digest
 FMNIST = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny():
@@ -241,25 +234,10 @@ def test_randomness_detection_and_eot_wrapper():
 
 
 @pytest.fixture(scope="module")
-def trained():
-    """(model, test data): small CNN, 200 SGD steps of standard training on Fashion-MNIST."""
-    if not FMNIST.exists():
-        pytest.skip("Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")
-    from aal.data import load_data
-
-    bundle = load_data("fashion_mnist")
-    torch.manual_seed(0)
-    model = aal.create_model("small_cnn", mean=bundle.info.mean, std=bundle.info.std)
-    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    x, y = bundle.train.images[: 200 * 128].float().div(255), bundle.train.labels[: 200 * 128]
-    model.train()
-    for xb, yb in zip(x.split(128), y.split(128)):
-        loss = F.cross_entropy(model(xb), yb)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    model.eval()
-    return model, (bundle.test.images[:100], bundle.test.labels[:100])
+def trained(fmnist_small_cnn):
+    """(model, test data): the shared small CNN (conftest), first 100 test images."""
+    model, test = fmnist_small_cnn
+    return model, (test.images[:100], test.labels[:100])
 
 
 def test_eot_is_used_automatically_and_is_stronger(trained):
