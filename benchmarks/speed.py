@@ -12,11 +12,27 @@ What it prints (issue 7's goals), fp32, batch 128, random data (speed does not d
 2. The hardware's fp32 peak (best of a few big matmuls), a ResNet-18 training step's achieved
    GFLOP/s against it (FLOPs counted with ``torch.utils.flop_counter.FlopCounterMode``: the
    convolutions and matmuls of forward + backward), and a PGD-10-AT step (10 input-gradient
-   attack steps + one training step) against its FLOP lower bound (its counted FLOPs at peak).
+   attack steps + one training step) against its FLOP lower bound (its counted FLOPs at peak), and
+   a whole PGD-10-AT epoch (``--epoch-batches`` batches) through aal's own Trainer and
+   BatchLoader (shuffling, augmentation, scheduler, logging: everything an epoch does but disk).
+3. The standard evaluation suite (goal 3: no slower than torchattacks' AutoAttack for the same
+   result): ``aal.eval.run_suite(..., "standard")`` against torchattacks' APGD-CE -> APGD-T ->
+   Square chained by its ``MultiAttack`` (what its ``AutoAttack`` wraps) with our suite's settings,
+   on the small CNN trained a few hundred FGSM-AT steps on Fashion-MNIST (the robust points decide how
+   much work Square does, so the model must be a trained one), the first ``--suite-n`` test
+   images, ``--suite-threads`` threads. Each side runs in a fresh process of its own, as its users
+   run it: aal as the ``aal eval --suite`` CLI does (malloc tuned at start-up, channels_last, batch
+   500), torchattacks in a plain process (NCHW, the same batches). The two never run at the same
+   time; with ``--suite-repeats`` > 1 they alternate who goes first. It prints each side's robust
+   accuracy, the number of points on which they disagree, and the time ratio.
+   torchattacks' ``AutoAttack(version="standard")`` itself is not the same evaluation: it adds
+   FAB-T (not in aal) and runs APGD, APGD-T and FAB at its default of 10 iterations, where the
+   reference AutoAttack and our suite run 100; hence the ``MultiAttack``.
 
-    python benchmarks/speed.py                       # ~3-5 minutes on the 2-core CPU
+    python benchmarks/speed.py                       # ~3-5 minutes on the 2-core CPU, plus section 3
     python benchmarks/speed.py --repeats 5 --out benchmarks/results/speed.txt
     python benchmarks/speed.py --device cuda         # on a GPU machine (same tables)
+    python benchmarks/speed.py --only suite --suite-n 500   # section 3 only (needs Fashion-MNIST)
 
 torchattacks is installed with ``pip install --no-deps torchattacks`` (its metadata asks for
 torchvision, which it does not import for these attacks). Ratios are what to quote; absolute
@@ -40,6 +56,7 @@ import torch
 
 EPS, ALPHA, STEPS, BATCH = 8 / 255, 2 / 255, 10, 128
 MODELS = {"resnet18": (3, 32), "small_cnn": (1, 28)}  # name: (channels, size)
+SUITE_BATCH = 500  # aal eval's default --batch-size; torchattacks gets the same batches
 
 
 def sync(device: torch.device) -> None:
@@ -100,14 +117,21 @@ def worker(path: str, device: str) -> int:
 
 
 class Peer:
-    """The torchattacks subprocess, driven one command at a time (so it never runs concurrently)."""
+    """A worker subprocess, driven one command at a time (so it never runs concurrently).
 
-    def __init__(self, path: str, device: str) -> None:
-        env = dict(os.environ)
-        env.pop("AAL_NO_MALLOC_TUNE", None)  # irrelevant there: nothing tunes malloc in that process
+    ``role``: ``"attacks"`` (torchattacks' PGD/FGSM, :func:`worker`) or ``"suite-aal"`` /
+    ``"suite-torchattacks"`` (one side of section 3, :func:`suite_worker`); ``env``: extra
+    environment variables (e.g. ``OMP_NUM_THREADS``).
+    """
+
+    def __init__(self, path: str, device: str, role: str = "attacks", env: dict[str, str] | None = None) -> None:
+        env_ = dict(os.environ)
+        if role != "suite-aal":
+            env_.pop("AAL_NO_MALLOC_TUNE", None)  # irrelevant there: nothing tunes malloc in that process
+        env_.update(env or {})
         self.proc = subprocess.Popen(
-            [sys.executable, __file__, "--worker", path, "--device", device],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env,
+            [sys.executable, __file__, "--worker", path, "--device", device, "--role", role],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env_,
         )
         self.info = self._read()
 
@@ -162,6 +186,154 @@ def matmul_peak(device: torch.device, n: int, repeats: int) -> dict[str, tuple[f
     return out
 
 
+def pgd_at_epoch(model, method, batches: int, dev: torch.device) -> dict:
+    """A whole PGD-10-AT epoch through aal's own :class:`~aal.engine.trainer.Trainer`: its
+    :class:`~aal.data.loader.BatchLoader` over ``batches * BATCH`` uint8 CIFAR-shaped images
+    (shuffle, crop+flip augmentation, channels_last), SGD with momentum, cosine schedule, the
+    running means it logs; no evaluation, no checkpoint. Everything an epoch does but the disk."""
+    from aal.data.base import Split
+    from aal.data.loader import BatchLoader
+    from aal.engine.trainer import Trainer
+
+    g = torch.Generator().manual_seed(0)
+    c, s = MODELS["resnet18"]
+    split = Split(torch.randint(0, 256, (batches * BATCH, c, s, s), dtype=torch.uint8, generator=g),
+                  torch.randint(0, 10, (batches * BATCH,), generator=g))
+    loader = BatchLoader(split, batch_size=BATCH, shuffle=True, drop_last=True, augment="crop_flip", padding=4,
+                         channels_last=True, device=dev)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, weight_decay=5e-4)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, batches)
+    trainer = Trainer(model, method, loader, opt, sched, epochs=1, progress=False, seed=None, distributed=False)
+    wall, cpu = timed(lambda: trainer.fit(), dev)
+    return {"batches": batches, "wall": wall, "cpu": cpu}
+
+
+# ----------------------------------------------------------------------------- evaluation suite
+def suite_worker(path: str, device: str, side: str) -> int:
+    """One side of section 3 in a fresh process, as its users run it.
+
+    aal: malloc tuned first thing and the model in aal's default memory format (channels_last), as
+    ``aal eval --suite standard`` does; ``run_suite`` without a state file. torchattacks: a plain
+    process, NCHW, :func:`torchattacks_standard` over the same batches. One ``run`` command: the
+    evaluation is timed (images already in memory, model loaded), the per-point robust flags saved.
+    """
+    if side == "aal":
+        from aal.utils.runtime import tune_malloc
+
+        tune_malloc()  # as the aal CLI does at start-up, before the first big tensor
+    from aal.engine.run import default_channels_last
+    from aal.models import create_model
+
+    dev = torch.device(device)
+    saved = torch.load(path, weights_only=True)
+    cl = side == "aal" and default_channels_last("small_cnn") and dev.type == "cpu"
+    model = create_model("small_cnn", num_classes=10, in_channels=1, channels_last=cl).to(dev)
+    model.load_state_dict(saved["weights"])
+    model.eval()
+    x, y, eps = saved["x"].to(dev), saved["y"].to(dev), float(saved["eps"])
+    if side == "aal":
+        from aal.eval import run_suite
+
+        def run():
+            res = run_suite(model, (x, y), "standard", eps=eps, batch_size=SUITE_BATCH, seed=0)
+            stages = {k: [v, res.seconds.get(k, 0.0)] for k, v in res.accuracy.items()}
+            return res.correct["robust"], stages
+    else:
+        from aal.eval.reference import torchattacks_standard
+
+        attack = torchattacks_standard(model, eps)
+
+        def run():
+            robust = []
+            for xb, yb in zip(x.split(SUITE_BATCH), y.split(SUITE_BATCH)):
+                x_adv = attack(xb, yb)
+                with torch.no_grad():
+                    robust.append((model(x_adv).argmax(1) == yb).cpu())
+            return torch.cat(robust), {}
+    print(json.dumps({"ready": True, "threads": torch.get_num_threads()}), flush=True)
+    for line in sys.stdin:
+        cmd = json.loads(line)
+        if cmd["op"] == "quit":
+            break
+        out = {}
+        seconds = timed(lambda: out.update(zip(("robust", "stages"), run())), dev)
+        torch.save(out["robust"], cmd["path"])
+        print(json.dumps({"seconds": seconds, "robust": out["robust"].float().mean().item(), "stages": out["stages"]}),
+              flush=True)
+    return 0
+
+
+def suite_benchmark(args, tmp: str) -> dict:
+    """Section 3: train the model, then time each side once per round, each in a fresh process."""
+    from aal.data import load_data
+    from aal.methods import create_method
+    from aal.models import create_model
+
+    bundle = load_data("fashion_mnist")  # raises a DataError that says how to install it
+    torch.manual_seed(0)
+    model = create_model("small_cnn", num_classes=10, in_channels=1, mean=bundle.info.mean, std=bundle.info.std)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    xtr, ytr = bundle.train.images.float().div(255), bundle.train.labels
+    # FGSM-AT (random start), not standard training: the points it leaves robust after APGD are
+    # what Square spends its 5000 queries on, the costly part of a real evaluation
+    method = create_method(args.suite_train_method, **({"eps": args.suite_eps} if args.suite_train_method != "standard" else {}))
+    model.train()
+    g = torch.Generator().manual_seed(0)
+    for _ in range(args.suite_train_steps):
+        i = torch.randint(0, len(ytr), (128,), generator=g)
+        loss = method(model, (xtr[i], ytr[i])).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    x, y = bundle.test.images[: args.suite_n].float().div(255), bundle.test.labels[: args.suite_n]
+    with torch.no_grad():
+        clean = (model(x).argmax(1) == y).float().mean().item()
+    path = f"{tmp}/suite.pt"
+    torch.save({"weights": {k: v.contiguous() for k, v in model.state_dict().items()}, "x": x, "y": y,
+                "eps": args.suite_eps}, path)
+    env = {"OMP_NUM_THREADS": str(args.suite_threads), "MKL_NUM_THREADS": str(args.suite_threads)}
+    runs = {"aal": [], "torchattacks": []}
+    robust = {}
+    threads = {}
+    for r in range(args.suite_repeats):
+        for side in (["aal", "torchattacks"] if r % 2 == 0 else ["torchattacks", "aal"]):
+            peer = Peer(path, args.device, role=f"suite-{side}", env=env)  # a fresh process per run
+            threads[side] = peer.info.get("threads")
+            runs[side].append(peer.ask(op="run", path=f"{tmp}/suite_{side}_{r}.pt"))
+            peer.close()
+            robust.setdefault(side, torch.load(f"{tmp}/suite_{side}_{r}.pt", weights_only=True))
+    return {"runs": runs, "threads": threads, "clean": clean, "n": len(y),
+            "disagree": int((robust["aal"] != robust["torchattacks"]).sum())}
+
+
+def suite_report(res: dict, args, say) -> None:
+    from aal.eval import SUITES
+
+    st = {s.name: dict(s.options) for s in SUITES["standard"]}
+    runs = res["runs"]
+    say(f"3. standard evaluation suite, small_cnn trained {args.suite_train_steps} SGD steps ({args.suite_train_method}) on Fashion-MNIST "
+        f"(clean accuracy {100 * res['clean']:.2f}%), first {res['n']} test images, eps {args.suite_eps:g} Linf, "
+        f"batch {SUITE_BATCH},")
+    say(f"   threads aal={res['threads'].get('aal')} torchattacks={res['threads'].get('torchattacks')}; "
+        f"APGD-CE ({st['apgd_ce']['iterations']} it.) -> APGD-T ({st['apgd_t']['iterations']} it., "
+        f"{st['apgd_t']['targets']} targets) -> Square ({st['square']['queries']} queries), seed 0, on both sides")
+    say("   (torchattacks: its APGD, APGDT and Square in its MultiAttack, as its AutoAttack chains them; FAB-T, which "
+        "aal lacks, left out); each side a fresh process per run")
+    say(f"   {'side':<13} {'robust %':>9} {'wall s':>8} {'CPU s':>8}  runs")
+    med = {}
+    for side, rs in runs.items():
+        med[side] = (statistics.median(r["seconds"][0] for r in rs), statistics.median(r["seconds"][1] for r in rs))
+        accs = sorted({f"{100 * r['robust']:.2f}" for r in rs})
+        say(f"   {side:<13} {'/'.join(accs):>9} {med[side][0]:>8.1f} {med[side][1]:>8.1f}  {len(rs)}")
+    (a, ac), (t, tc) = med["aal"], med["torchattacks"]
+    say(f"   speed-up = torchattacks time / aal time: {t / a:.2f}x (wall), {tc / ac:.2f}x (CPU time)   goal >= 1.00x")
+    say(f"   points robust on one side only: {res['disagree']} of {res['n']}")
+    stages = runs["aal"][0]["stages"]
+    say("   aal per stage (accuracy % after it, seconds): "
+        + ", ".join(f"{k} {100 * v[0]:.2f}" + (f" ({v[1]:.1f} s)" if k != "robust" else "") for k, v in stages.items()))
+
+
 # ----------------------------------------------------------------------------- main
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -170,10 +342,30 @@ def main(argv=None) -> int:
     p.add_argument("--peak-n", type=int, default=4096, help="matmul size for the peak")
     p.add_argument("--out", default=None, help="also write the report to this file")
     p.add_argument("--note", default="", help="a line about the machine's state (e.g. shared with other jobs)")
+    p.add_argument("--epoch-batches", type=int, default=8,
+                   help="batches of the whole PGD-10-AT epoch timed through the Trainer (0: skip)")
+    p.add_argument("--only", choices=("attacks", "suite"), default=None,
+                   help="run only sections 1-2 (attacks, FLOPs) or only section 3 (evaluation suite); default: all")
+    p.add_argument("--suite-n", type=int, default=500, help="section 3: first n Fashion-MNIST test images")
+    p.add_argument("--suite-eps", type=float, default=0.1, help="section 3: L-inf budget")
+    p.add_argument("--suite-threads", type=int, default=1, help="section 3: threads of each side's process")
+    p.add_argument("--suite-repeats", type=int, default=1, help="section 3: timed runs per side (fresh process each)")
+    p.add_argument("--suite-train-steps", type=int, default=300, help="section 3: SGD steps (batch 128) of the model")
+    p.add_argument("--suite-train-method", default="fgsm_at", choices=("fgsm_at", "standard"),
+                   help="section 3: how the model is trained (fgsm_at: random start, eps --suite-eps)")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--role", default="attacks", choices=("attacks", "suite-aal", "suite-torchattacks"),
+                   help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
-        return worker(args.worker, args.device)
+        if args.role == "attacks":
+            return worker(args.worker, args.device)
+        return suite_worker(args.worker, args.device, args.role.removeprefix("suite-"))
+    for name in ("suite_n", "suite_threads", "suite_repeats", "suite_train_steps"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1")
+    if args.only == "suite":
+        return main_suite(args)
 
     # as the aal CLI does at start-up, before the first big tensor
     from aal.utils.runtime import malloc_tuned, tune_malloc
@@ -277,6 +469,9 @@ def main(argv=None) -> int:
             step_times["standard"].append(timed(lambda: train_step(standard), dev))
         step_times["pgd_at"].append(timed(lambda: train_step(pgd_at), dev))
     peaks.append(matmul_peak(dev, args.peak_n, repeats=3))
+    epoch = pgd_at_epoch(m, pgd_at, args.epoch_batches, dev) if args.epoch_batches else None
+    peaks.append(matmul_peak(dev, args.peak_n, repeats=3))
+    suite = suite_benchmark(args, tmp) if args.only is None else None
     best = {k: (max(p_[k][0] for p_ in peaks), max(p_[k][1] for p_ in peaks)) for k in peaks[0]}
     peak, peak_cpu = max(v[0] for v in best.values()), max(v[1] for v in best.values())
 
@@ -323,9 +518,46 @@ def main(argv=None) -> int:
     say(f"   PGD-10-AT step           {at_t:7.3f} s wall, {at_c:7.3f} s CPU, {f_at:7.1f} GFLOP: "
         f"{at_t / (f_at / peak):5.2f}x its FLOP lower bound (wall), {at_c / (f_at / peak_cpu):5.2f}x (CPU time)   "
         f"goal <= 1.3x")
+    if epoch is not None:
+        ep_f = epoch["batches"] * f_at
+        say(f"   PGD-10-AT epoch (Trainer) {epoch['wall']:7.3f} s wall, {epoch['cpu']:7.3f} s CPU, {ep_f:7.1f} GFLOP: "
+            f"{epoch['wall'] / (ep_f / peak):5.2f}x its FLOP lower bound (wall), {epoch['cpu'] / (ep_f / peak_cpu):5.2f}x "
+            f"(CPU time)   goal <= 1.3x")
+        say(f"     ({epoch['batches']} batches of {BATCH} random uint8 3x32x32 images through aal's Trainer and "
+            f"BatchLoader: shuffle, crop+flip, channels_last, SGD momentum, cosine LR, logged running means; "
+            f"no evaluation, no checkpoint)")
     say(f"   (times: median of {len(step_times['standard'])} / {len(step_times['pgd_at'])} steps. PGD-10-AT FLOPs / "
         f"train-step FLOPs = {step_flops['pgd_at'] / step_flops['standard']:.2f}: the attack takes input gradients "
         f"only; FlopCounterMode counts convolutions and matmuls, not elementwise ops)")
+    say()
+    if suite is not None:
+        suite_report(suite, args, say)
+        say()
+    say(f"# total {time.perf_counter() - t_start:.0f} s")
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(out.getvalue())
+    return 0
+
+
+def main_suite(args) -> int:
+    """``--only suite``: section 3 alone (this process only trains the model and drives the two sides)."""
+    from aal.engine.run import machine_description
+
+    load0, t_start, out = os.getloadavg(), time.perf_counter(), io.StringIO()
+
+    def say(line: str = "") -> None:
+        print(line, flush=True)
+        out.write(line + "\n")
+
+    res = suite_benchmark(args, tempfile.mkdtemp(prefix="aal-speed-"))
+    mach, load1 = machine_description(), os.getloadavg()
+    say(f"# benchmarks/speed.py --only suite  {time.strftime('%Y-%m-%d %H:%M %Z')}  aal {mach.get('aal_commit')}")
+    say(f"# machine: {mach['cpu']}, {mach['cores']} cores, torch {mach['torch']}, device {args.device}")
+    say(f"# load average (1/5/15 min) before {load0[0]:.1f}/{load0[1]:.1f}/{load0[2]:.1f}, "
+        f"after {load1[0]:.1f}/{load1[1]:.1f}/{load1[2]:.1f}" + (f"; {args.note}" if args.note else ""))
+    say()
+    suite_report(res, args, say)
     say()
     say(f"# total {time.perf_counter() - t_start:.0f} s")
     if args.out:
