@@ -315,28 +315,36 @@ def markdown(doc: dict) -> str:
     return "\n".join(out)
 
 
-def plot(g: dict, path: Path) -> None:
+def grouped_bars(rows: list[dict], cols: dict[str, str], names: list[str], ylabel: str, title: str, path: Path,
+                 rotation: int = 30) -> None:
+    """Bar plot: one group per row (``names``), one bar per column key in ``cols`` (key -> legend
+    label), heights ``row[key][0]`` with error bars ``row[key][1]`` (mean, std)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = summarize(g)
     fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(rows) + 2), 4))
-    width = 0.27
-    for i, a in enumerate(ATTACKS):
-        xs = [j + (i - 1) * width for j in range(len(rows))]
-        ax.bar(xs, [r[a][0] for r in rows], width, yerr=[r[a][1] for r in rows], capsize=3, label=a)
+    width = 0.8 / len(cols)
+    for i, (c, label) in enumerate(cols.items()):
+        xs = [j + (i - (len(cols) - 1) / 2) * width for j in range(len(rows))]
+        ax.bar(xs, [r[c][0] for r in rows], width, yerr=[r[c][1] for r in rows], capsize=3, label=label)
     ax.set_xticks(range(len(rows)))
-    ax.set_xticklabels([r["setting"] for r in rows], rotation=30, ha="right", fontsize=8)
-    ax.set_ylabel("accuracy (%)")
-    ax.set_title(f"Fashion-MNIST, eps 0.1, small_cnn+CBAM: {g.get('key', g['group'])} ({len(g['seeds'])} seeds, {g['epochs']} ep, "
-                 f"{g['train_n']} train)", fontsize=9)
+    ax.set_xticklabels(names, rotation=rotation, ha="right", fontsize=8)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=9)
     ax.legend(fontsize=8)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def plot(g: dict, path: Path) -> None:
+    rows = summarize(g)
+    grouped_bars(rows, {a: a for a in ATTACKS}, [r["setting"] for r in rows], "accuracy (%)",
+                 f"Fashion-MNIST, eps 0.1, small_cnn+CBAM: {g.get('key', g['group'])} ({len(g['seeds'])} seeds, "
+                 f"{g['epochs']} ep, {g['train_n']} train)", path)
 
 
 def main(argv: list[str] | None = None) -> int:

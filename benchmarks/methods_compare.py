@@ -37,7 +37,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from aal_compare import EPS, RESULTS, ROOT, common_overrides, run_one  # noqa: E402
+from aal_compare import EPS, RESULTS, ROOT, common_overrides, grouped_bars, run_one  # noqa: E402
 
 METHODS = {  # name -> (config file, label)
     "pgd_at": ("pgd_at.yaml", "PGD-AT (PGD-10)"),
@@ -159,29 +159,11 @@ def markdown(doc: dict) -> str:
 
 
 def plot(doc: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = summarize(doc)
-    cols = ("clean", "suite_pgd20", "suite")
-    names = {"clean": "clean", "suite_pgd20": "PGD-20", "suite": "standard suite"}
-    fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(rows) + 2), 4))
-    width = 0.27
-    for i, c in enumerate(cols):
-        xs = [j + (i - 1) * width for j in range(len(rows))]
-        ax.bar(xs, [r[c][0] for r in rows], width, yerr=[r[c][1] for r in rows], capsize=3, label=names[c])
-    ax.set_xticks(range(len(rows)))
-    ax.set_xticklabels([r["method"] for r in rows], rotation=20, ha="right", fontsize=8)
-    ax.set_ylabel(f"accuracy (%), first {doc['args']['suite_n']} test images")
-    ax.set_title(f"Fashion-MNIST eps 0.1: {len(doc['args']['seeds'].split(','))} seeds, {doc['args']['epochs']} epochs, "
-                 f"{doc['args']['train_n']} train images", fontsize=9)
-    ax.legend(fontsize=8)
-    ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    rows, a = summarize(doc), doc["args"]
+    grouped_bars(rows, {"clean": "clean", "suite_pgd20": "PGD-20", "suite": "standard suite"}, [r["method"] for r in rows],
+                 f"accuracy % (clean: first {a['eval_n']}, attacks: first {a['suite_n']} test images)",
+                 f"Fashion-MNIST eps 0.1: {len(a['seeds'].split(','))} seeds, {a['epochs']} epochs, {a['train_n']} train images",
+                 path, rotation=20)
 
 
 def main(argv: list[str] | None = None) -> int:

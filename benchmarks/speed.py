@@ -533,10 +533,15 @@ def main(argv=None) -> int:
     if suite is not None:
         suite_report(suite, args, say)
         say()
+    return finish(say, out, t_start, args.out)
+
+
+def finish(say, out: io.StringIO, t_start: float, path: str | None) -> int:
+    """Last line (total time) and, with ``--out``, the report written to that file."""
     say(f"# total {time.perf_counter() - t_start:.0f} s")
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(out.getvalue())
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(out.getvalue())
     return 0
 
 
@@ -559,11 +564,7 @@ def main_suite(args) -> int:
     say()
     suite_report(res, args, say)
     say()
-    say(f"# total {time.perf_counter() - t_start:.0f} s")
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(out.getvalue())
-    return 0
+    return finish(say, out, t_start, args.out)
 
 
 if __name__ == "__main__":
