@@ -154,6 +154,8 @@ def test_budget_violations_are_refused(setup):
 def test_named_suites_and_stage_building(monkeypatch):
     assert [s.name for s in SUITES["standard"]] == ["apgd_ce", "apgd_t", "square"]
     assert [s.name for s in SUITES["fast"]] == ["apgd_ce", "apgd_t"]
+    assert [(s.name, dict(s.options)) for s in SUITES["rand"]] == [("apgd_ce", {"iterations": 100}),
+                                                                    ("apgd_dlr", {"iterations": 100})]
     with pytest.raises(ValueError, match="unknown suite"):
         run_suite(tiny(), (torch.rand(2, 3, 4, 4), torch.zeros(2, dtype=torch.long)), "zzz", eps=0.1)
     with pytest.raises(ValueError, match="not registered"):
@@ -258,6 +260,19 @@ def test_eot_is_used_automatically_and_is_stronger(trained):
     assert torch.equal(torch.random.get_rng_state(), before)  # the caller's RNG is untouched
     det = run_suite(model, data, stage, eps=0.05)
     assert not det.randomized and det.eot_n is None
+
+
+def test_rand_suite_runs_apgd_ce_then_dlr_with_eot(trained):
+    """AutoAttack's version='rand': APGD-CE -> APGD-DLR, EOT switched on by itself for a
+    randomised model, no stronger than the clean accuracy and each stage cumulative."""
+    model, data = trained
+    noisy = Noisy(model, sigma=0.1)
+    res = run_suite(noisy, data, "rand", eps=0.05, eot_n=4, seed=0,
+                    options={"apgd_ce": {"iterations": 10}, "apgd_dlr": {"iterations": 10}})
+    assert list(res.accuracy) == ["clean", "apgd_ce", "apgd_dlr", "robust"]
+    assert res.randomized and res.eot_n == 4 and any("version='rand'" in m for m in res.notes)
+    assert res.accuracy["clean"] >= res.accuracy["apgd_ce"] >= res.accuracy["apgd_dlr"] == res.robust
+    assert res.accuracy["apgd_ce"] < res.accuracy["clean"]  # the attack does something at this eps
 
 
 def test_suite_at_least_as_strong_as_pgd_with_restarts(trained):

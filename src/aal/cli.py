@@ -360,9 +360,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("run", help="run folder (or a checkpoint inside one)")
     e.add_argument("--attacks", default=None,
                    help="comma-separated specs: clean, fgsm, pgd20, pgd50x5, cw20, pgd20-l2 (default: clean,fgsm,pgd20)")
-    e.add_argument("--suite", choices=("fast", "standard", "full"), default=None,
+    e.add_argument("--suite", choices=("fast", "standard", "full", "rand"), default=None,
                    help="fast: APGD-CE + APGD-T; standard: APGD-CE -> APGD-T -> Square (FAB-T not implemented); "
-                        "full: standard + gradient-masking checks")
+                        "full: standard + gradient-masking checks; rand: APGD-CE + APGD-DLR with EOT (AutoAttack's "
+                        "version for randomised defences)")
     e.add_argument("--eps", default=None, help="budget, e.g. 0.1 or 8/255 (default: the run's eval.eps)")
     e.add_argument("--norm", choices=("linf", "l2"), default="linf", help="threat model of --suite (default linf)")
     e.add_argument("--n", type=int, default=None, help="first n test images (default: all)")

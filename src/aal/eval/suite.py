@@ -16,7 +16,13 @@ name       stages                                                       use
 =========  ===========================================================  ===========================
 standard   APGD-CE (100 it.), APGD-T (100 it., 9 targets), Square (5000)  figures you report
 fast       APGD-CE (100 it.), APGD-T (100 it., 9 targets)                 quick checks during work
+rand       APGD-CE (100 it.), APGD-DLR (100 it.)                          randomised defences, EOT
 =========  ===========================================================  ===========================
+
+``rand`` is AutoAttack's ``version='rand'`` (Croce & Hein 2020, their code's ``rand`` version:
+APGD-CE and APGD-DLR with ``eot_iter=20``), the suite its authors run on randomised defences,
+where Square's 5000 score queries would each need EOT draws too. Pair it with EOT (the
+default ``eot="auto"`` switches it on for a randomised model; ``eot_n`` draws per step).
 
 **FAB-T is not implemented in aal**: AutoAttack's standard suite runs it between APGD-T and
 Square; ours skips it and says so in :attr:`SuiteResult.notes`. On most models FAB-T adds
@@ -106,10 +112,16 @@ SUITES: dict[str, tuple[Stage, ...]] = {
         Stage("apgd_ce", "apgd_ce", {"iterations": 100}),
         Stage("apgd_t", "apgd_t", {"iterations": 100, "targets": 9}),
     ),
+    "rand": (
+        Stage("apgd_ce", "apgd_ce", {"iterations": 100}),
+        Stage("apgd_dlr", "apgd_dlr", {"iterations": 100}),
+    ),
 }
 """Named suites. FAB-T, third in AutoAttack's standard suite, is not implemented (see module doc)."""
 
-SUITE_NOTES: dict[str, tuple[str, ...]] = {"standard": (FAB_NOTE,), "fast": ()}
+RAND_NOTE = ("suite rand = AutoAttack's version='rand' for randomised defences: APGD-CE and APGD-DLR, meant to run "
+             "with EOT (AutoAttack: 20 draws per step); no APGD-T or Square")
+SUITE_NOTES: dict[str, tuple[str, ...]] = {"standard": (FAB_NOTE,), "fast": (), "rand": (RAND_NOTE,)}
 
 _ALIASES: dict[str, tuple[str, ...]] = {
     "iterations": ("steps", "n_iter", "iterations"),
