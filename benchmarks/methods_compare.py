@@ -16,9 +16,10 @@ Every trained model is evaluated the same way:
 
 * clean, FGSM and PGD-20 (eps 0.1, step 2.5 eps/20, random start) on the first ``--eval-n``
   test images, by the trainer's final evaluation (no EOT: for AToP this PGD-20 is marked);
-* PGD-20 and the standard suite (APGD-CE -> APGD-T -> Square, :func:`aal.eval.suite.run_suite`)
-  on the first ``--suite-n`` test images, with EOT switched on automatically for randomised
-  models (AToP: ``--eot-n`` draws per step, said in the table).
+* PGD-20 and the AutoAttack-style suite (:func:`aal.eval.suite.run_suite`) on the first
+  ``--suite-n`` test images: ``standard`` (APGD-CE -> APGD-T -> Square) for deterministic
+  models, ``rand`` (APGD-CE -> APGD-DLR, AutoAttack's version for randomised defences) with EOT
+  over ``--eot-n`` draws per step for randomised ones (AToP), said in the table.
 
 Writes ``benchmarks/results/methods_compare.{json,md,png}``: every run (config, accuracies,
 seconds per epoch, suite stages and times) and the mean ± std over seeds per method.
@@ -52,7 +53,13 @@ COLUMNS = ("clean", "pgd20", "suite_pgd20", "suite")
 
 
 def suite_eval(run_dir: Path, n: int, eot_n: int) -> dict:
-    """PGD-20 and the standard suite on the first ``n`` test images (EOT automatic), cached."""
+    """PGD-20 and the AutoAttack-style suite on the first ``n`` test images, cached.
+
+    Deterministic models get the ``standard`` suite; randomised ones (AToP's random transform)
+    get AutoAttack's ``rand`` suite (APGD-CE -> APGD-DLR) with EOT over ``eot_n`` draws, as
+    AutoAttack evaluates randomised defences (Square's 5000 queries would each need the EOT
+    draws too). The key ``"standard"`` holds whichever suite ran; its ``suite`` field says which.
+    """
     cache = run_dir / f"methods_compare_suite_n{n}_eot{eot_n}.json"
     if cache.exists():
         return json.loads(cache.read_text())
@@ -60,14 +67,18 @@ def suite_eval(run_dir: Path, n: int, eot_n: int) -> dict:
 
     from aal.attacks import from_spec
     from aal.engine.run import load_run
+    from aal.eval import is_randomized
     from aal.eval.suite import run_suite
 
     torch.set_num_threads(1)
     _, model, bundle = load_run(run_dir)
+    probe = bundle.test.images[:32].float().div(255)
+    suite = "rand" if is_randomized(model, probe) else "standard"
     out = {}
-    for name, suite in (("pgd20", [("pgd20", from_spec("pgd20", EPS))]), ("standard", "standard")):
+    for name, suite in (("pgd20", [("pgd20", from_spec("pgd20", EPS))]), ("standard", suite)):
+        label = suite if isinstance(suite, str) else name
         res = run_suite(model, bundle.test, suite, eps=EPS, n=n, seed=0, eot="auto", eot_n=eot_n,
-                        state_path=run_dir / "eval" / f"methods_compare-{name}-n{n}-eot{eot_n}.json")
+                        state_path=run_dir / "eval" / f"methods_compare-{label}-n{n}-eot{eot_n}.json")
         out[name] = res.to_dict()
     cache.write_text(json.dumps(out, indent=1))
     return out
@@ -127,6 +138,7 @@ def summarize(doc: dict) -> list[dict]:
         row["epoch_time"] = statistics.fmean(t for r in recs for t in r["epoch_time"])
         eot = {r["suite"]["standard"].get("eot_n") for r in recs}
         row["eot"] = next(iter(eot)) if len(eot) == 1 else sorted(eot, key=str)
+        row["suite_name"] = "/".join(sorted({r["suite"]["standard"]["suite"] for r in recs}))
         stage_t = [sum(r["suite"]["standard"]["seconds"].get(k, 0.0) for k in r["suite"]["standard"]["seconds"] if k != "clean")
                    for r in recs]  # fmt: skip
         row["suite_seconds"] = statistics.fmean(stage_t)
@@ -141,15 +153,17 @@ def markdown(doc: dict) -> str:
            f"Measured {doc['finished']} on {doc['machine']}; seeds {a['seeds']}, {a['epochs']} epochs on the first "
            f"{a['train_n']} training images, small_cnn + CBAM for every method (SPAT: cosine head), SGD lr 0.05 cosine, "
            f"batch 128 (AToP: Adam 1e-3, its own schedule). Accuracy in % (mean ± std over seeds). Clean and PGD-20: first "
-           f"{a['eval_n']} test images; PGD-20 (n) and standard suite (APGD-CE -> APGD-T -> Square 5000 queries, "
-           f"per-sample worst case): first {a['suite_n']} test images, the same images for every run. `s/epoch`: wall time "
+           f"{a['eval_n']} test images; PGD-20 (n) and the AutoAttack-style suite (per-sample worst case): first "
+           f"{a['suite_n']} test images, the same images for every run; `standard` = APGD-CE -> APGD-T -> Square 5000 "
+           f"queries for deterministic models, `rand` = APGD-CE -> APGD-DLR with EOT for randomised ones (AutoAttack's "
+           f"versions). `s/epoch`: wall time "
            f"of one training epoch with 1 thread (other jobs shared the 2 cores: compare within this table only; AToP: the "
            f"fine-tuning stage). `suite s`: seconds of the suite's attacks per model.", "",
-           "| method | seeds | clean | PGD-20 | PGD-20 (n) | standard suite (n) | s/epoch | suite s | EOT |",
+           "| method | seeds | clean | PGD-20 | PGD-20 (n) | suite (n) | s/epoch | suite s | suite, EOT |",
            "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in summarize(doc):
         cells = " | ".join(f"{r[c][0]:.2f} ± {r[c][1]:.2f}" for c in COLUMNS)
-        eot = f"{r['eot']} draws" if r["eot"] else "no (deterministic)"
+        eot = f"{r['suite_name']}, " + (f"{r['eot']} draws" if r["eot"] else "no EOT (deterministic)")
         out.append(f"| `{r['method']}`: {r['label']} | {r['n_seeds']} | {cells} | {r['epoch_time']:.1f} | "
                    f"{r['suite_seconds']:.0f} | {eot} |")
     out.append("")
@@ -160,7 +174,7 @@ def markdown(doc: dict) -> str:
 
 def plot(doc: dict, path: Path) -> None:
     rows, a = summarize(doc), doc["args"]
-    grouped_bars(rows, {"clean": "clean", "suite_pgd20": "PGD-20", "suite": "standard suite"}, [r["method"] for r in rows],
+    grouped_bars(rows, {"clean": "clean", "suite_pgd20": "PGD-20", "suite": "AutoAttack-style suite"}, [r["method"] for r in rows],
                  f"accuracy % (clean: first {a['eval_n']}, attacks: first {a['suite_n']} test images)",
                  f"Fashion-MNIST eps 0.1: {len(a['seeds'].split(','))} seeds, {a['epochs']} epochs, {a['train_n']} train images",
                  path, rotation=20)
