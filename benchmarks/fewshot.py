@@ -9,6 +9,9 @@ on the same fixed test episodes (episode ``i`` is seeded by ``(eval.seed, i)``):
   costs more compute per update, reported as train seconds), for each ``--seeds``.
 * ``sweep``: ``protonet_aal`` with ``method.xi2`` in ``--xi2`` (Fig. 4: 0, 0.01, 0.05, 0.1, 0.5;
   ``xi2 = 0`` is "spatial attention" without backtracking), for each seed.
+* ``control`` (not in ``all``): ``protonet_aal`` with ``method.mask_control=uniform``: each support
+  image gets its AAL budget's mean everywhere, so what remains is the attack's strength, not
+  where it lands.
 
 Writes ``<out>.json`` (every run, the per-seed numbers, the summary and the machine), a
 Markdown table ``<out>.md`` and, for the sweep, a plot ``<out>_xi2.png``. Numbers: test
@@ -45,7 +48,9 @@ SMOKE_RESNET12 = ["model.channels=[8,8,8,8]"]
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=["compare", "sweep", "all"], help="which experiment(s)")
+    p.add_argument("what", choices=["compare", "sweep", "control", "all"],
+                   help="which experiment(s); control: protonet_aal with mask_control=uniform (same mean budget per "
+                        "image, no location), not part of all")
     p.add_argument("--config", default="configs/fewshot/omniglot_protonet_aal.yaml", help="a protonet_aal few-shot config")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="config override (repeatable)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -164,6 +169,15 @@ def main(argv: list[str] | None = None) -> int:
         md += ["## ProtoNet vs ProtoNet+AAL (same episodes and updates)", "", table(payload["compare"]["summary"], "method"), ""]
         secs = {a: sum(r["train_seconds"] for r in runs if r["arm"] == a) for a in ("protonet", "protonet_aal")}
         md += [f"Train seconds (all seeds): protonet {secs['protonet']:.0f}, protonet_aal {secs['protonet_aal']:.0f}.", ""]
+    if args.what == "control":
+        print("control: protonet_aal with mask_control=uniform", flush=True)
+        runs = []
+        for seed in args.seeds:
+            raw = merge_config(base, {"seed": seed, "method": {"mask_control": "uniform"}})
+            runs.append({"arm": "protonet_aal_uniform", "seed": seed, **run_one(raw, data, f"uniform control seed {seed}")})
+        payload["control"] = {"runs": runs, "summary": summarise(runs, "arm")}
+        md += ["## Control: the AAL budget's per-image mean, spread uniformly (no location)", "",
+               table(payload["control"]["summary"], "method"), ""]
     if args.what in ("sweep", "all"):
         print(f"sweep: xi2 in {args.xi2}", flush=True)
         # the compare arm protonet_aal at the config's xi2 is the same run: reuse it, don't train it twice
