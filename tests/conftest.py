@@ -7,8 +7,20 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 FMNIST = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz")
+
+
+class Noisy(nn.Module):
+    """A purification-style randomised model: Gaussian noise on the input, then the network."""
+
+    def __init__(self, net: nn.Module, sigma: float = 0.1) -> None:
+        super().__init__()
+        self.net, self.sigma = net, sigma
+
+    def forward(self, x):
+        return self.net((x + self.sigma * torch.randn_like(x)).clamp(0, 1))
 
 
 @pytest.fixture(scope="module")

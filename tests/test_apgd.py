@@ -389,21 +389,10 @@ def test_apgd_ce_agrees_with_torchattacks(trained):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("norm,loss", [("linf", "dlr"), ("l2", "ce"), ("l2", "dlr")])
-def test_apgd_agrees_with_torchattacks_more(norm, loss):
+def test_apgd_agrees_with_torchattacks_more(trained, norm, loss):
     """1000 images, other norms and losses (about a minute)."""
     pytest.importorskip("torchattacks")
-    x, y = _data(2048, 1)
-    torch.manual_seed(0)
-    model = Net()
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    g = torch.Generator().manual_seed(3)
-    for _ in range(150):
-        i = torch.randint(0, len(y), (128,), generator=g)
-        loss_ = F.cross_entropy(model(x[i]), y[i])
-        opt.zero_grad()
-        loss_.backward()
-        opt.step()
-    model.eval()
+    model = trained[0]
     x, y = _data(1000, 2)
     eps = EPS if norm == "linf" else EPS_L2
     ours = accuracy(model, APGD(eps, norm=norm, loss=loss, steps=100, seed=0)(model, x, y), y)

@@ -15,6 +15,7 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import Noisy
 from aal.attacks import ATTACKS
 from aal.eval.checks import CHECKS, CheckReport, CheckResult, RandomNoise, margin_loss, run_checks
 
@@ -54,15 +55,6 @@ class Saturated(nn.Module):
 
     def forward(self, x):
         return self.scale * torch.softmax(self.net(x), 1)
-
-
-class Noisy(nn.Module):
-    def __init__(self, net: nn.Module, sigma: float = 0.1) -> None:
-        super().__init__()
-        self.net, self.sigma = net, sigma
-
-    def forward(self, x):
-        return self.net((x + self.sigma * torch.randn_like(x)).clamp(0, 1))
 
 
 def test_normal_model_is_not_flagged(trained):

@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import Noisy
 from aal.attacks import ATTACKS, PGD
 from aal.eval import EOTWrapper, SUITES, Stage, SuiteResult, evaluate, is_randomized, randomness, run_suite
 from aal.eval.suite import SuiteStateError, build_attack, model_digest
@@ -197,17 +198,6 @@ def test_standard_suite_notes_fab_and_uses_registry(monkeypatch, setup):
 
 
 # ----------------------------------------------------------------------------- randomised models
-class Noisy(nn.Module):
-    """A purification-style randomised model: Gaussian noise on the input, then the network."""
-
-    def __init__(self, net: nn.Module, sigma: float = 0.1) -> None:
-        super().__init__()
-        self.net, self.sigma = net, sigma
-
-    def forward(self, x):
-        return self.net((x + self.sigma * torch.randn_like(x)).clamp(0, 1))
-
-
 def test_randomness_detection_and_eot_wrapper():
     net = tiny()
     x = torch.rand(8, 3, 4, 4)
