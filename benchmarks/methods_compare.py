@@ -73,10 +73,9 @@ def suite_eval(run_dir: Path, n: int, eot_n: int) -> dict:
     torch.set_num_threads(1)
     _, model, bundle = load_run(run_dir)
     probe = bundle.test.images[:32].float().div(255)
-    suite = "rand" if is_randomized(model, probe) else "standard"
+    named = "rand" if is_randomized(model, probe) else "standard"
     out = {}
-    for name, suite in (("pgd20", [("pgd20", from_spec("pgd20", EPS))]), ("standard", suite)):
-        label = suite if isinstance(suite, str) else name
+    for name, label, suite in (("pgd20", "pgd20", [("pgd20", from_spec("pgd20", EPS))]), ("standard", named, named)):
         res = run_suite(model, bundle.test, suite, eps=EPS, n=n, seed=0, eot="auto", eot_n=eot_n,
                         state_path=run_dir / "eval" / f"methods_compare-{label}-n{n}-eot{eot_n}.json")
         out[name] = res.to_dict()
