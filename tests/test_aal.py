@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 import warnings
 
@@ -22,7 +23,7 @@ from aal.attention import (
     with_input_attention,
 )
 from aal.methods import METHODS, create_method
-from aal.methods.aal import AAL
+from aal.methods.aal import AAL, control_mask
 from aal.models.base import AttentionNet, Normalize
 
 EPS = 0.1
@@ -46,7 +47,7 @@ def tiny_model(head_weight: torch.Tensor, att_weight=(0.0, 0.0), att_bias=0.0, h
     z = W (x o M) + 0: every gradient has a closed form (see _by_hand).
     """
     stem = nn.Conv2d(1, 1, 1, bias=False)
-    att = SpatialAttention(kernel_size=1)
+    att = SpatialAttention(kernel_size=1, norm="none")
     head = nn.Linear(hw * hw, head_weight.shape[0])
     with torch.no_grad():
         stem.weight.fill_(1.0)
@@ -190,12 +191,14 @@ def test_aal_fgsm_with_zero_steps_and_kernel_one_is_fgsm_at(attention):
     x_aal, _, _ = method.craft(model, x, y)
     x_ref = FGSM(EPS)(model, x, y)
     assert torch.equal(x_aal, x_ref)
-    out = method(model, (x, y))
-    assert torch.equal(out.loss, F.cross_entropy(model(x_ref), y))
+    # a training-mode pass updates BatchNorm's running statistics (CBAM's gate has one), which
+    # the eval-mode crafting then uses: each training call gets its own copy of the model
+    out = method(copy.deepcopy(model), (x, y))
+    assert torch.equal(out.loss, F.cross_entropy(copy.deepcopy(model)(x_ref), y))
     if "fgsm_at" in METHODS:
         ref = create_method("fgsm_at", eps=EPS, rand_init=False)
         assert torch.equal(ref.craft(model, x, y), x_aal)
-        assert torch.equal(ref(model, (x, y)).loss, out.loss)
+        assert torch.equal(ref(copy.deepcopy(model), (x, y)).loss, out.loss)
 
 
 @pytest.mark.parametrize("attention", ["cbam", None])
@@ -210,11 +213,11 @@ def test_aal_pgd_with_zero_steps_and_kernel_one_is_pgd_at(attention):
     x_ref = PGD(EPS, steps=3)(model, x, y)
     assert torch.equal(x_aal, x_ref)
     torch.manual_seed(123)
-    out = method(model, (x, y))
-    assert torch.equal(out.loss, F.cross_entropy(model(x_ref), y))
+    out = method(copy.deepcopy(model), (x, y))  # a copy each: training passes move BN statistics
+    assert torch.equal(out.loss, F.cross_entropy(copy.deepcopy(model)(x_ref), y))
     if "pgd_at" in METHODS:
         torch.manual_seed(123)
-        assert torch.equal(create_method("pgd_at", eps=EPS, steps=3)(model, (x, y)).loss, out.loss)
+        assert torch.equal(create_method("pgd_at", eps=EPS, steps=3)(copy.deepcopy(model), (x, y)).loss, out.loss)
 
 
 # ----------------------------------------------------------------------------- the selective attack
@@ -466,3 +469,104 @@ def test_attention_grid_writes_png(cbam_model, tmp_path):
     x, y = _batch(3)
     path = attention_grid(cbam_model, x, y, eps=EPS, out_path=tmp_path / "grid.png", n=2, kernel="M")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# ----------------------------------------------------------------------------- issue 11: map placement, controls, diagnostics
+def test_cbam_default_is_the_reference_gate_with_batchnorm():
+    from aal.attention import create_attention
+
+    assert isinstance(create_attention("cbam", 8).bn, torch.nn.BatchNorm2d)
+    nobn = create_attention("cbam_nobn", 8)
+    assert isinstance(nobn.bn, torch.nn.Identity) and nobn.conv.bias is not None
+
+
+def test_receptive_field_alignment_shifts_the_unpadded_small_cnn_map():
+    from aal.attention.associative import MapGrid, stem_geometry
+
+    model = aal.create_model("small_cnn", attention="cbam")
+    assert stem_geometry(model) == (5, 1, 0)
+    grid = MapGrid((24, 24), (28, 28), stem_geometry(model))
+    m = torch.zeros(1, 1, 24, 24)
+    m[0, 0, 10, 3] = 1.0
+    up = grid.to_input(m)
+    # map pixel (i, j) is the centre of input pixels (i+2, j+2): placed, not stretched
+    assert up.shape == (1, 1, 28, 28) and up[0, 0, 12, 5] == 1.0 and up.sum() == 1.0
+    edge = torch.arange(24.0).view(1, 1, 1, 24).expand(1, 1, 24, 24)
+    assert grid.to_input(edge)[0, 0, 0, :3].tolist() == [0.0, 0.0, 0.0]  # edge values held
+    # input -> map: the mean over each map pixel's 5x5 receptive field
+    x = torch.zeros(1, 1, 28, 28)
+    x[0, 0, 12, 5] = 25.0
+    back = grid.to_map(x)
+    assert back.shape == (1, 1, 24, 24) and back[0, 0, 10, 3] == 1.0 and back[0, 0, 8, 1] == 1.0 and back[0, 0, 7, 3] == 0
+    # the old stretch is still there by name, and identical resolutions are the identity
+    stretched = MapGrid((24, 24), (28, 28), stem_geometry(model), align="resize").to_input(m)
+    assert not torch.equal(stretched, up)
+    same = MapGrid((8, 8), (8, 8), (3, 1, 1))
+    t = torch.rand(2, 1, 8, 8)
+    assert torch.equal(same.to_input(t), t) and torch.equal(same.to_map(t), t)
+    with pytest.raises(ValueError, match="align"):
+        MapGrid((8, 8), (8, 8), None, align="stretch")
+
+
+def test_strided_stem_places_the_map_on_receptive_field_centres():
+    from aal.attention.associative import MapGrid
+
+    grid = MapGrid((16, 16), (32, 32), (7, 2, 3))  # ResNet ImageNet stem: centre of pixel i is 2i
+    m = torch.arange(16.0).view(1, 1, 1, 16).expand(1, 1, 16, 16)
+    row = grid.to_input(m)[0, 0, 0]
+    assert row[0] == 0 and row[2] == 1 and row[3] == 1.5 and row[-1] == 15
+    assert grid.to_map(torch.rand(1, 1, 32, 32)).shape == (1, 1, 16, 16)
+
+
+def test_aal_budget_uses_the_alignment(cbam_model):
+    x, y = _batch(4)
+    r1 = associative_attention(cbam_model, x, y, eps=EPS)
+    r2 = associative_attention(cbam_model, x, y, eps=EPS, align="resize")
+    assert torch.equal(r1.m, r2.m) and not torch.equal(r1.m_a_input, r2.m_a_input)  # same M, placed differently
+    assert torch.equal(r1.m_a_input[..., 2:26, 2:26], r1.m_a)
+
+
+def test_anti_selective_control_reverses_the_ranks_and_keeps_the_values():
+    torch.manual_seed(0)
+    mask = torch.rand(3, 1, 6, 6)
+    anti = control_mask(mask, "anti")
+    assert torch.equal(anti.flatten(1).sort(1).values, mask.flatten(1).sort(1).values)
+    flat, aflat = mask.flatten(1), anti.flatten(1)
+    top = flat.argmax(1)
+    assert torch.equal(aflat.gather(1, top[:, None]).squeeze(1), flat.min(1).values)
+    assert torch.equal(control_mask(anti, "anti"), mask)
+
+
+def test_map_diagnostics_tell_a_selective_budget_from_a_flat_one(cbam_model):
+    x, y = _batch(8)
+    logs = AAL(eps=EPS)(cbam_model, (x, y)).logs
+    assert {"mask_std", "m_std", "backtracked_frac"} <= set(logs)
+    assert logs["mask_std"] > 0
+    assert AAL(eps=EPS, mask_control="uniform")(cbam_model, (x, y)).logs["mask_std"] < 1e-6
+    # indicator coupling: backtracking moves the top-min(zeta, rho) pixels, none when xi2 = 0
+    assert AAL(eps=EPS, rho=0.05, zeta=0.1)(cbam_model, (x, y)).logs["backtracked_frac"] == pytest.approx(29 / 576)
+    assert AAL(eps=EPS, xi2=0.0)(cbam_model, (x, y)).logs["backtracked_frac"] == 0.0
+
+
+@pytest.mark.parametrize("profile", ["rank", "binary"])
+def test_saliency_placements_share_the_budget_values(cbam_model, profile):
+    x, y = _batch(6)
+    masks = {}
+    for p in ("foreground", "background", "shuffle", "uniform"):
+        method = create_method("saliency_fgsm", eps=EPS, placement=p, profile=profile, frac=0.25)
+        sal, _ = method.saliency(cbam_model, x, y)
+        torch.manual_seed(0)
+        masks[p] = method.budget(sal)
+        out = method(cbam_model, (x, y))
+        assert out.loss.requires_grad and out.logits.shape == (6, 10)
+        if p == "foreground":
+            assert out.logs["sal_fg_corr"] > 0.5
+        if p == "background":
+            assert out.logs["sal_fg_corr"] < -0.5
+    means = {p: m.flatten(1).mean(1) for p, m in masks.items()}
+    for p in ("background", "shuffle", "uniform"):
+        assert torch.allclose(means[p], means["foreground"], atol=1e-6)
+    assert torch.equal(masks["background"].flatten(1).sort(1).values, masks["foreground"].flatten(1).sort(1).values)
+    assert float(masks["uniform"].flatten(1).std(1).max()) < 1e-6
+    expected_mean = 0.25 if profile == "binary" else 0.5
+    assert torch.allclose(means["foreground"], torch.full((6,), expected_mean), atol=2e-3)

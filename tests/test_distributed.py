@@ -40,7 +40,9 @@ GLOBAL_BATCH, EPOCHS = 32, 2
 CASES = {
     "standard": ("standard", {}, None),
     "pgd_at": ("pgd_at", {"eps": 0.1, "steps": 2, "rand_init": False}, None),
-    "aal_fixed": ("aal_fgsm", {"eps": 0.1, "adv_attention": "fixed", "schedule": "clean_then_adv"}, "cbam"),
+    # the gate without BatchNorm: with it, each process normalises its own half of the batch (plain
+    # DDP semantics, no SyncBatchNorm), so 2 processes could not equal 1 process exactly
+    "aal_fixed": ("aal_fgsm", {"eps": 0.1, "adv_attention": "fixed", "schedule": "clean_then_adv"}, "cbam_nobn"),
 }
 
 

@@ -175,7 +175,9 @@ def test_fgsm_at_without_random_start_is_ce_at_fgsm_examples():
     model, (x, y) = small_model(), batch()
     eps = 0.1
     xr = x.clone().requires_grad_(True)
+    model.eval()  # the attack runs in eval mode (CBAM's gate has a BatchNorm)
     (g,) = torch.autograd.grad(F.cross_entropy(model(xr), y), xr)
+    model.train()
     x_fgsm = (x + eps * g.sign()).clamp(0, 1)
 
     method = create_method("fgsm_at", eps=eps, rand_init=False)

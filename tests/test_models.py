@@ -302,3 +302,20 @@ def test_docstring_examples():
     for module in (base, resnet, resnet12, wrn, zoo, aal.models):
         result = doctest.testmod(module, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
         assert result.attempted > 0 and result.failed == 0, f"doctest failed in {module.__name__}"
+
+
+@pytest.mark.parametrize("name", ["preact_resnet18", "resnet18", "resnet34", "resnet50"])
+def test_resnet_width_option_scales_every_stage(name):
+    model = create_model(name, width=16, attention="cbam_in")
+    convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d) and m is not model.attention.conv]
+    assert model.stem.out_channels == 16
+    expansion = 4 if name == "resnet50" else 1
+    assert model.num_features == 8 * 16 * expansion
+    assert max(c.out_channels for c in convs) == 8 * 16 * expansion
+    logits, m = model(torch.rand(2, 3, 32, 32), return_attention=True)
+    assert logits.shape == (2, 10) and m.shape == (2, 1, 32, 32)
+    full = sum(p.numel() for p in create_model(name).parameters())
+    small = sum(p.numel() for p in model.parameters())
+    assert small < full / 10  # a quarter of the width: about 1/16 of the weights
+    with pytest.raises(ValueError, match="width"):
+        create_model(name, width=0)

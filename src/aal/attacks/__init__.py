@@ -33,7 +33,7 @@ from aal.attacks.base import (
     dlr_targeted_loss,
     margin_loss,
 )
-from aal.attacks.gradient import BIM, FGSM, FGSMRS, PGD
+from aal.attacks.gradient import BIM, FGSM, FGSMRS, PGD, fgsm_from_grad
 from aal.attacks.square import Square
 from aal.registry import Registry
 
@@ -88,6 +88,7 @@ def from_spec(spec: str, eps: float, **kwargs) -> Attack:
 
 
 __all__ = [
+    "fgsm_from_grad",
     "APGD",
     "APGDCE",
     "APGDDLR",

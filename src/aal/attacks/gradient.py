@@ -2,9 +2,40 @@
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
-from aal.attacks.base import IterativeAttack
+from aal.attacks.base import IterativeAttack, LinfThreat
+
+
+def fgsm_from_grad(
+    x: Tensor, grad: Tensor, eps: float, mask: Tensor | None = None, rand_init: bool = False, alpha: float | None = None
+) -> Tensor:
+    """One L-inf FGSM step from a gradient that was already computed (no model call).
+
+    Methods that get ``dG/dx`` from a pass they need anyway (AAL's associative pass, a saliency
+    map) take their FGSM step here; it makes the same threat-model calls as :class:`FGSM` (and
+    :class:`FGSMRS` with ``rand_init``), so it reproduces them exactly given the same gradient.
+
+    Args:
+        x: clean images (B,C,H,W) in [0,1].
+        grad: the loss gradient at ``x`` (B,C,H,W) (at ``x``, not at the random start: with
+            ``rand_init`` this is the cheap variant that needs no extra pass).
+        eps: L-inf budget.
+        mask: per-pixel budget (B or 1, 1 or C, H, W) in [0,1], or None.
+        rand_init: start uniformly in the (masked) ball (torch's global RNG).
+        alpha: step size (default ``eps``; FGSM-RS uses ``1.25 * eps``).
+
+    Returns:
+        ``x'`` (B,C,H,W) in [0,1], detached.
+    """
+    threat = LinfThreat(eps)
+    x = x.detach()
+    u = threat.init(x, None) if rand_init else torch.zeros_like(x)
+    u = threat.box(x, u, mask)
+    u = threat.project(threat.step(u, grad, eps if alpha is None else alpha))
+    u = threat.box(x, u, mask)
+    return threat.apply(x, u, mask).detach()
 
 
 class FGSM(IterativeAttack):

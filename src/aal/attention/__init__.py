@@ -30,8 +30,20 @@ def _none(channels: int) -> nn.Module:
 
 @ATTENTION.register("cbam")
 def _cbam(channels: int) -> nn.Module:
-    """CBAM spatial attention (mean+max over channels, 7x7 conv, sigmoid) after the first conv."""
-    return SpatialAttention(kernel_size=7)
+    """CBAM spatial attention as CBAM's reference code: mean+max over channels, 7x7 conv, BatchNorm, sigmoid."""
+    return SpatialAttention(kernel_size=7, norm="batch")
+
+
+@ATTENTION.register("cbam_nobn")
+def _cbam_nobn(channels: int) -> nn.Module:
+    """CBAM spatial attention without the BatchNorm (a conv bias instead): aal < 0.2's "cbam"; its map saturates."""
+    return SpatialAttention(kernel_size=7, norm="none")
+
+
+@ATTENTION.register("cbam_in")
+def _cbam_in(channels: int) -> nn.Module:
+    """CBAM spatial attention with per-image standardised logits: a map that stays selective (AAL's default)."""
+    return SpatialAttention(kernel_size=7, norm="instance")
 
 
 @ATTENTION.register("cbam_input")

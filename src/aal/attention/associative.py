@@ -30,12 +30,18 @@ Choices (the paper is silent or ambiguous; each is stated where it is made):
   "percentile > zeta" would backtrack ``1 - zeta`` of the image). Ties are broken
   deterministically by a stable sort: the lower flat (row-major) index wins.
 * **Resolution.** The map lives at the attention layer's resolution (h, w), which may differ
-  from the input's (H, W) (e.g. 24x24 maps for 28x28 ``small_cnn`` inputs, 112x112 for a 224
-  ResNet stem). Pixel-wise input quantities (the ranking score, the finite-difference coupling)
-  are brought to (h, w) by *area interpolation* (adaptive average pooling: each map pixel gets
-  the mean over the input pixels its bin covers), and map quantities are brought to (H, W) by
-  bilinear interpolation. Both are the identity when the resolutions agree. This is a
-  geometric mapping, not the exact receptive field of the stem.
+  from the input's (H, W) (e.g. 24x24 maps for 28x28 ``small_cnn`` inputs, whose 5x5 stem is
+  unpadded; 112x112 for a 224 ResNet stem). The paper does not say how M^a reaches the pixels.
+  When the resolutions agree, both directions are the identity. Otherwise, with
+  ``align="receptive_field"`` (default) and a model whose ``stem`` is a ``Conv2d`` of known
+  geometry (kernel k, stride s, padding p), map pixel i sits at the centre of its receptive
+  field, input pixel ``s*i - p + (k-1)/2``: map quantities reach the input by linear
+  interpolation between those centres (edge values held), and input quantities (the ranking
+  score, the finite-difference coupling) reach the map as the mean over each map pixel's
+  receptive field. For ``small_cnn`` this shifts the 24x24 map by 2 pixels onto the 28x28
+  image instead of stretching it (a stretch misplaces the budget by up to 2 pixels).
+  ``align="resize"`` (the earlier behaviour, and the fall-back when the stem's geometry is
+  unknown) uses area interpolation to (h, w) and bilinear interpolation to (H, W).
 * **Coupling** ``gamma`` (Eq. 13):
 
   - ``"indicator"`` (default; the public implementation): ``gamma = 1`` on the top-``rho``
@@ -78,6 +84,8 @@ from aal.attacks.base import LossFn, attack_mode, ce_loss
 
 COUPLINGS = ("indicator", "finite-difference")
 """Named coupling options for ``gamma`` of Eq. 13."""
+ALIGNS = ("receptive_field", "resize")
+"""How the map is placed on the input when their resolutions differ (see the module doc)."""
 
 _TINY = 1e-12  # denominators below this are "zero" in the safe divisions of the FD coupling
 
@@ -124,6 +132,70 @@ def to_size(t: Tensor, size: tuple[int, int], mode: str) -> Tensor:
     if mode == "area":
         return F.adaptive_avg_pool2d(t, size)
     return F.interpolate(t, size=size, mode="bilinear", align_corners=False)
+
+
+class MapGrid:
+    """Moves quantities between the map's (h, w) grid and the input's (H, W) grid.
+
+    Args:
+        map_size: (h, w) of the attention map.
+        input_size: (H, W) of the images.
+        geometry: ``(kernel, stride, padding)`` of the stem convolution, or None (unknown).
+        align: ``"receptive_field"`` or ``"resize"`` (see the module doc).
+    """
+
+    def __init__(
+        self, map_size: tuple[int, int], input_size: tuple[int, int], geometry: tuple[int, int, int] | None,
+        align: str = "receptive_field",
+    ) -> None:
+        if align not in ALIGNS:
+            raise ValueError(f"align must be one of {ALIGNS}, got {align!r}")
+        self.map_size, self.input_size = tuple(map_size), tuple(input_size)
+        fits = geometry is not None and all(
+            (n + 2 * geometry[2] - geometry[0]) // geometry[1] + 1 == m for n, m in zip(self.input_size, self.map_size)
+        )
+        # the receptive-field placement needs the stem's geometry to explain the map's size
+        self.geometry = geometry if (align == "receptive_field" and fits) else None
+
+    @property
+    def identity(self) -> bool:
+        return self.map_size == self.input_size
+
+    def to_map(self, t: Tensor) -> Tensor:
+        """(B,C,H,W) -> (B,C,h,w): the mean over each map pixel's receptive field (or area pooling)."""
+        if self.identity:
+            return t
+        if self.geometry is None:
+            return to_size(t, self.map_size, "area")
+        k, s, p = self.geometry
+        return F.avg_pool2d(t, k, s, p, count_include_pad=False)
+
+    def to_input(self, t: Tensor) -> Tensor:
+        """(B,C,h,w) -> (B,C,H,W): linear between receptive-field centres (or a bilinear stretch)."""
+        if self.identity:
+            return t
+        if self.geometry is None:
+            return to_size(t, self.input_size, "bilinear")
+        k, s, p = self.geometry
+        offset = (k - 1) / 2 - p  # input position of map pixel 0's receptive-field centre
+        for dim, (n_in, n_map) in zip((-2, -1), zip(self.input_size, self.map_size)):
+            f = ((torch.arange(n_in, dtype=t.dtype, device=t.device) - offset) / s).clamp(0, n_map - 1)
+            i0 = f.floor().long()
+            i1 = (i0 + 1).clamp(max=n_map - 1)
+            w = (f - i0.to(t.dtype)).view(-1, 1) if dim == -2 else (f - i0.to(t.dtype))
+            t = t.index_select(dim, i0) * (1 - w) + t.index_select(dim, i1) * w
+        return t
+
+
+def stem_geometry(model: nn.Module) -> tuple[int, int, int] | None:
+    """``(kernel, stride, padding)`` of ``model.stem`` if it is a square, undilated ``Conv2d``."""
+    stem = getattr(model, "stem", None)
+    if not isinstance(stem, nn.Conv2d) or isinstance(stem.padding, str):
+        return None
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = stem.kernel_size, stem.stride, stem.padding, stem.dilation
+    if kh != kw or sh != sw or ph != pw or dh != 1 or dw != 1:
+        return None
+    return kh, sh, ph
 
 
 def _count(frac: float, n: int) -> int:
@@ -198,6 +270,7 @@ def associative_attention(
     loss_fn: LossFn = ce_loss,
     mode: str = "eval",
     require_attention: bool = True,
+    align: str = "receptive_field",
 ) -> AssocResult:
     """Associative attention M^a for images ``x`` (seed 001, Eqs. 5-14; see the module doc).
 
@@ -223,6 +296,8 @@ def associative_attention(
         require_attention: if False, a model without attention is accepted and treated as having
             the constant map M = 1 at the input resolution, with ``dG/dM = 0``, nothing
             triggered and ``M^a = 1`` (the degenerate case used by kernel ``"one"``).
+        align: ``"receptive_field"`` (default) or ``"resize"``: how the map is placed on the
+            input when their resolutions differ (see the module doc).
 
     Returns:
         an :class:`AssocResult`.
@@ -233,6 +308,8 @@ def associative_attention(
     """
     if coupling not in COUPLINGS:
         raise ValueError(f"coupling must be one of {COUPLINGS}, got {coupling!r}")
+    if align not in ALIGNS:
+        raise ValueError(f"align must be one of {ALIGNS}, got {align!r}")
     for name, v in (("eps", eps), ("xi1", xi1), ("xi2", xi2)):
         if not (math.isfinite(v) and v >= 0):
             raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
@@ -264,12 +341,13 @@ def associative_attention(
         grad_x, grad_m = torch.autograd.grad(loss.sum(), [xr, m])
         m = m.detach()
         size = tuple(m.shape[-2:])
+        grid = MapGrid(size, (H, W), stem_geometry(model), align)
         delta = eps * grad_x.sign()  # Eq. 1, in the direction that increases the loss
         m_hat = m - xi1 * grad_m  # Eq. 12
 
         # Eq. 14: rank pixels by |dG/d delta| (= |dG/dx|), summed over channels, at the map's
         # resolution; backtrack the top-zeta fraction (the most severely perturbed pixels)
-        score = to_size(grad_x.abs().sum(1, keepdim=True), size, "area")
+        score = grid.to_map(grad_x.abs().sum(1, keepdim=True))
         if coupling == "indicator":
             trigger, top_rho = top_fractions(score, [zeta, rho])  # one ranking for both
             gamma = top_rho.to(m.dtype)
@@ -279,15 +357,15 @@ def associative_attention(
             loss2 = loss_fn(model(xr2, attention_map=m_hat), y)
             (grad_x_hat,) = torch.autograd.grad(loss2.sum(), xr2)
             delta_hat = eps * grad_x_hat.sign()
-            m_up = to_size(m, (H, W), "bilinear")
-            dm_up = to_size(m_hat - m, (H, W), "bilinear")
+            m_up = grid.to_input(m)
+            dm_up = grid.to_input(m_hat - m)
             g_hat = _safe_div(grad_x, m_up)  # Eq. 6
             gamma_in = (g_hat * _safe_div(delta_hat - delta, dm_up)).sum(1, keepdim=True)
-            gamma = to_size(gamma_in, size, "area")
+            gamma = grid.to_map(gamma_in)
 
     # Eqs. 13-14: M^a = M_hat - xi2 * gamma o M where triggered, M_hat elsewhere; a map is in [0,1]
     m_a = torch.where(trigger, m_hat - xi2 * gamma * m, m_hat).clamp(0.0, 1.0)
-    m_a_input = to_size(m_a, (H, W), "bilinear").clamp(0.0, 1.0)
+    m_a_input = grid.to_input(m_a).clamp(0.0, 1.0)
     return AssocResult(
         m=m, grad_m=grad_m.detach(), m_hat=m_hat.detach(), gamma=gamma.detach(), trigger=trigger,
         m_a=m_a.detach(), m_a_input=m_a_input.detach(), grad_x=grad_x.detach(), delta=delta.detach(),
@@ -295,4 +373,7 @@ def associative_attention(
     )  # fmt: skip
 
 
-__all__ = ["AssocResult", "COUPLINGS", "associative_attention", "to_size", "top_fraction", "top_fractions"]
+__all__ = [
+    "ALIGNS", "AssocResult", "COUPLINGS", "MapGrid", "associative_attention", "stem_geometry", "to_size", "top_fraction",
+    "top_fractions",
+]  # fmt: skip

@@ -44,6 +44,9 @@ class DatasetInfo:
             ``Normalize`` layer; data is never normalised in the loader).
         std: per-channel standard deviation, same convention.
         classes: human-readable class names, indexed by label.
+        source: what the pixels are when they differ from the official files (e.g.
+            ``"CIFAR-10 (JPEG-q75 re-encoding)"``); every results.json and report carries it.
+            Empty for the official files.
     """
 
     name: str
@@ -53,6 +56,12 @@ class DatasetInfo:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     classes: tuple[str, ...]
+    source: str = ""
+
+    @property
+    def description(self) -> str:
+        """``source`` if set, else the registry name: the dataset as a figure should name it."""
+        return self.source or self.name
 
 
 @dataclass

@@ -33,6 +33,7 @@ from aal.data.base import (
     candidate_dirs,
     download_dir,
 )
+from aal.data.cifar_jpeg import read_cifar_image_zip
 from aal.data.download import Resource, download_and_extract
 
 _CIFAR10 = {
@@ -42,6 +43,9 @@ _CIFAR10 = {
     "meta": "batches.meta",
     "label_key": "labels",
     "names_key": "label_names",
+    # a zip of JPEG files per class folder is read when the official batches are absent
+    "image_zips": ("cifar10_jpeg.zip",),
+    "pretty": "CIFAR-10",
     # the official archive and its MD5 (the per-file MD5s are those published with it)
     "archive": Resource(
         "cifar-10-python.tar.gz", "c58f30108f718f92721af3b95e74349a",
@@ -55,6 +59,8 @@ _CIFAR100 = {
     "meta": "meta",
     "label_key": "fine_labels",
     "names_key": "fine_label_names",
+    "image_zips": (),
+    "pretty": "CIFAR-100",
     "archive": Resource(
         "cifar-100-python.tar.gz", "eb9058c3a382ffc7106e4002c42a8d85",
         ("https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",),
@@ -134,19 +140,47 @@ def _has_all(directory: Path, spec: dict[str, Any]) -> bool:
     return all((directory / f).is_file() for f in (*spec["train"], *spec["test"], spec["meta"]))
 
 
+def _find_image_zip(root: str | os.PathLike | None, dirs: list[Path], spec: dict[str, Any]) -> Path | None:
+    """The image zip to read: ``root`` itself if it is a ``.zip`` file, else a known zip name in ``dirs``."""
+    if root is not None and Path(root).expanduser().is_file() and str(root).lower().endswith(".zip"):
+        return Path(root).expanduser()
+    for d in dirs:
+        for name in spec["image_zips"]:
+            if (d / name).is_file():
+                return d / name
+    return None
+
+
+def _load_image_zip(
+    path: Path, info_name: str, spec: dict[str, Any], num_classes: int, mean: tuple[float, ...], std: tuple[float, ...],
+) -> tuple[DatasetInfo, Split, Split]:
+    classes, train, test, quality = read_cifar_image_zip(path)
+    if len(classes) != num_classes:
+        raise DataError(f"{path}: {len(classes)} class folders ({', '.join(classes)}), expected {num_classes}")
+    what = f"JPEG-q{quality}" if quality is not None else "image-file"
+    info = DatasetInfo(
+        name=info_name, num_classes=num_classes, in_channels=3, image_size=(32, 32), mean=mean, std=std,
+        classes=classes, source=f"{spec['pretty']} ({what} re-encoding)",
+    )
+    return info, train, test
+
+
 def load_cifar(
     info_name: str, spec: dict[str, Any], num_classes: int, mean: tuple[float, ...], std: tuple[float, ...],
     root: str | os.PathLike | None, download: bool,
 ) -> tuple[DatasetInfo, Split, Split]:
-    """Find (or download) a CIFAR folder and read its batches."""
+    """Find (or download) a CIFAR folder and read its batches (or, for CIFAR-10, an image zip)."""
     expected = ", ".join((*spec["train"], *spec["test"], spec["meta"]))
     how_to_get = (
         f"Download {spec['archive'].urls[0]} (MD5 {spec['archive'].md5}), extract it "
         f"(`tar xzf {spec['archive'].filename}`) and pass root=<dir>/{spec['folder']} or its "
         "parent, or pass download=True."
     )
-    dirs = candidate_dirs(root, info_name, (spec["folder"],))
+    dirs = candidate_dirs(root, info_name, (spec["folder"], info_name))
     found = next((d for d in dirs if _has_all(d, spec)), None)
+    image_zip = _find_image_zip(root, dirs, spec) if found is None else None
+    if image_zip is not None:
+        return _load_image_zip(image_zip, info_name, spec, num_classes, mean, std)
     if found is None and download:
         target = download_dir(root, info_name)
         download_and_extract(spec["archive"], target)
@@ -165,8 +199,11 @@ def load_cifar(
             f"{info_name} has no default directory: pass root=<dir> or set ${ENV_DATA_DIR}. "
             if root is None else ""
         )
+        zips = f" (or one of {', '.join(spec['image_zips'])}, a zip of <top>/{{train,test}}/<class>/*.jpg)" if spec[
+            "image_zips"
+        ] else ""
         raise DataError(
-            f"{no_default}{info_name}: files not found. Expected {expected} in a {spec['folder']} folder; "
+            f"{no_default}{info_name}: files not found. Expected {expected} in a {spec['folder']} folder{zips}; "
             f"looked in: {'; '.join(looked)}. {how_to_get}"
         )
 
@@ -189,9 +226,13 @@ def load_cifar(
 
 @DATASETS.register("cifar10")
 def cifar10(root: str | os.PathLike | None = None, download: bool = False) -> tuple[DatasetInfo, Split, Split]:
-    """CIFAR-10: 50k/10k 32x32 RGB images, 10 classes (official python batches).
+    """CIFAR-10: 50k/10k 32x32 RGB images, 10 classes (official python batches, or an image zip).
 
-    ``root``: the ``cifar-10-batches-py`` folder or its parent. See :func:`aal.data.load_data`.
+    ``root``: the ``cifar-10-batches-py`` folder or its parent; or, when the official batches are
+    absent, a ``cifar10_jpeg.zip`` of ``<top>/{train,test}/<class>/*.jpg`` (the file itself or its
+    folder), decoded once and cached (:mod:`aal.data.cifar_jpeg`; ``info.source`` then says
+    "CIFAR-10 (JPEG-q75 re-encoding)" or whatever quality the files have). See
+    :func:`aal.data.load_data`.
     """
     return load_cifar(
         "cifar10", _CIFAR10, 10, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616), root, download

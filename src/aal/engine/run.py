@@ -224,6 +224,8 @@ def _train_run(cfg: RunConfig, resume: str | Path | None, log: Callable[[str], N
         "eval_seconds": time.perf_counter() - t0,
         "method": cfg.method.name,
         "dataset": cfg.data.name,
+        # what the pixels are, e.g. "CIFAR-10 (JPEG-q75 re-encoding)" for the JPEG zip
+        "dataset_source": exp.bundle.info.description,
         "model": cfg.model.name,
         "epochs": cfg.epochs,
         "train_seconds": _train_seconds(run_dir),

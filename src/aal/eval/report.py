@@ -261,7 +261,7 @@ def make_report(
         entry: dict[str, Any] = {
             "name": name,
             "path": str(path),
-            "config": {"method": cfg.method.name, "model": cfg.model.name, "dataset": cfg.data.name, "epochs": cfg.epochs,
+            "config": {"method": cfg.method.name, "model": cfg.model.name, "dataset": info.description, "epochs": cfg.epochs,
                        "eval_eps": float(cfg.eval.eps), "seed": cfg.seed},
             "results": results,
             "suites": _suite_results(run_dir),

@@ -56,3 +56,4 @@ __all__ = [
 from aal.methods import aal as _aal  # noqa: E402,F401  (registers aal, aal_fgsm, aal_pgd)
 from aal.methods import protonet as _protonet  # noqa: E402,F401  (registers protonet, protonet_aal)
 from aal.methods import detection as _detection  # noqa: E402,F401  (registers detection, detection_aal)
+from aal.methods import saliency as _saliency  # noqa: E402,F401  (registers saliency_fgsm)

@@ -26,7 +26,7 @@ Example:
     >>> out = method(model, (torch.rand(4, 1, 28, 28), torch.tensor([0, 1, 2, 3])))
     >>> out.loss.backward()
     >>> sorted(out.logs)
-    ['acc_adv', 'loss_adv', 'm_a_mean', 'm_mean', 'mask_mean', 'trigger_frac']
+    ['acc_adv', 'backtracked_frac', 'loss_adv', 'm_a_mean', 'm_mean', 'm_std', 'mask_mean', 'mask_std', 'trigger_frac']
 """
 
 from __future__ import annotations
@@ -39,9 +39,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from aal.attacks import PGD
-from aal.attacks.base import LinfThreat
-from aal.attention.associative import COUPLINGS, AssocResult, associative_attention, top_fraction
+from aal.attacks import PGD, fgsm_from_grad
+from aal.attention.associative import ALIGNS, COUPLINGS, AssocResult, associative_attention, top_fraction
 from aal.attention.kernels import KERNELS, apply_kernel
 from aal.methods.adversarial import (
     ATTACK_MODES,
@@ -57,7 +56,7 @@ from aal.methods.base import METHODS, Batch, Method, Output, split_batch
 AAL_ATTACKS = ("fgsm", "pgd")
 ADV_ATTENTION = ("recompute", "fixed")
 SCHEDULES = ("joint", "clean_then_adv")
-MASK_CONTROLS = ("none", "shuffle", "uniform")
+MASK_CONTROLS = ("none", "shuffle", "uniform", "anti")
 """Control budgets for ablations (see :func:`control_mask`)."""
 
 
@@ -82,8 +81,10 @@ def control_mask(mask: Tensor, control: str) -> Tensor:
         mask: (B,1,H,W) budget in [0,1] (``k(M^a)``).
         control: ``"none"`` (``mask`` unchanged), ``"shuffle"`` (each image's H*W values are
             permuted by an independent random permutation drawn from torch's global RNG: the same
-            values, hence the same mean and histogram, at random places) or ``"uniform"`` (every
-            pixel gets the image's mean: the same mean budget, no selectivity).
+            values, hence the same mean and histogram, at random places), ``"uniform"`` (every
+            pixel gets the image's mean: the same mean budget, no selectivity) or ``"anti"``
+            (anti-selective: the same values placed in reverse rank order, so the largest budget
+            goes where ``mask`` is smallest; ties keep index order).
 
     Returns:
         a (B,1,H,W) mask in [0,1].
@@ -92,6 +93,8 @@ def control_mask(mask: Tensor, control: str) -> Tensor:
         >>> m = torch.tensor([[[[0.0, 1.0], [0.5, 0.5]]]])
         >>> control_mask(m, "uniform").flatten().tolist()
         [0.5, 0.5, 0.5, 0.5]
+        >>> control_mask(m, "anti").flatten().tolist()
+        [1.0, 0.0, 0.5, 0.5]
     """
     if control == "none":
         return mask
@@ -101,6 +104,11 @@ def control_mask(mask: Tensor, control: str) -> Tensor:
     if control == "shuffle":
         perm = torch.rand(flat.shape, device=mask.device).argsort(dim=1)
         return flat.gather(1, perm).reshape(mask.shape)
+    if control == "anti":
+        # the pixel of rank r (ascending) receives the value of rank n-1-r
+        order = flat.argsort(dim=1, stable=True)
+        values = flat.gather(1, order.flip(1))
+        return torch.empty_like(flat).scatter_(1, order, values).reshape(mask.shape)
     raise ValueError(f"mask_control must be one of {', '.join(MASK_CONTROLS)}; got {control!r}")
 
 
@@ -186,9 +194,17 @@ class AAL(Method):
             above and :func:`control_mask`).
         mask_binarize: ``None`` (default) or a fraction in (0,1]: keep the top fraction of
             ``k(M^a)`` at 1 (full ``eps``) and set the rest to 0 (:func:`binarize_mask`).
+        align: how M^a is placed on the input when the map's resolution differs from the
+            image's: ``"receptive_field"`` (default) or ``"resize"`` (a bilinear stretch); see
+            :mod:`aal.attention.associative`.
 
-    Logs: ``loss_adv``, ``acc_adv``, ``mask_mean`` (mean of ``k(M^a)``), ``m_mean``,
-    ``m_a_mean``, ``trigger_frac``; ``loss_clean``/``acc_clean`` when a clean term is used.
+    Logs (averaged per epoch by the trainer; they tell whether a run tested selectivity at all):
+    ``loss_adv``, ``acc_adv``, ``mask_mean`` (mean of the budget ``k(M^a)``), ``mask_std``
+    (per-image standard deviation of the budget, averaged over images: 0 for a uniform budget),
+    ``m_mean``, ``m_std`` (per-image std of the clean map M), ``m_a_mean``, ``trigger_frac``
+    (fraction of map pixels where the trigger fires) and ``backtracked_frac`` (fraction of map
+    pixels that backtracking actually moved: triggered, non-zero coupling and ``xi2 > 0``);
+    ``loss_clean``/``acc_clean`` when a clean term is used.
 
     Shapes: ``x`` (B,C,H,W) in [0,1], ``y`` (B,); ``Output.logits`` (B,K) on ``x'``.
     """
@@ -215,8 +231,10 @@ class AAL(Method):
         attack_mode: str = "eval",
         mask_control: str = "none",
         mask_binarize: float | None = None,
+        align: str = "receptive_field",
     ) -> None:
         self.eps = check_nonneg("eps", eps)
+        self.align = check_choice("align", align, ALIGNS)
         self.attack = check_choice("attack", attack, AAL_ATTACKS)
         self.mask_control = check_choice("mask_control", mask_control, MASK_CONTROLS)
         if mask_binarize is not None:
@@ -251,7 +269,7 @@ class AAL(Method):
         """The associative attention of ``x`` (:func:`aal.attention.associative_attention`)."""
         return associative_attention(
             model, x, y, eps=self.eps, xi1=self.xi1, xi2=self.xi2, zeta=self.zeta, coupling=self.coupling,
-            rho=self.rho, mode=self.attack_mode,
+            rho=self.rho, mode=self.attack_mode, align=self.align,
             # kernel "one" ignores the map: a model without attention is the FGSM/PGD-AT special case
             require_attention=self.kernel != "one",
         )  # fmt: skip
@@ -271,15 +289,9 @@ class AAL(Method):
     def perturb(self, model: nn.Module, x: Tensor, y: Tensor, res: AssocResult, mask: Tensor) -> Tensor:
         """The selectively attacked ``x'`` (B,C,H,W) in [0,1], detached, given M^a's budget ``mask``."""
         if self.attack == "fgsm":
-            # one signed step with the clean gradient of the associative pass: no extra pass.
-            # The same threat-model calls as aal.attacks.FGSM, so kernel "one" reproduces it exactly.
-            threat = LinfThreat(self.eps)
-            x = x.detach()
-            u = threat.init(x, None) if self.rand_init else torch.zeros_like(x)
-            u = threat.box(x, u, mask)
-            u = threat.project(threat.step(u, res.grad_x, self.alpha))
-            u = threat.box(x, u, mask)
-            return threat.apply(x, u, mask).detach()
+            # one signed step with the clean gradient of the associative pass: no extra pass
+            # (the same threat-model calls as aal.attacks.FGSM, so kernel "one" reproduces it exactly)
+            return fgsm_from_grad(x, res.grad_x, self.eps, mask, self.rand_init, self.alpha)
         override = self._map(res)
         target = model if override is None else _FixedMap(model, override)
         pgd = PGD(
@@ -294,12 +306,7 @@ class AAL(Method):
         return self.perturb(model, x, y, res, mask), res, mask
 
     def _map_logs(self, res: AssocResult, mask: Tensor) -> dict[str, float]:
-        return {
-            "mask_mean": float(mask.mean()),
-            "m_mean": float(res.m.mean()),
-            "m_a_mean": float(res.m_a.mean()),
-            "trigger_frac": float(res.trigger.float().mean()),
-        }
+        return map_diagnostics(res, mask, self.xi2)
 
     def _adversarial(self, model: nn.Module, x_adv: Tensor, y: Tensor, res: AssocResult) -> tuple[Tensor, Tensor]:
         logits = model(x_adv, attention_map=self._map(res))
@@ -340,6 +347,24 @@ class AAL(Method):
         loss_adv, logits_adv = self._adversarial(model, x_adv, y, res)
         logs = {"loss_adv": float(loss_adv.detach()), "acc_adv": accuracy(logits_adv, y), **self._map_logs(res, mask)}
         yield Output(loss_adv, logits_adv, logs)
+
+
+def map_diagnostics(res: AssocResult, mask: Tensor, xi2: float) -> dict[str, float]:
+    """The per-batch diagnostics of an AAL step (see :class:`AAL`'s "Logs").
+
+    ``mask_std`` and ``m_std`` are per-image standard deviations (over pixels) averaged over the
+    batch: a budget can have a mid-range mean and still be uniform within each image.
+    """
+    moved = res.trigger & (res.gamma != 0) if xi2 > 0 else torch.zeros_like(res.trigger)
+    return {
+        "mask_mean": float(mask.mean()),
+        "mask_std": float(mask.flatten(1).std(dim=1, unbiased=False).mean()),
+        "m_mean": float(res.m.mean()),
+        "m_std": float(res.m.flatten(1).std(dim=1, unbiased=False).mean()),
+        "m_a_mean": float(res.m_a.mean()),
+        "trigger_frac": float(res.trigger.float().mean()),
+        "backtracked_frac": float(moved.float().mean()),
+    }
 
 
 def check_association(
@@ -426,5 +451,5 @@ AALPGD = _preset(
 
 __all__ = [
     "AAL", "AALFGSM", "AALPGD", "ADV_ATTENTION", "AAL_ATTACKS", "MASK_CONTROLS", "SCHEDULES", "binarize_mask",
-    "control_mask",
+    "control_mask", "map_diagnostics",
 ]  # fmt: skip

@@ -30,10 +30,9 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-import torch
 from torch import Tensor, nn
 
-from aal.attacks.base import LinfThreat
+from aal.attacks.gradient import fgsm_from_grad
 from aal.attention.associative import AssocResult, associative_attention
 from aal.attention.kernels import apply_kernel
 from aal.methods.aal import check_association
@@ -167,14 +166,8 @@ class DetectionAAL(Method):
         """``(x', associative result, budget k(M^a) (B,1,H,W))`` for clean ``images`` (also used by the figure)."""
         res = self.associate(model, images, targets)
         mask = apply_kernel(self.kernel, res.m_a_input)
-        # one signed step with the clean gradient of the associative pass (no extra pass), through
-        # the same threat-model calls as aal.attacks.FGSM with a per-pixel budget
-        threat = LinfThreat(self.eps)
-        x = images.detach()
-        u = threat.box(x, torch.zeros_like(x), mask)
-        u = threat.project(threat.step(u, res.grad_x, self.eps))
-        u = threat.box(x, u, mask)
-        return threat.apply(x, u, mask).detach(), res, mask
+        # one signed step with the clean gradient of the associative pass (no extra pass)
+        return fgsm_from_grad(images, res.grad_x, self.eps, mask), res, mask
 
     def __call__(self, model: nn.Module, batch: Batch) -> Output:
         images, targets = split_detection_batch(batch)

@@ -32,11 +32,11 @@ Example:
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor, nn
 
 from aal.attacks import PGD
-from aal.attacks.base import LinfThreat, LossFn
+from aal.attacks.base import LossFn
+from aal.attacks.gradient import fgsm_from_grad
 from aal.attention.associative import AssocResult, associative_attention
 from aal.attention.kernels import apply_kernel
 from aal.data.fewshot import Episode, as_episode
@@ -172,12 +172,8 @@ class ProtoNetAAL(ProtoNet):
     ) -> Tensor:
         """The selectively attacked support ``S'`` (B_s,C,H,W) in [0,1], detached."""
         x = ep.support_x.detach()
-        if self.attack == "fgsm":  # the same threat-model steps as aal.attacks.FGSM, from res.grad_x
-            threat = LinfThreat(self.eps)
-            u = threat.init(x, None) if self.rand_init else torch.zeros_like(x)
-            u = threat.box(x, u, mask)
-            u = threat.project(threat.step(u, res.grad_x, self.alpha))
-            return threat.apply(x, threat.box(x, u, mask), mask).detach()
+        if self.attack == "fgsm":  # one step from the associative pass's gradient: no extra pass
+            return fgsm_from_grad(x, res.grad_x, self.eps, mask, self.rand_init, self.alpha)
         loss_fn = loss_fn or self.task.attack_loss_fn(model, ep, self.attack_mode)
         pgd = PGD(
             self.eps, steps=self.attack_steps, step_size=self.step_size, rand_init=self.rand_init,

@@ -128,6 +128,13 @@ class PreActBlock(nn.Module):
         return out + shortcut
 
 
+def stage_widths(width: int) -> tuple[int, int, int, int]:
+    """The four stage widths ``width * (1, 2, 4, 8)`` of a ResNet whose first stage has ``width``."""
+    if isinstance(width, bool) or not isinstance(width, int) or width < 1:
+        raise ValueError(f"width must be a positive integer, got {width!r}")
+    return (width, 2 * width, 4 * width, 8 * width)
+
+
 def _stage(block: type, in_planes: int, planes: int, blocks: int, stride: int) -> tuple[nn.Sequential, int]:
     layers = []
     for s in [stride] + [1] * (blocks - 1):
@@ -146,6 +153,7 @@ def build_resnet(
     attention: str | None = None,
     stem: str = "cifar",
     zero_init_residual: bool = False,
+    width: int = 64,
 ) -> AttentionNet:
     """A ResNet of ``block`` ("basic" or "bottleneck") with ``layers`` blocks in each of 4 stages.
 
@@ -160,28 +168,31 @@ def build_resnet(
             "imagenet" (conv7x7 stride 2 then BN-ReLU-maxpool; the map is H/2 x W/2).
         zero_init_residual: zero the last BN of every block (Goyal et al. 2017), as torchvision's
             option; off by default.
+        width: channels of the stem and the first stage (64 in the paper); the stages have
+            ``width * (1, 2, 4, 8)`` channels, so ``width=16`` costs about 1/16 of the FLOPs.
 
     Returns:
-        the :class:`AttentionNet`, ``num_features = 512 * expansion``.
+        the :class:`AttentionNet`, ``num_features = 8 * width * expansion``.
     """
     normalize = make_normalize(in_channels, mean, std)  # validate options before building
+    widths = stage_widths(width)
     check_choice("stem", stem, RESNET_STEMS)
     block_cls = {"basic": BasicBlock, "bottleneck": Bottleneck}[check_choice("block", block, ("basic", "bottleneck"))]
     if len(layers) != 4:
         raise ValueError(f"a ResNet has 4 stages, got layers={tuple(layers)}")
     if stem == "cifar":
-        stem_conv = nn.Conv2d(in_channels, 64, 3, 1, 1, bias=False)
-        opening = [("bn1", nn.BatchNorm2d(64)), ("relu", nn.ReLU(inplace=True))]
+        stem_conv = nn.Conv2d(in_channels, width, 3, 1, 1, bias=False)
+        opening = [("bn1", nn.BatchNorm2d(width)), ("relu", nn.ReLU(inplace=True))]
     else:
-        stem_conv = nn.Conv2d(in_channels, 64, 7, 2, 3, bias=False)
+        stem_conv = nn.Conv2d(in_channels, width, 7, 2, 3, bias=False)
         opening = [
-            ("bn1", nn.BatchNorm2d(64)),
+            ("bn1", nn.BatchNorm2d(width)),
             ("relu", nn.ReLU(inplace=True)),
             ("maxpool", nn.MaxPool2d(3, 2, 1)),
         ]
-    stages, planes = [], 64
-    for i, (width, n) in enumerate(zip((64, 128, 256, 512), layers)):
-        stage, planes = _stage(block_cls, planes, width, n, 1 if i == 0 else 2)
+    stages, planes = [], width
+    for i, (w, n) in enumerate(zip(widths, layers)):
+        stage, planes = _stage(block_cls, planes, w, n, 1 if i == 0 else 2)
         stages.append((f"layer{i + 1}", stage))
     trunk = nn.Sequential(OrderedDict(opening + stages + [("pool", global_pool())]))
     head = make_head(planes, num_classes)
@@ -193,7 +204,7 @@ def build_resnet(
     return AttentionNet(
         normalize,
         stem_conv,
-        create_attention(attention, 64),
+        create_attention(attention, width),
         trunk,
         head,
         num_classes,
@@ -207,13 +218,18 @@ def build_preact_resnet18(
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
     attention: str | None = None,
+    width: int = 64,
 ) -> AttentionNet:
-    """PreActResNet-18 for 32x32 images (the stem is the conv3x3(64); see the module docstring)."""
+    """PreActResNet-18 for 32x32 images (the stem is the conv3x3(width); see the module docstring).
+
+    ``width`` (64 in the paper) sets the stem and first stage; stages have ``width * (1, 2, 4, 8)``.
+    """
     normalize = make_normalize(in_channels, mean, std)
-    stem_conv = nn.Conv2d(in_channels, 64, 3, 1, 1, bias=False)
-    stages, planes = [], 64
-    for i, width in enumerate((64, 128, 256, 512)):
-        stage, planes = _stage(PreActBlock, planes, width, 2, 1 if i == 0 else 2)
+    widths = stage_widths(width)
+    stem_conv = nn.Conv2d(in_channels, width, 3, 1, 1, bias=False)
+    stages, planes = [], width
+    for i, w in enumerate(widths):
+        stage, planes = _stage(PreActBlock, planes, w, 2, 1 if i == 0 else 2)
         stages.append((f"layer{i + 1}", stage))
     trunk = nn.Sequential(
         OrderedDict(
@@ -224,7 +240,7 @@ def build_preact_resnet18(
     return AttentionNet(
         normalize,
         stem_conv,
-        create_attention(attention, 64),
+        create_attention(attention, width),
         trunk,
         make_head(planes, num_classes),
         num_classes,

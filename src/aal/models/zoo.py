@@ -83,13 +83,19 @@ def preact_resnet18(
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
     attention: str | None = None,
+    *,
+    width: int = 64,
 ) -> AttentionNet:
     """PreActResNet-18 (He et al. 2016, identity mappings), the robust-overfitting/fast-AT 32x32 net.
 
     conv3x3(64) stem (the attention map is HxW), pre-activation blocks [2,2,2,2] of widths
     64-128-256-512, final BN-ReLU, global average pooling, linear. 11.2M parameters.
+
+    Options:
+        width: stem and first-stage channels (64); stages are ``width * (1, 2, 4, 8)``.
+            ``width=16`` (0.7M parameters, ~1/16 of the FLOPs) is the CPU-scale CIFAR-10 model.
     """
-    return build_preact_resnet18(num_classes, _channels(in_channels), mean, std, attention)
+    return build_preact_resnet18(num_classes, _channels(in_channels), mean, std, attention, width)
 
 
 _RESNET_OPTIONS = """
@@ -98,6 +104,7 @@ _RESNET_OPTIONS = """
         stem: "cifar" (default; conv3x3 stride 1, no max-pool: the attention map is HxW) or
             "imagenet" (conv7x7 stride 2, then BN-ReLU-maxpool in the trunk: the map is H/2 x W/2).
         zero_init_residual: zero the last BN weight of every block (torchvision's option).
+        width: stem and first-stage channels (64); stages are ``width * (1, 2, 4, 8)``.
     """
 
 
@@ -112,9 +119,10 @@ def _register_resnet(name: str, block: str, layers: tuple[int, ...], summary: st
         *,
         stem: str = "cifar",
         zero_init_residual: bool = False,
+        width: int = 64,
     ) -> AttentionNet:
         c = _channels(in_channels)
-        return build_resnet(block, layers, num_classes, c, mean, std, attention, stem, zero_init_residual)
+        return build_resnet(block, layers, num_classes, c, mean, std, attention, stem, zero_init_residual, width)
 
     factory.__name__ = factory.__qualname__ = name
     factory.__doc__ = summary + _RESNET_OPTIONS

@@ -1,0 +1,386 @@
+"""AAL where it can work: the selectivity study of issue 11, on CIFAR-10 and Fashion-MNIST.
+
+Every arm of a dataset trains the same model (CBAM after the first conv, BatchNorm in the gate),
+on the same data with the same schedule and seeds; only the method or its budget placement
+differs. Arms (``ARMS``):
+
+* ``fgsm_at``: FGSM-AT with a random start (the baseline).
+* ``aal_fgsm``: AAL+FGSM with the paper's defaults (k = M^a o M^a, xi1 = xi2 = zeta = 0.1).
+* controls at the *same per-image budget*: ``aal_fgsm_uniform`` (each image's mean budget
+  everywhere), ``aal_fgsm_shuffle`` (the budget values at random places), ``aal_fgsm_anti``
+  (the budget values in reverse rank order: most budget on the least-attended pixels), and
+  ``fgsm_at_matched`` (FGSM-AT at eps x mean k of the same seed's ``aal_fgsm`` run).
+* readings the paper leaves open: ``aal_fgsm_fixed`` (map held at M^a in the adversarial pass;
+  the public code's clean-then-adversarial schedule trains the map), ``aal_fgsm_rho10`` (indicator
+  coupling with rho = zeta = 0.1: backtracking moves 10 % of the map, not 1 %), ``aal_fgsm_fd``
+  (finite-difference coupling).
+* the premise without CBAM (``saliency_fgsm``): budget ranked by the smoothed clean-gradient
+  magnitude, placed on the ``sal_fg`` foreground, ``sal_bg`` background, ``sal_shuffle`` at
+  random, ``sal_uniform`` flat; identical budget values in all four.
+* ``pgd_at``, ``aal_pgd``, ``aal_pgd_uniform``, ``aal_pgd_anti``: the same with PGD-10.
+
+Evaluation: clean and PGD-20 (step 2.5 eps/20, random start) on the **full test set** as part of
+each run (per-image correctness kept for paired tests), then, in the ``suite`` phase, the
+standard suite on the first ``--suite-n`` test images (resumable state file per run).
+
+Degeneracy rule (stated in every table): an AAL arm tests selectivity only if, in its last
+epoch, the mean budget k lies in [0.2, 0.8] **and** the per-image standard deviation of k is at
+least 0.1; otherwise its row says "map degenerate: no test of selectivity". Comparisons:
+paired over seeds (mean difference, std and a two-sided paired t-test); with one seed, an exact
+McNemar test on the per-image PGD-20 outcomes (same test images) is given instead.
+
+Runs are cached and resumable: a run folder is named by arm, seed and a hash of its exact
+config; a finished run is never retrained, a killed one resumes from its last checkpoint, and
+runs can be split across processes (``--arms``, ``--seeds``) and days.
+
+    python benchmarks/aal_study.py train --dataset cifar10 --arms fgsm_at,aal_fgsm --seeds 0
+    python benchmarks/aal_study.py suite --dataset cifar10 --suite-n 1000
+    python benchmarks/aal_study.py report
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+OUT = ROOT / "benchmarks" / "out" / "aal_study"
+SHARED_CIFAR = ROOT.parent / "shared" / "data" / "cifar10"
+K_RANGE, K_STD_MIN = (0.2, 0.8), 0.1  # the degeneracy rule
+
+
+@dataclass(frozen=True)
+class Dataset:
+    config_dir: str
+    eps: str
+    overrides: tuple[str, ...]
+    label: str
+
+
+DATASETS = {
+    "cifar10": Dataset(
+        "configs/cifar10_cpu", "8/255", ("model.attention=cbam_in",),
+        "CIFAR-10, PreAct-ResNet-18 width 16 + CBAM (cbam_in), 6 epochs, batch 128, all 50,000 training images",
+    ),
+    "fashion_mnist": Dataset(
+        "configs/fashion_mnist", "0.1", ("epochs=10", "model.attention=cbam_in"),
+        "Fashion-MNIST, small CNN + CBAM (cbam_in), 10 epochs, batch 128, all 60,000 training images",
+    ),
+}
+
+
+@dataclass(frozen=True)
+class Arm:
+    base: str  # config file name in the dataset's config dir
+    overrides: tuple[str, ...]
+    label: str
+    matched: str | None = None  # eps = eps x mean k (over epochs) of this arm's run with the same seed
+    control_of: str | None = None  # the arm it is compared with
+
+
+def _aal(label: str, *over: str, control_of: str | None = "aal_fgsm") -> Arm:
+    return Arm("aal_fgsm.yaml", over, label, control_of=control_of)
+
+
+def _sal(placement: str, label: str) -> Arm:
+    return Arm("fgsm_at.yaml", ("method.name=saliency_fgsm", f"method.placement={placement}"), label,
+               control_of=None if placement == "foreground" else "sal_fg")
+
+
+ARMS = {
+    "fgsm_at": Arm("fgsm_at.yaml", (), "FGSM-AT (random start)"),
+    "aal_fgsm": _aal("AAL+FGSM (paper defaults)", control_of="fgsm_at"),
+    "aal_fgsm_uniform": _aal("control: uniform budget (per-image mean of k)", "method.mask_control=uniform"),
+    "aal_fgsm_shuffle": _aal("control: shuffled budget", "method.mask_control=shuffle"),
+    "aal_fgsm_anti": _aal("control: anti-selective budget", "method.mask_control=anti"),
+    "fgsm_at_matched": Arm("fgsm_at.yaml", (), "control: FGSM-AT at eps x mean k", "aal_fgsm", "aal_fgsm"),
+    "aal_fgsm_fixed": _aal("map held at M^a (clean-then-adv schedule)", "method.adv_attention=fixed",
+                           "method.schedule=clean_then_adv"),
+    "aal_fgsm_rho10": _aal("coupling rho = zeta = 0.1", "method.rho=0.1"),
+    "aal_fgsm_fd": _aal("finite-difference coupling", "method.coupling=finite-difference"),
+    "aal_fgsm_bn": _aal("gate with BatchNorm (CBAM's reference, 'cbam')", "model.attention=cbam", control_of=None),
+    "aal_fgsm_nobn": _aal("gate without normalisation ('cbam_nobn')", "model.attention=cbam_nobn", control_of=None),
+    "sal_fg": _sal("foreground", "saliency budget on the foreground"),
+    "sal_bg": _sal("background", "saliency budget on the background"),
+    "sal_shuffle": _sal("shuffle", "saliency budget shuffled"),
+    "sal_uniform": _sal("uniform", "saliency budget uniform"),
+    "pgd_at": Arm("pgd_at.yaml", (), "PGD-AT (PGD-10)"),
+    "aal_pgd": Arm("aal_pgd.yaml", (), "AAL+PGD (paper defaults)", control_of="pgd_at"),
+    "aal_pgd_uniform": Arm("aal_pgd.yaml", ("method.mask_control=uniform",), "AAL+PGD, uniform budget", control_of="aal_pgd"),
+    "aal_pgd_anti": Arm("aal_pgd.yaml", ("method.mask_control=anti",), "AAL+PGD, anti-selective budget", control_of="aal_pgd"),
+}  # fmt: skip
+MAIN = ["fgsm_at", "aal_fgsm", "aal_fgsm_uniform", "aal_fgsm_shuffle", "aal_fgsm_anti", "fgsm_at_matched"]
+DIAG = ("mask_mean", "mask_std", "m_mean", "m_std", "backtracked_frac", "trigger_frac", "sal_fg_corr")
+
+
+def config_for(dataset: str, arm: str, overrides: list[str]):
+    from aal.config import load_config
+
+    return load_config(ROOT / DATASETS[dataset].config_dir / ARMS[arm].base, overrides)
+
+
+def run_dir_for(dataset: str, arm: str, seed: int, overrides: list[str]) -> Path:
+    # keyed by the *resolved* config, so an edited config file never reuses a stale run
+    cfg = {k: v for k, v in config_for(dataset, arm, overrides).to_dict().items() if k not in ("out_dir", "name")}
+    key = hashlib.sha1(json.dumps(cfg, sort_keys=True, default=str).encode()).hexdigest()[:8]
+    return OUT / dataset / f"{arm}-s{seed}-{key}"
+
+
+def overrides_for(dataset: str, arm: str, seed: int) -> list[str]:
+    ds, a = DATASETS[dataset], ARMS[arm]
+    over = [*ds.overrides, f"seed={seed}", "progress=false", "threads=1", "checkpoint_every=1", "eval.n=null",
+            "eval.attacks=[clean,pgd20]", *a.overrides]
+    if dataset == "cifar10":
+        over.append(f"data.root={os.environ.get('AAL_CIFAR10', SHARED_CIFAR)}")
+    if a.matched:
+        ref = load_record(dataset, a.matched, seed)
+        if ref is None:
+            raise LookupError(f"{arm} seed {seed} needs the finished {a.matched} run of the same seed first")
+        mean_k = statistics.fmean(ref["per_epoch"]["mask_mean"])  # the budget averaged over training
+        over.append(f"method.eps={_eps_value(ds.eps) * mean_k:.6f}")
+    return over
+
+
+def _eps_value(text: str) -> float:
+    num, _, den = text.partition("/")
+    return float(num) / float(den or 1)
+
+
+def train_one(dataset: str, arm: str, seed: int) -> dict:
+    """Train (or resume, or reuse) one run and evaluate it; returns its record."""
+    import numpy as np
+    import torch
+
+    torch.set_num_threads(1)
+    from aal.engine.run import train_run
+
+    over = overrides_for(dataset, arm, seed)
+    run_dir = run_dir_for(dataset, arm, seed, over)
+    if not (run_dir / "study.json").exists():
+        cfg = config_for(dataset, arm, [*over, f"out_dir={run_dir.parent}", f"name={run_dir.name}"])
+        run_dir.parent.mkdir(parents=True, exist_ok=True)
+        with open(run_dir.parent / f"{run_dir.name}.log", "a") as logf:
+            _, result = train_run(cfg, resume=run_dir if run_dir.exists() else None,
+                                  log=lambda s: print(s, file=logf, flush=True))
+        np.savez_compressed(run_dir / "correct.npz", **{k: v.numpy() for k, v in result.correct.items()})
+        (run_dir / "study.json").write_text(json.dumps({"dataset": dataset, "arm": arm, "seed": seed,
+                                                        "overrides": over}, indent=1))
+    return load_record(dataset, arm, seed, run_dir)
+
+
+def load_record(dataset: str, arm: str, seed: int, run_dir: Path | None = None) -> dict | None:
+    """The record of a finished run (None if it has not finished)."""
+    if run_dir is None:
+        found = sorted(OUT.glob(f"{dataset}/{arm}-s{seed}-*/study.json"))
+        if not found:
+            return None
+        run_dir = found[-1].parent
+    if not (run_dir / "study.json").exists():
+        return None
+    res = json.loads((run_dir / "results.json").read_text())
+    epochs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    last = epochs[-1]["logs"]
+    suite = run_dir / "eval" / "study_suite_standard.json"
+    return {
+        "dataset": dataset, "arm": arm, "seed": seed, "run_dir": _rel(run_dir),
+        "source": res.get("dataset_source", dataset), "accuracy": res["eval"]["accuracy"], "eval_n": res["eval"]["n"],
+        "train_seconds": res.get("train_seconds"), "epochs": len(epochs),
+        "per_epoch": {k: [e["logs"].get(k) for e in epochs] for k in DIAG if k in last},
+        "train_acc": [e.get("train_acc") for e in epochs],
+        "last_epoch": {k: last[k] for k in DIAG if k in last},
+        "suite": json.loads(suite.read_text()) if suite.exists() else None,
+        "machine": res.get("machine"),
+    }  # fmt: skip
+
+
+def _rel(path: Path) -> str:
+    """``path`` relative to the repository when inside it (records stay valid in any checkout)."""
+    try:
+        return str(path.relative_to(ROOT))
+    except ValueError:
+        return str(path)
+
+
+def suite_one(dataset: str, arm: str, seed: int, n: int) -> None:
+    """The standard suite on the first ``n`` test images of a finished run (resumable)."""
+    import torch
+
+    torch.set_num_threads(1)
+    from aal.engine.run import load_run
+    from aal.eval.suite import run_suite
+
+    rec = load_record(dataset, arm, seed)
+    if rec is None:
+        return
+    run_dir = ROOT / rec["run_dir"]
+    out = run_dir / "eval" / "study_suite_standard.json"
+    if out.exists():
+        return
+    cfg, model, bundle = load_run(run_dir)
+    res = run_suite(model, bundle.test, "standard", eps=_eps_value(DATASETS[dataset].eps), n=n,
+                    state_path=run_dir / "eval" / f"study_suite_state_{n}.json")
+    out.write_text(json.dumps(res.to_dict(), indent=1))
+
+
+# ----------------------------------------------------------------------------- statistics
+def degenerate(rec: dict) -> str | None:
+    """Why an AAL run's map cannot test selectivity (None: it can)."""
+    last = rec["last_epoch"]
+    if "mask_mean" not in last or rec["arm"].startswith(("fgsm_at", "pgd_at", "sal_")):
+        return None
+    k, s = last["mask_mean"], last.get("mask_std", 0.0)
+    if not (K_RANGE[0] <= k <= K_RANGE[1]) or s < K_STD_MIN:
+        return f"map degenerate (mean k {k:.2f}, per-image std {s:.2f}): no test of selectivity"
+    return None
+
+
+def paired_t(diffs: list[float]) -> float | None:
+    """Two-sided p-value of a paired t-test on ``diffs`` (None with fewer than 2)."""
+    if len(diffs) < 2:
+        return None
+    sd = statistics.stdev(diffs)
+    if sd == 0:
+        return 0.0 if statistics.fmean(diffs) != 0 else 1.0
+    from scipy import stats
+
+    t = statistics.fmean(diffs) / (sd / math.sqrt(len(diffs)))
+    return float(2 * stats.t.sf(abs(t), len(diffs) - 1))
+
+
+def mcnemar(a, b) -> float:
+    """Exact two-sided McNemar p-value for paired boolean outcomes ``a``, ``b``."""
+    from scipy import stats
+
+    n01, n10 = int((a & ~b).sum()), int((~a & b).sum())
+    return float(stats.binomtest(n01, n01 + n10, 0.5).pvalue) if n01 + n10 else 1.0
+
+
+def compare(dataset: str, arm: str, ref: str, recs: dict) -> dict | None:
+    import numpy as np
+
+    seeds = sorted(s for (a, s) in recs if a == arm and (ref, s) in recs)
+    if not seeds:
+        return None
+    out = {"arm": arm, "ref": ref, "seeds": seeds}
+    for metric in ("clean", "pgd20"):
+        d = [100 * (recs[(arm, s)]["accuracy"][metric] - recs[(ref, s)]["accuracy"][metric]) for s in seeds]
+        out[metric] = {"mean_diff": statistics.fmean(d), "std": statistics.stdev(d) if len(d) > 1 else None,
+                       "p_paired_t": paired_t(d)}
+        if len(seeds) == 1:
+            ca = np.load(ROOT / recs[(arm, seeds[0])]["run_dir"] / "correct.npz")[metric]
+            cb = np.load(ROOT / recs[(ref, seeds[0])]["run_dir"] / "correct.npz")[metric]
+            out[metric]["p_mcnemar"] = mcnemar(ca, cb)
+    return out
+
+
+def verdict(c: dict, alpha: float = 0.05) -> str:
+    parts = []
+    for metric in ("clean", "pgd20"):
+        m = c[metric]
+        p = m["p_paired_t"] if m["p_paired_t"] is not None else m.get("p_mcnemar")
+        test = "paired t" if m["p_paired_t"] is not None else "McNemar, 1 seed"
+        sig = p is not None and p < alpha
+        word = ("higher" if m["mean_diff"] > 0 else "lower") if sig else "no difference measured"
+        parts.append(f"{metric} {m['mean_diff']:+.2f} pt ({test} p={p:.3g}: {word})")
+    return "; ".join(parts)
+
+
+# ----------------------------------------------------------------------------- report
+def collect() -> dict:
+    recs = {}
+    for study in OUT.glob("*/*/study.json"):
+        info = json.loads(study.read_text())
+        r = load_record(info["dataset"], info["arm"], info["seed"], study.parent)
+        recs.setdefault(info["dataset"], {})[(info["arm"], info["seed"])] = r
+    return recs
+
+
+def _pm(vals: list[float]) -> str:
+    if not vals:
+        return "-"
+    return f"{statistics.fmean(vals):.2f} ± {statistics.stdev(vals):.2f}" if len(vals) > 1 else f"{vals[0]:.2f}"
+
+
+def report() -> str:
+    all_recs = collect()
+    lines = ["# AAL selectivity study (issue 11)", "",
+             "Generated by `python benchmarks/aal_study.py report` from the cached runs in `benchmarks/out/aal_study/` "
+             "(commands in the script's docstring). Accuracy in % (mean ± std over seeds); clean and PGD-20 on the full "
+             "test set (10,000 images), standard suite on the first N test images where run. Diagnostics are from the "
+             f"last training epoch. Degeneracy rule: an AAL arm tests selectivity only if its last-epoch mean budget k is in "
+             f"[{K_RANGE[0]}, {K_RANGE[1]}] and the per-image std of k is >= {K_STD_MIN}.", ""]
+    doc = {}
+    for dataset, recs in sorted(all_recs.items()):
+        arms = [a for a in ARMS if any(k[0] == a for k in recs)]
+        src = next(iter(recs.values()))["source"]
+        lines += [f"## {DATASETS[dataset].label}", "", f"Data: {src}. eps {DATASETS[dataset].eps}.", "",
+                  "| arm | seeds | clean | PGD-20 | suite (n) | mean k | std k | mean M | backtracked | train s | note |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+        for a in arms:
+            rs = [recs[k] for k in sorted(recs) if k[0] == a]
+            acc = {m: [100 * r["accuracy"][m] for r in rs] for m in ("clean", "pgd20")}
+            suites = [r["suite"] for r in rs if r["suite"]]
+            suite = (f"{_pm([100 * s['accuracy']['robust'] for s in suites])} ({suites[0]['n']})" if suites else "-")
+            diag = {k: [r["last_epoch"][k] for r in rs if k in r["last_epoch"]] for k in DIAG}
+            fmt = {k: (f"{statistics.fmean(v):.3f}" if v else "-") for k, v in diag.items()}
+            notes = sorted({d for r in rs if (d := degenerate(r))})
+            secs = [r["train_seconds"] for r in rs if r["train_seconds"]]
+            secs_txt = f"{statistics.fmean(secs):.0f}" if secs else "-"
+            lines.append(f"| `{a}`: {ARMS[a].label} | {len(rs)} | {_pm(acc['clean'])} | {_pm(acc['pgd20'])} | {suite} | "
+                         f"{fmt['mask_mean']} | {fmt['mask_std']} | {fmt['m_mean']} | {fmt['backtracked_frac']} | "
+                         f"{secs_txt} | {'; '.join(notes)} |")
+        comps = [c for a in arms if (ref := ARMS[a].control_of) and (c := compare(dataset, a, ref, recs))]
+        if comps:
+            lines += ["", "Comparisons (arm minus reference, same seeds and test images; alpha 0.05):", ""]
+            for c in comps:
+                deg = [degenerate(recs[(a, s)]) for a in (c["arm"], c["ref"]) for s in c["seeds"]]
+                tag = " **(map degenerate: no test of selectivity)**" if any(deg) else ""
+                lines.append(f"- `{c['arm']}` vs `{c['ref']}` (seeds {c['seeds']}): {verdict(c)}{tag}")
+        lines.append("")
+        doc[dataset] = {"runs": [recs[k] for k in sorted(recs)], "comparisons": comps}
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "aal_study.json").write_text(json.dumps(doc, indent=1))
+    text = "\n".join(lines)
+    (RESULTS / "aal_study.md").write_text(text)
+    return text
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("phase", choices=("train", "suite", "report"))
+    p.add_argument("--dataset", choices=sorted(DATASETS), default="cifar10")
+    p.add_argument("--arms", default=",".join(MAIN), help=f"comma-separated, from: {', '.join(ARMS)}")
+    p.add_argument("--seeds", default="0")
+    p.add_argument("--suite-n", type=int, default=1000)
+    args = p.parse_args(argv)
+    if args.phase == "report":
+        print(report())
+        return 0
+    arms = [a for a in args.arms.split(",") if a]
+    unknown = [a for a in arms if a not in ARMS]
+    if unknown:
+        p.error(f"unknown arms {unknown}")
+    for seed in [int(s) for s in args.seeds.split(",") if s]:
+        for arm in arms:
+            t0 = time.time()
+            print(f"[{time.strftime('%H:%M:%S')}] {args.phase} {args.dataset} {arm} seed {seed}", flush=True)
+            if args.phase == "train":
+                r = train_one(args.dataset, arm, seed)
+                print(f"  clean {r['accuracy']['clean']:.4f} pgd20 {r['accuracy']['pgd20']:.4f} "
+                      f"diag {r['last_epoch']} ({time.time() - t0:.0f} s)", flush=True)
+            else:
+                suite_one(args.dataset, arm, seed, args.suite_n)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
