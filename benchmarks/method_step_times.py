@@ -6,6 +6,8 @@ hits every method alike. A step = method(model, batch) + backward + SGD step.
 
     python benchmarks/method_step_times.py                      # small_cnn on 28x28, batch 128
     python benchmarks/method_step_times.py --model preact_resnet18 --size 32 --channels 3
+    python benchmarks/method_step_times.py --model preact_resnet18 --model-opt width=16 --size 32 --channels 3 \
+        --attention cbam_in --channels-last --eps 0.0313725 --methods fgsm_at,aal_fgsm --threads 1   # CIFAR-10 CPU model
     python benchmarks/method_step_times.py --json out.json
     python benchmarks/method_step_times.py --methods fgsm_at,aal_fgsm \
         --variant aal_fgsm_fd=aal_fgsm:coupling=finite-difference      # a method with other params
@@ -79,6 +81,8 @@ def main(argv=None) -> int:
                    help="NAME=METHOD[:key=value,...]: also time METHOD with these params as NAME (repeatable)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--attention", default="cbam")
+    p.add_argument("--model-opt", action="append", default=[], metavar="KEY=VALUE",
+                   help="a model option, e.g. width=16 (values parsed as YAML scalars)")
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--ratio", nargs=2, action="append", metavar=("A", "B"),
                    help="also print median(A)/median(B) (repeatable), e.g. --ratio aal_fgsm fgsm_at")
@@ -107,8 +111,16 @@ def main(argv=None) -> int:
             raise SystemExit(f"--variant name {vname!r} is already used")
         specs[vname] = (method, params)
         names.append(vname)
+    import yaml
+
+    options = {}
+    for item in args.model_opt:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"--model-opt {item!r}: expected KEY=VALUE")
+        options[key] = yaml.safe_load(value)
     model = create_model(args.model, num_classes=10, in_channels=args.channels, attention=args.attention,
-                         channels_last=args.channels_last)
+                         channels_last=args.channels_last, **options)
     opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
     x = torch.rand(args.batch, args.channels, args.size, args.size)
     if args.channels_last:

@@ -37,3 +37,15 @@ def test_two_training_steps_on_cpu(path, cifar_zip, tmp_path, monkeypatch):
     results = json.loads((run_dir / "results.json").read_text())
     assert results["dataset_source"] == "CIFAR-10 (JPEG-q75 re-encoding)"
     assert 0.0 <= result.accuracy["clean"] <= 1.0
+
+
+def test_device_option_is_validated_before_any_work(tmp_path):
+    from aal.cli import main
+    from aal.config import ConfigError
+
+    with pytest.raises(ConfigError, match="device"):
+        load_config(CONFIGS[0], ["device=gpu"])
+    if not __import__("torch").cuda.is_available():
+        code = main(["train", str(ROOT / "configs" / "cifar10_cpu" / "fgsm_at.yaml"), f"out_dir={tmp_path}",
+                     "data.root=/nonexistent", "--device", "cuda"])
+        assert code == 2 and not any(tmp_path.iterdir())  # refused before data, model or run folder

@@ -106,6 +106,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             raise ConfigError("give a config file (e.g. configs/fashion_mnist/pgd_at.yaml) or --resume RUN_DIR")
         cfg_path = args.config
         overrides = list(args.overrides) + (["progress=false"] if args.no_progress else [])
+        overrides += [f"device={args.device}"] if args.device else []
     task = task_of(cfg_path)
     if task != "classification":
         return _train_task(task, args, cfg_path, overrides)
@@ -354,6 +355,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
     t.add_argument("--no-malloc-tune", action="store_true", help="leave glibc malloc untuned")
+    t.add_argument("--device", default=None, help="cpu, cuda, cuda:N or auto (the same as the override device=...)")
     t.set_defaults(func=cmd_train)
 
     e = sub.add_parser("eval", help="evaluate a run folder or checkpoint (attacks or a suite)")

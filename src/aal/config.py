@@ -240,6 +240,9 @@ class RunConfig:
         progress: show progress bars.
         malloc_tune: tune glibc malloc at process start (see :func:`aal.utils.runtime.tune_malloc`).
         threads: torch intra-op threads (``None``: torch's default).
+        device: where the model trains: ``"cpu"`` (default), ``"cuda"``, ``"cuda:N"`` or
+            ``"auto"`` (cuda when available). Batches move to the model's device; under torchrun
+            a ``cuda`` run uses nccl and one GPU per process.
         checkpoint_every: save a checkpoint every this many epochs (and at the end).
         grad_clip: clip the gradient norm (``None``: off).
     """
@@ -251,6 +254,7 @@ class RunConfig:
     progress: bool = True
     malloc_tune: bool = True
     threads: int | None = None
+    device: str = "cpu"
     checkpoint_every: int = 1
     grad_clip: float | None = None
     data: DataConfig = field(default_factory=DataConfig)
@@ -454,6 +458,8 @@ def validate_config(cfg: RunConfig) -> RunConfig:
     _positive(cfg.checkpoint_every, "checkpoint_every")
     _positive(cfg.threads, "threads")
     _positive(cfg.grad_clip, "grad_clip")
+    if not re.fullmatch(r"cpu|auto|cuda(:\d+)?", str(cfg.device)):
+        raise ConfigError(f"device: must be cpu, cuda, cuda:N or auto; got {str(cfg.device)[:80]!r}")
     d = cfg.data
     if d.name not in DATASETS:
         raise ConfigError(f"data.name: unknown dataset {d.name!r} (known: {', '.join(DATASETS.names())})")

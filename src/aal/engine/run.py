@@ -129,6 +129,21 @@ class Experiment:
     loader: BatchLoader
 
 
+def resolve_device(name: str, bind: bool = True) -> torch.device:
+    """``cpu``, ``cuda``, ``cuda:N`` or ``auto`` (cuda when available) as a device.
+
+    With ``bind``, a plain ``cuda`` means the current GPU (under torchrun, the process's own
+    ``cuda:LOCAL_RANK``, which :func:`~aal.engine.distributed.init_distributed` selects).
+    """
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device: {name} asked for, but this torch has no CUDA device (torch {torch.__version__})")
+    if name == "cuda" and bind:
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device(name)
+
+
 def build_experiment(cfg: RunConfig) -> Experiment:
     """Data, model, method and training loader for ``cfg`` (seeded).
 
@@ -148,7 +163,7 @@ def build_experiment(cfg: RunConfig) -> Experiment:
     bundle = load_data(d.name, root=d.root, val_fraction=d.val_fraction, seed=cfg.seed, download=d.download)
     if d.train_n is not None:
         bundle.train = bundle.train.subset(d.train_n)
-    model = build_model(cfg, bundle)
+    model = build_model(cfg, bundle).to(resolve_device(cfg.device))
     method = build_method(cfg)
     channels_last = default_channels_last(cfg.model.name) if cfg.model.channels_last is None else cfg.model.channels_last
     loader = BatchLoader(
@@ -182,7 +197,8 @@ def train_run(cfg: RunConfig, resume: str | Path | None = None, log: Callable[[s
     (gloo: training runs on the CPU) and trains with DDP (:mod:`aal.engine.distributed`); every
     rank returns the same ``(run_dir, result)``, rank 0 alone logs and writes files.
     """
-    ctx = dist_utils.init_distributed(device="cpu")  # a no-op outside torchrun
+    # a no-op outside torchrun; it binds a cuda process to its GPU before the model is built
+    ctx = dist_utils.init_distributed(device="cuda" if resolve_device(cfg.device, bind=False).type == "cuda" else "cpu")
     try:
         return _train_run(cfg, resume, log if dist_utils.is_main_rank() else (lambda _msg: None))
     finally:
