@@ -193,8 +193,8 @@ def test_cli_eval_suite_fast_and_resume(runs, capsys, tmp_path):
     rc = main(["eval", str(a), "--suite", "full", "--n", "10", "--check-n", "20", "--square-queries", "20", "--json",
                "--no-malloc-tune"])
     full = json.loads(capsys.readouterr().out)
-    assert list(full["suite"]["accuracy"]) == ["clean", "apgd_ce", "apgd_t", "square", "robust"]
-    assert any("FAB-T" in n for n in full["suite"]["notes"])
+    assert list(full["suite"]["accuracy"]) == ["clean", "apgd_ce", "apgd_t", "fab_t", "square", "robust"]
+    assert full["suite"]["label"] == "AutoAttack (standard)"
     assert full["checks"]["n"] == 10 and len  # --check-n is capped by --n(full["checks"]["checks"]) == 8
     assert rc == (1 if full["checks"]["status"] == "fail" else 0)
     # the report picks up finished suite results from RUN/eval/

@@ -8,7 +8,7 @@ Examples::
     aal train configs/fashion_mnist/pgd_at.yaml epochs=5 method.eps=0.1
     aal train --resume runs/pgd_at-fashion_mnist-20260101-120000
     aal eval runs/pgd_at-fashion_mnist-20260101-120000 --attacks clean,fgsm,pgd20 --n 1000
-    aal eval RUN --suite standard --n 1000      # APGD-CE -> APGD-T -> Square; resumable
+    aal eval RUN --suite standard --n 1000      # AutoAttack: APGD-CE -> APGD-T -> FAB-T -> Square; resumable
     aal eval RUN --suite full                   # standard suite + gradient-masking checks
     aal check RUN --n 500                       # gradient-masking checks only
     aal report RUN_A RUN_B --out report/        # report.md + report.json + PNG plots
@@ -361,7 +361,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--attacks", default=None,
                    help="comma-separated specs: clean, fgsm, pgd20, pgd50x5, cw20, pgd20-l2 (default: clean,fgsm,pgd20)")
     e.add_argument("--suite", choices=("fast", "standard", "full", "rand"), default=None,
-                   help="fast: APGD-CE + APGD-T; standard: APGD-CE -> APGD-T -> Square (FAB-T not implemented); "
+                   help="fast: APGD-CE + APGD-T; standard: AutoAttack's standard version, APGD-CE -> APGD-T -> FAB-T -> "
+                        "Square; "
                         "full: standard + gradient-masking checks; rand: APGD-CE + APGD-DLR with EOT (AutoAttack's "
                         "version for randomised defences)")
     e.add_argument("--eps", default=None, help="budget, e.g. 0.1 or 8/255 (default: the run's eval.eps)")
