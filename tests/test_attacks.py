@@ -509,7 +509,7 @@ def test_restarts_never_worse(trained, norm, loss):
 @pytest.mark.parametrize("name", NAMES)
 def test_targeted_decreases_target_loss(trained, name):
     if name in SELF_TARGETED:
-        pytest.skip(f"{name} picks its own targets (tested in test_apgd.py)")
+        pytest.skip(f"{name} takes no given target: it breaks the true label (tested in test_apgd.py / test_fab.py)")
     model, x, y = trained
     t = (y + 1) % 4
     x_adv = make(name, 0.15, "linf", targeted=True, steps=10)(model, x, t)

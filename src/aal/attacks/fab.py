@@ -92,8 +92,8 @@ from torch import Tensor, nn
 from aal.attacks.apgd import _bview, _eps_vector, _rows, random_direction
 from aal.attacks.base import Attack
 
-Hyperplane = Callable[[Tensor], tuple[Tensor, Tensor, Tensor]]
-"""``u -> (f, g, logits)``: the chosen boundary's value ``f`` (B,) and gradient ``g`` (B, d) at ``u``."""
+Hyperplane = Callable[[Tensor], tuple[Tensor, Tensor]]
+"""``u -> (f, g)``: the chosen boundary's value ``f`` (B,) and gradient ``g`` (B, d) at ``u``."""
 
 
 def lp_norm(v: Tensor, norm: str) -> Tensor:
@@ -253,7 +253,7 @@ class FAB(Attack):
         """FAB: the boundary ``z_s - z_y`` with the smallest linearised distance, ``s != y``."""
         dual = "l1" if self.norm == "linf" else "l2"
 
-        def plane(u: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        def plane(u: Tensor) -> tuple[Tensor, Tensor]:
             u = u.detach().requires_grad_(True)
             out = self._logits(model, x, u, mask)
             rows = torch.arange(len(y), device=y.device)
@@ -269,7 +269,7 @@ class FAB(Attack):
             dist = f.abs() / (size + 1e-12)
             dist[rows, y] = math.inf  # the reference sets f_y = 1e10
             s = dist.argmin(1)
-            return f[rows, s], g[rows, s], out
+            return f[rows, s], g[rows, s]
 
         return plane
 
@@ -277,12 +277,12 @@ class FAB(Attack):
     def _target_boundary(model: nn.Module, x: Tensor, y: Tensor, target: Tensor, mask: Tensor | None) -> Hyperplane:
         """FAB-T: the boundary ``z_t - z_y`` of the target ``t``."""
 
-        def plane(u: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        def plane(u: Tensor) -> tuple[Tensor, Tensor]:
             u = u.detach().requires_grad_(True)
             out = FAB._logits(model, x, u, mask)
             f = out.gather(1, target[:, None]).squeeze(1) - out.gather(1, y[:, None]).squeeze(1)
             (g,) = torch.autograd.grad(f.sum(), u)
-            return f.detach(), g.reshape(len(y), -1), out.detach()
+            return f.detach(), g.reshape(len(y), -1)
 
         return plane
 
@@ -298,7 +298,7 @@ class FAB(Attack):
         origin = torch.zeros_like(u)
         lo2, hi2 = torch.cat((lo, lo)), torch.cat((hi, hi))
         for _ in range(self.steps):
-            f, g, _ = plane(u.view(x.shape))
+            f, g = plane(u.view(x.shape))
             offset = (g * u).sum(1) - f  # the linearised boundary: <g, z> = <g, u> - f
             d = project_hyperplane_box(torch.cat((u, origin)), torch.cat((g, g)), torch.cat((offset, offset)), lo2, hi2, self.norm)
             d1, d2 = d[:b], d[b:]

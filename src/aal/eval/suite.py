@@ -21,7 +21,7 @@ Suites (:data:`SUITES`):
 =========  ===========================================================  ===========================
 name       stages                                                       use
 =========  ===========================================================  ===========================
-standard   APGD-CE, APGD-T (9 targets), FAB-T (9 targets), Square (5000)  figures you report
+standard   APGD-CE, APGD-T, FAB-T (9 targets each), Square (5000)         figures you report
 fast       APGD-CE (100 it.), APGD-T (100 it., 9 targets)                 quick checks during work
 rand       APGD-CE (100 it.), APGD-DLR (100 it.)                          randomised defences, EOT
 =========  ===========================================================  ===========================
@@ -303,6 +303,9 @@ class SuiteResult:
         return "\n".join(lines)
 
 
+_MISSING = object()
+
+
 def suite_label(suite: str, options: Mapping[str, Mapping[str, Any]], eot_n: int | None = None) -> str:
     """The name a suite's result goes by: ``"AutoAttack (standard)"`` only when it is exactly that.
 
@@ -331,9 +334,6 @@ def suite_label(suite: str, options: Mapping[str, Mapping[str, Any]], eot_n: int
     if eot_n:
         changed.append(f"EOT over {eot_n} draws")
     return AUTOATTACK_STANDARD if not changed else f"standard suite, not AutoAttack (changed: {', '.join(changed)})"
-
-
-_MISSING = object()
 
 
 # ----------------------------------------------------------------------------- state file
