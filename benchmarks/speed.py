@@ -17,7 +17,8 @@ What it prints (issue 7's goals), fp32, batch 128, random data (speed does not d
    BatchLoader (shuffling, augmentation, scheduler, logging: everything an epoch does but disk).
 3. The standard evaluation suite (goal 3: no slower than torchattacks' AutoAttack for the same
    result): ``aal.eval.run_suite(..., "standard")`` against torchattacks' APGD-CE -> APGD-T ->
-   Square chained by its ``MultiAttack`` (what its ``AutoAttack`` wraps) with our suite's settings,
+   FAB-T -> Square chained by its ``MultiAttack`` (what its ``AutoAttack`` wraps) with our suite's
+   settings (AutoAttack's standard version),
    on the small CNN trained a few hundred FGSM-AT steps on Fashion-MNIST (the robust points decide how
    much work Square does, so the model must be a trained one), the first ``--suite-n`` test
    images, ``--suite-threads`` threads. Each side runs in a fresh process of its own, as its users
@@ -25,9 +26,9 @@ What it prints (issue 7's goals), fp32, batch 128, random data (speed does not d
    500), torchattacks in a plain process (NCHW, the same batches). The two never run at the same
    time; with ``--suite-repeats`` > 1 they alternate who goes first. It prints each side's robust
    accuracy, the number of points on which they disagree, and the time ratio.
-   torchattacks' ``AutoAttack(version="standard")`` itself is not the same evaluation: it adds
-   FAB-T (not in aal) and runs APGD, APGD-T and FAB at its default of 10 iterations, where the
-   reference AutoAttack and our suite run 100; hence the ``MultiAttack``.
+   torchattacks' ``AutoAttack(version="standard")`` itself is not the same evaluation: it runs
+   APGD, APGD-T and FAB-T at its default of 10 iterations, where the reference AutoAttack and our
+   suite run 100, and rescales Square's schedule; hence the ``MultiAttack``.
 
     python benchmarks/speed.py                       # ~3-5 minutes on the 2-core CPU, plus section 3
     python benchmarks/speed.py --repeats 5 --out benchmarks/results/speed.txt
@@ -263,8 +264,14 @@ def suite_worker(path: str, device: str, side: str) -> int:
     return 0
 
 
-def suite_benchmark(args, tmp: str) -> dict:
-    """Section 3: train the model, then time each side once per round, each in a fresh process."""
+def suite_model(method_name: str = "fgsm_at", eps: float = EPS, steps: int = 300):
+    """``(model, test split)``: the small CNN after ``steps`` SGD steps (batch 128, lr 0.05,
+    momentum 0.9, seed 0) of ``method_name`` on Fashion-MNIST, in eval mode.
+
+    FGSM-AT (random start), not standard training: the points it leaves robust after APGD are
+    what FAB-T and Square spend their iterations and queries on, the costly part of a real
+    evaluation. Also used by ``benchmarks/suite_stages.py``.
+    """
     from aal.data import load_data
     from aal.methods import create_method
     from aal.models import create_model
@@ -274,19 +281,22 @@ def suite_benchmark(args, tmp: str) -> dict:
     model = create_model("small_cnn", num_classes=10, in_channels=1, mean=bundle.info.mean, std=bundle.info.std)
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     xtr, ytr = bundle.train.images.float().div(255), bundle.train.labels
-    # FGSM-AT (random start), not standard training: the points it leaves robust after APGD are
-    # what Square spends its 5000 queries on, the costly part of a real evaluation
-    method = create_method(args.suite_train_method, **({"eps": args.suite_eps} if args.suite_train_method != "standard" else {}))
+    method = create_method(method_name, **({"eps": eps} if method_name != "standard" else {}))
     model.train()
     g = torch.Generator().manual_seed(0)
-    for _ in range(args.suite_train_steps):
+    for _ in range(steps):
         i = torch.randint(0, len(ytr), (128,), generator=g)
         loss = method(model, (xtr[i], ytr[i])).loss
         opt.zero_grad()
         loss.backward()
         opt.step()
-    model.eval()
-    x, y = bundle.test.images[: args.suite_n].float().div(255), bundle.test.labels[: args.suite_n]
+    return model.eval(), bundle.test
+
+
+def suite_benchmark(args, tmp: str) -> dict:
+    """Section 3: train the model, then time each side once per round, each in a fresh process."""
+    model, test = suite_model(args.suite_train_method, args.suite_eps, args.suite_train_steps)
+    x, y = test.images[: args.suite_n].float().div(255), test.labels[: args.suite_n]
     with torch.no_grad():
         clean = (model(x).argmax(1) == y).float().mean().item()
     path = f"{tmp}/suite.pt"
@@ -317,9 +327,10 @@ def suite_report(res: dict, args, say) -> None:
         f"batch {SUITE_BATCH},")
     say(f"   threads aal={res['threads'].get('aal')} torchattacks={res['threads'].get('torchattacks')}; "
         f"APGD-CE ({st['apgd_ce']['iterations']} it.) -> APGD-T ({st['apgd_t']['iterations']} it., "
-        f"{st['apgd_t']['targets']} targets) -> Square ({st['square']['queries']} queries), seed 0, on both sides")
-    say("   (torchattacks: its APGD, APGDT and Square in its MultiAttack, as its AutoAttack chains them; FAB-T, which "
-        "aal lacks, left out); each side a fresh process per run")
+        f"{st['apgd_t']['targets']} targets) -> FAB-T ({st['fab_t']['iterations']} it., {st['fab_t']['targets']} targets) "
+        f"-> Square ({st['square']['queries']} queries), seed 0, on both sides")
+    say("   (torchattacks: its APGD, APGDT, FAB (multi-targeted) and Square in its MultiAttack, as its AutoAttack "
+        "chains them); each side a fresh process per run")
     say(f"   {'side':<13} {'robust %':>9} {'wall s':>8} {'CPU s':>8}  runs")
     med = {}
     for side, rs in runs.items():

@@ -9,6 +9,8 @@ a small trained network).
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -21,7 +23,9 @@ NAMES = ATTACKS.names()
 NORMS = ("linf", "l2")
 CASES = [(name, norm) for name in NAMES for norm in NORMS]
 RANDOM_START = {"fgsm_rs", "pgd", "apgd_ce", "apgd_dlr", "apgd_t"}  # attacks that draw a random start by default
-SELF_TARGETED = {"apgd_t"}  # picks its own target classes: takes no targeted / minimize
+SELF_TARGETED = {"apgd_t", "fab", "fab_t"}  # break the true label by construction: take no targeted / minimize
+# minimum-norm attacks (FAB): no loss; a point comes back moved iff it is broken within eps (see MIN_NORM tests)
+MIN_NORM = {"fab", "fab_t"}
 EPS = {"linf": 0.1, "l2": 0.5}
 # test-sized schedules (the defaults run 100 APGD steps or 5000 Square queries)
 SCHEDULES = {
@@ -31,6 +35,8 @@ SCHEDULES = {
     "apgd_dlr": {"steps": 5},
     "apgd_t": {"steps": 4, "n_target_classes": 2},
     "square": {"n_queries": 20},
+    "fab": {"steps": 5},
+    "fab_t": {"steps": 5, "n_target_classes": 2},
 }
 
 
@@ -87,6 +93,27 @@ def ce(model, x, y):
         return F.cross_entropy(model(x), y, reduction="none")
 
 
+def labels_for(name, model, x, y):
+    """``y``, or for a minimum-norm attack the model's predictions: FAB leaves a point the model
+    already misclassifies unchanged (its minimal perturbation is 0), so a test that needs points
+    to move gives it correctly classified ones."""
+    if name not in MIN_NORM:
+        return y
+    with torch.no_grad():
+        return model(x).argmax(1)
+
+
+def assert_moved(name, model, x, x_adv, y, size):
+    """Every point moved (``size > 0``); for a minimum-norm attack, exactly the points it broke
+    moved (the others come back unchanged, as AutoAttack's FAB), and at least one did."""
+    if name not in MIN_NORM:
+        assert (size > 0).all()
+        return
+    with torch.no_grad():
+        broken = model(x_adv).argmax(1) != y
+    assert torch.equal(size > 0, broken) and broken.any()
+
+
 # ----------------------------------------------------------------------------- input and output
 @pytest.mark.parametrize("name,norm", CASES)
 def test_input_unchanged(name, norm):
@@ -107,10 +134,13 @@ def test_linf_budget_with_mask(name, mask_kind):
     x, y = batch(c=3)
     mask = {"none": None, "random": random_mask(x), "broadcast": random_mask(x, shape=(x.shape[0], 1, 8, 8))}[mask_kind]
     eps = 0.1
+    y = labels_for(name, model, x, y)
     x_adv = make(name, eps, "linf")(model, x, y, mask=mask)
     bound = eps * (torch.ones_like(x) if mask is None else mask.expand_as(x))
     assert ((x_adv - x).abs() <= bound + 1e-6).all()
     assert (x_adv != x).any()  # it did move
+    if name in MIN_NORM:
+        assert_moved(name, model, x, x_adv, y, (x_adv - x).flatten(1).abs().amax(1))
 
 
 @pytest.mark.parametrize("with_mask", [False, True])
@@ -120,10 +150,11 @@ def test_l2_budget(name, with_mask):
     x, y = batch()
     eps = 0.5
     mask = random_mask(x) if with_mask else None
+    y = labels_for(name, model, x, y)
     x_adv = make(name, eps, "l2")(model, x, y, mask=mask)
     norms = (x_adv - x).flatten(1).norm(dim=1)
     assert (norms <= eps + 1e-5).all()
-    assert (norms > 0).all()
+    assert_moved(name, model, x, x_adv, y, norms)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -220,15 +251,31 @@ def test_model_state_restored(name, norm, start):
 def test_model_state_restored_when_attack_raises(start):
     model = tiny().train(start == "train")
     model.bn.train(start != "train")
+    x, y = batch()
+    with torch.no_grad():  # correctly classified points (FAB attacks no other), from a copy in eval mode
+        pred = copy.deepcopy(model).eval()(x).argmax(1)
     snap = _snapshot(model)
 
     def broken_loss(out, y):
         raise RuntimeError("boom")
 
-    x, y = batch()
+    def broken_forward(module, inputs, output):
+        calls.append(1)
+        if len(calls) > limit:  # fails mid-attack (single-step attacks: at their only forward pass)
+            raise RuntimeError("boom")
+
     for name in NAMES:
-        with pytest.raises(RuntimeError, match="boom"):
-            make(name, loss=broken_loss)(model, x, y)
+        if name not in MIN_NORM:
+            with pytest.raises(RuntimeError, match="boom"):
+                make(name, loss=broken_loss)(model, x, y)
+            _assert_same_state(model, snap)
+        calls, limit = [], 0 if name in ("fgsm", "fgsm_rs") else 2
+        hook = model.fc.register_forward_hook(broken_forward)
+        try:
+            with pytest.raises(RuntimeError, match="boom"):
+                make(name)(model, x, pred if name in MIN_NORM else y)
+        finally:
+            hook.remove()
         _assert_same_state(model, snap)
 
 
@@ -297,12 +344,16 @@ def test_per_sample_eps_respects_each_bound(name, norm):
     model = tiny()
     x, y = batch()
     eps = torch.tensor([0.0, 0.02, 0.05, 0.1, 0.2, 0.3]) * (1 if norm == "linf" else 5)
+    y = labels_for(name, model, x, y)
     x_adv = make(name, eps, norm)(model, x, y)
     d = (x_adv - x).flatten(1)
     size = d.abs().amax(1) if norm == "linf" else d.norm(dim=1)
     assert (size <= eps + 1e-5).all()
     assert torch.equal(x_adv[0], x[0])
-    assert (size[1:] > 0).all()
+    if name in MIN_NORM:
+        assert_moved(name, model, x[1:], x_adv[1:], y[1:], size[1:])
+    else:
+        assert (size[1:] > 0).all()
     if norm == "linf" and name in ("fgsm", "bim", "pgd"):
         # these reach the corners of each sample's own box (unless clipped by [0,1])
         assert (size[1:] >= eps[1:] - 1e-6).all()
@@ -458,7 +509,7 @@ def test_restarts_never_worse(trained, norm, loss):
 @pytest.mark.parametrize("name", NAMES)
 def test_targeted_decreases_target_loss(trained, name):
     if name in SELF_TARGETED:
-        pytest.skip(f"{name} picks its own targets (tested in test_apgd.py)")
+        pytest.skip(f"{name} takes no given target: it breaks the true label (tested in test_apgd.py / test_fab.py)")
     model, x, y = trained
     t = (y + 1) % 4
     x_adv = make(name, 0.15, "linf", targeted=True, steps=10)(model, x, t)
@@ -506,7 +557,7 @@ def test_invalid_arguments_raise(name):
         ATTACKS.create(name, torch.tensor([0.1, -0.1]))
     with pytest.raises(ValueError):
         ATTACKS.create(name, 0.1, norm="l1")
-    with pytest.raises(ValueError):
+    with pytest.raises(TypeError if name in MIN_NORM else ValueError):  # FAB takes no loss at all
         ATTACKS.create(name, 0.1, loss="hinge")
     with pytest.raises(ValueError):
         ATTACKS.create(name, 0.1, mode="test")
@@ -525,8 +576,9 @@ def test_invalid_arguments_raise(name):
             attack(model, x, y, mask=m)
     with pytest.raises(ValueError):  # a mask that would broadcast x_adv to a bigger shape
         attack(model, x[:1], y[:1], mask=torch.ones(x.shape[0], 1, 8, 8))
-    with pytest.raises(ValueError):  # losses must be per sample: restarts rank samples by them
-        make(name, loss=lambda o, t: F.cross_entropy(o, t))(model, x, y)
+    if name not in MIN_NORM:
+        with pytest.raises(ValueError):  # losses must be per sample: restarts rank samples by them
+            make(name, loss=lambda o, t: F.cross_entropy(o, t))(model, x, y)
 
 
 @pytest.mark.parametrize("name", ["pgd", "bim"])

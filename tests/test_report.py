@@ -193,8 +193,8 @@ def test_cli_eval_suite_fast_and_resume(runs, capsys, tmp_path):
     rc = main(["eval", str(a), "--suite", "full", "--n", "10", "--check-n", "20", "--square-queries", "20", "--json",
                "--no-malloc-tune"])
     full = json.loads(capsys.readouterr().out)
-    assert list(full["suite"]["accuracy"]) == ["clean", "apgd_ce", "apgd_t", "square", "robust"]
-    assert any("FAB-T" in n for n in full["suite"]["notes"])
+    assert list(full["suite"]["accuracy"]) == ["clean", "apgd_ce", "apgd_t", "fab_t", "square", "robust"]
+    assert full["suite"]["label"] == "AutoAttack (standard)"
     assert full["checks"]["n"] == 10 and len  # --check-n is capped by --n(full["checks"]["checks"]) == 8
     assert rc == (1 if full["checks"]["status"] == "fail" else 0)
     # the report picks up finished suite results from RUN/eval/
@@ -222,3 +222,23 @@ def test_cli_eval_bad_args(runs, capsys):
     # the default path (no --suite) still works as before
     assert main(["eval", str(a), "--attacks", "clean", "--n", "10", "--json", "--no-malloc-tune"]) == 0
     assert json.loads(capsys.readouterr().out)["n"] == 10
+
+
+def test_report_labels_suite_results_old_and_new(tmp_path):
+    """Suite results in RUN/eval/ carry their label; a finished state file written before results
+    had one (and before FAB-T ran in the standard suite) is not passed off as AutoAttack's."""
+    from aal.eval.report import _suite_results
+
+    (tmp_path / "eval").mkdir()
+    acc_old = {"clean": 0.9, "apgd_ce": 0.5, "apgd_t": 0.4, "square": 0.4, "robust": 0.4}
+    acc_new = {"clean": 0.9, "apgd_ce": 0.5, "apgd_t": 0.4, "fab_t": 0.4, "square": 0.4, "robust": 0.4}
+    states = {
+        "suite-old.json": ({"suite": "standard"}, {"accuracy": acc_old}),
+        "suite-new.json": ({"suite": "standard"}, {"accuracy": acc_new, "label": "AutoAttack (standard)"}),
+        "suite-fast.json": ({"suite": "fast"}, {"accuracy": {"clean": 0.9, "robust": 0.5}}),
+    }
+    for name, (fp, result) in states.items():
+        (tmp_path / "eval" / name).write_text(json.dumps({"finished": True, "fingerprint": fp, "result": result}))
+    labels = {r["file"]: r["label"] for r in _suite_results(tmp_path)}
+    assert labels == {"suite-old.json": "standard suite without FAB-T (older aal)",
+                      "suite-new.json": "AutoAttack (standard)", "suite-fast.json": "fast suite"}

@@ -153,7 +153,20 @@ def test_budget_violations_are_refused(setup):
 
 
 def test_named_suites_and_stage_building(monkeypatch):
-    assert [s.name for s in SUITES["standard"]] == ["apgd_ce", "apgd_t", "square"]
+    # AutoAttack's set_version('standard') (autoattack/autoattack.py), in its order
+    assert [(s.name, s.attack, dict(s.options)) for s in SUITES["standard"]] == [
+        ("apgd_ce", "apgd_ce", {"iterations": 100}),
+        ("apgd_t", "apgd_t", {"iterations": 100, "targets": 9}),
+        ("fab_t", "fab_t", {"iterations": 100, "restarts": 1, "targets": 9}),
+        ("square", "square", {"queries": 5000, "rescale_schedule": False}),
+    ]
+    built = {s.name: build_attack(s, 0.1, "l2", seed=0) for s in SUITES["standard"]}
+    assert (built["apgd_ce"].steps, built["apgd_ce"].restarts) == (100, 1)
+    assert (built["apgd_t"].steps, built["apgd_t"].restarts, built["apgd_t"].n_target_classes) == (100, 1, 9)
+    assert (built["fab_t"].steps, built["fab_t"].restarts, built["fab_t"].n_target_classes) == (100, 1, 9)
+    assert (built["fab_t"].alpha_max, built["fab_t"].eta, built["fab_t"].beta) == (0.1, 1.05, 0.9)
+    assert (built["square"].n_queries, built["square"].restarts, built["square"].p_init) == (5000, 1, 0.8)
+    assert not built["square"].rescale_schedule and all(a.norm == "l2" for a in built.values())
     assert [s.name for s in SUITES["fast"]] == ["apgd_ce", "apgd_t"]
     assert [(s.name, dict(s.options)) for s in SUITES["rand"]] == [("apgd_ce", {"iterations": 100}),
                                                                     ("apgd_dlr", {"iterations": 100})]
@@ -173,28 +186,98 @@ def test_named_suites_and_stage_building(monkeypatch):
     assert (atk.steps, atk.restarts, atk.norm, atk.seed) == (7, 2, "l2", 3)
 
 
-def test_standard_suite_notes_fab_and_uses_registry(monkeypatch, setup):
-    """The named suite with stand-ins registered under the APGD/Square names (so this test
-    does not depend on their implementations): names, notes, options are wired through."""
+class StandIn(PGD):
+    """A 3-step PGD registered under a suite attack's name; records its constructor options."""
+
+    made: list = []
+
+    def __init__(self, eps, steps=100, n_target_classes=9, n_queries=None, restarts=1, rescale_schedule=None, **kw):
+        StandIn.made.append((steps, n_target_classes, n_queries, restarts, rescale_schedule))
+        super().__init__(eps, steps=3, **kw)
+
+
+def _stand_ins(monkeypatch, names=("apgd_ce", "apgd_t", "fab_t", "square"), cls=None):
     from aal.attacks import ATTACKS as REG
 
-    made = []
+    StandIn.made = []
+    for name in names:
+        monkeypatch.setitem(REG._entries, name, type(REG._entries["pgd"])(name, cls or StandIn, ""))
 
-    class StandIn(PGD):
-        def __init__(self, eps, steps=100, n_target_classes=9, n_queries=None, **kw):
-            made.append((steps, n_target_classes, n_queries))
-            super().__init__(eps, steps=3, **kw)
 
-    for name in ("apgd_ce", "apgd_t", "square"):
-        monkeypatch.setitem(REG._entries, name, type(REG._entries["pgd"])(name, StandIn, ""))
+def test_standard_suite_is_autoattack_and_uses_registry(monkeypatch, setup):
+    """The named suite with stand-ins registered under the APGD/FAB/Square names (so this test
+    does not depend on their implementations): names, options and the label are wired through."""
+    _stand_ins(monkeypatch)
     model, x, y = setup
-    res = run_suite(model, (x, y), "standard", eps=0.2, options={"apgd_t": {"targets": 3}})
-    assert list(res.accuracy) == ["clean", "apgd_ce", "apgd_t", "square", "robust"]
-    assert any("FAB-T not implemented" in note for note in res.notes) and "FAB-T" in res.table()
-    assert made == [(100, 9, None), (100, 3, None), (100, 9, 5000)]  # (steps default, targets, queries)
-    assert res.accuracy["robust"] <= res.accuracy["apgd_t"] <= res.accuracy["apgd_ce"] <= res.accuracy["clean"]
+    res = run_suite(model, (x, y), "standard", eps=0.2)
+    assert list(res.accuracy) == ["clean", "apgd_ce", "apgd_t", "fab_t", "square", "robust"]
+    # (steps, targets, queries, restarts, rescale): every stage as AutoAttack's standard version
+    assert StandIn.made == [(100, 9, None, 1, None), (100, 9, None, 1, None), (100, 9, None, 1, None), (100, 9, 5000, 1, False)]
+    assert res.label == "AutoAttack (standard)" and res.to_dict()["label"] == "AutoAttack (standard)"
+    assert "AutoAttack (standard)" in res.table() and not any("FAB" in note for note in res.notes)
+    assert res.accuracy["robust"] <= res.accuracy["fab_t"] <= res.accuracy["apgd_t"] <= res.accuracy["apgd_ce"] <= res.accuracy["clean"]
+    # any change of a stage's settings: no longer AutoAttack's standard suite, and it says what changed
+    changed = run_suite(model, (x, y), "standard", eps=0.2, options={"apgd_t": {"targets": 3}})
+    assert StandIn.made[-3] == (100, 3, None, 1, None)
+    assert "AutoAttack (standard)" not in changed.table() and "apgd_t targets=3" in changed.label
+    same = run_suite(model, (x, y), "standard", eps=0.2, options={"fab_t": {"targets": 9}})  # repeats a value
+    assert same.label == "AutoAttack (standard)"
+    assert run_suite(model, (x, y), "fast", eps=0.2).label == "suite fast"
     with pytest.raises(ValueError, match="unknown stages"):
         run_suite(model, (x, y), "fast", eps=0.2, options={"square": {"queries": 10}})
+
+
+class Recording(PGD):
+    """A deterministic 2-step PGD that records (its registered name, points attacked) per call."""
+
+    stage = ""
+    calls: list = []
+
+    def __init__(self, eps, steps=100, n_target_classes=9, n_queries=None, restarts=1, rescale_schedule=None, **kw):
+        super().__init__(eps, steps=2, step_size=eps / 2, rand_init=False, **kw)
+
+    def __call__(self, model, xb, yb, mask=None):
+        Recording.calls.append((self.stage, len(xb)))
+        return super().__call__(model, xb, yb, mask)
+
+
+def test_old_standard_state_resumes_from_fab_t(monkeypatch, setup, tmp_path):
+    """A state file of the standard suite before FAB-T (APGD-CE -> APGD-T -> Square, finished)
+    keeps its clean pass and APGD stages and re-runs FAB-T and Square on the points APGD-T left,
+    giving exactly the numbers of a fresh run; a state of another evaluation is still refused."""
+    from aal.attacks import ATTACKS as REG
+    from aal.eval import suite as suite_mod
+
+    model, x, y = setup
+    entry = type(REG._entries["pgd"])
+    for name in ("apgd_ce", "apgd_t", "fab_t", "square"):
+        monkeypatch.setitem(REG._entries, name, entry(name, type(name, (Recording,), {"stage": name}), ""))
+    old_def = (*SUITES["standard"][:2], Stage("square", "square", {"queries": 5000}))  # the definition before FAB-T
+    monkeypatch.setitem(suite_mod.SUITES, "standard", old_def)
+    state, eps = tmp_path / "state.json", 0.15
+    Recording.calls = []
+    old = run_suite(model, (x, y), "standard", eps=eps, state_path=state, batch_size=16)
+    assert [c[0] for c in Recording.calls][:3] == ["apgd_ce", "apgd_ce", "apgd_t"]
+    monkeypatch.undo()  # back to the current suite definition; re-register the stand-ins
+    for name in ("apgd_ce", "apgd_t", "fab_t", "square"):
+        monkeypatch.setitem(REG._entries, name, entry(name, type(name, (Recording,), {"stage": name}), ""))
+
+    Recording.calls = []
+    res = run_suite(model, (x, y), "standard", eps=eps, state_path=state, batch_size=16)
+    assert {c[0] for c in Recording.calls} <= {"fab_t", "square"} and Recording.calls[0][0] == "fab_t"
+    assert sum(n for stage, n in Recording.calls if stage == "fab_t") == round(old.accuracy["apgd_t"] * len(y))
+    assert any("older definition" in note and "running fab_t, square" in note for note in res.notes)
+    assert list(res.accuracy) == ["clean", "apgd_ce", "apgd_t", "fab_t", "square", "robust"]
+    assert res.accuracy["apgd_t"] == old.accuracy["apgd_t"] and res.seconds["apgd_ce"] == old.seconds["apgd_ce"]
+    fresh = run_suite(model, (x, y), "standard", eps=eps, batch_size=16)
+    assert fresh.accuracy == res.accuracy and torch.equal(fresh.pred, res.pred)
+    assert res.label == "AutoAttack (standard)"
+    # the upgraded file now resumes as a finished evaluation of the new definition
+    Recording.calls = []
+    again = run_suite(model, (x, y), "standard", eps=eps, state_path=state, batch_size=16)
+    assert not Recording.calls and again.accuracy == res.accuracy
+    with pytest.raises(SuiteStateError, match="another evaluation"):
+        run_suite(model, (x, y), "standard", eps=0.3, state_path=state)
 
 
 # ----------------------------------------------------------------------------- randomised models

@@ -8,8 +8,9 @@ Examples::
     aal train configs/fashion_mnist/pgd_at.yaml epochs=5 method.eps=0.1
     aal train --resume runs/pgd_at-fashion_mnist-20260101-120000
     aal eval runs/pgd_at-fashion_mnist-20260101-120000 --attacks clean,fgsm,pgd20 --n 1000
-    aal eval RUN --suite standard --n 1000      # APGD-CE -> APGD-T -> Square; resumable
+    aal eval RUN --suite standard --n 1000      # AutoAttack: APGD-CE -> APGD-T -> FAB-T -> Square; resumable
     aal eval RUN --suite full                   # standard suite + gradient-masking checks
+    aal eval --model mypkg.nets:make --weights w.safetensors --data cifar10 --eps 8/255 --n 1000
     aal check RUN --n 500                       # gradient-masking checks only
     aal report RUN_A RUN_B --out report/        # report.md + report.json + PNG plots
     aal list
@@ -187,9 +188,52 @@ def _eval_task(task: str, args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_eval_model(args: argparse.Namespace) -> int:
+    """``aal eval --model package.module:factory [--weights W] --data NAME --eps E``: any model."""
+    from aal.config import parse_float
+    from aal.eval.external import benchmark, load_model
+    from aal.eval.suite import SuiteStateError
+
+    if args.run is not None:
+        raise ConfigError("give either a run folder or --model, not both")
+    if args.data is None or args.eps is None:
+        raise ConfigError("--model needs --data NAME (e.g. cifar10) and --eps (e.g. 8/255)")
+    if args.attacks is not None or args.suite == "full":
+        raise ConfigError("--model evaluates with --suite standard, fast or rand (default standard)")
+    if args.n is not None and args.n <= 0:
+        raise ConfigError(f"--n: must be > 0, got {args.n}")
+    if args.batch_size < 1 or args.eot_n < 1:
+        raise ConfigError("--batch-size and --eot-n must be >= 1")
+    eps = parse_float(args.eps, "--eps")
+    if not eps > 0:
+        raise ConfigError(f"--eps: must be > 0, got {args.eps}")
+    _tune_malloc(not args.no_malloc_tune)
+    model = load_model(args.model, args.weights)
+    if args.fresh and args.state is not None and os.path.exists(args.state):
+        os.unlink(args.state)
+    try:
+        result = benchmark(
+            model, args.data, threat=args.norm, eps=eps, n=args.n, suite=args.suite or "standard",
+            data_root=args.data_root, out=args.out, state_path=args.state, batch_size=args.batch_size, seed=args.seed,
+            progress=not args.json and sys.stderr.isatty(), eot={"auto": "auto", "on": True, "off": False}[args.eot],
+            eot_n=args.eot_n,
+        )
+    except SuiteStateError as err:
+        raise ConfigError(f"--state: {err} (or pass --fresh)") from err
+    print(json.dumps({**result.to_dict(), "data": args.data}, indent=2) if args.json else result.table())
+    return 0
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from aal.engine.run import find_run_files
 
+    if args.model is not None:
+        return _cmd_eval_model(args)
+    if args.run is None:
+        raise ConfigError("aal eval needs a run folder, or --model package.module:factory --data NAME --eps E")
+    for flag in ("weights", "data", "data_root", "out"):
+        if getattr(args, flag) is not None:
+            raise ConfigError(f"--{flag.replace('_', '-')} applies to --model (a run folder has its own)")
     task = task_of(find_run_files(args.run)[0])
     if task != "classification":
         return _eval_task(task, args)
@@ -339,6 +383,12 @@ def cmd_viz(args: argparse.Namespace) -> int:
     return 0
 
 
+def _external_model_errors() -> tuple[type[BaseException], ...]:
+    from aal.eval.external import ExternalModelError
+
+    return (ExternalModelError,)
+
+
 def _user_errors() -> tuple[type[BaseException], ...]:
     from aal.data import DataError
 
@@ -358,12 +408,19 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--device", default=None, help="cpu, cuda, cuda:N or auto (the same as the override device=...)")
     t.set_defaults(func=cmd_train)
 
-    e = sub.add_parser("eval", help="evaluate a run folder or checkpoint (attacks or a suite)")
-    e.add_argument("run", help="run folder (or a checkpoint inside one)")
+    e = sub.add_parser("eval", help="evaluate a run folder or checkpoint, or any model (--model), with attacks or a suite")
+    e.add_argument("run", nargs="?", default=None, help="run folder (or a checkpoint inside one); or use --model")
+    e.add_argument("--model", default=None, metavar="PKG.MODULE:FACTORY",
+                   help="evaluate any model: a factory returning an nn.Module on [0,1] images (normalisation inside)")
+    e.add_argument("--weights", default=None, help="--model: a .safetensors state dict, loaded strictly")
+    e.add_argument("--data", default=None, help="--model: dataset name (fashion_mnist, mnist, cifar10, cifar100)")
+    e.add_argument("--data-root", default=None, help="--model: directory of the dataset's files")
+    e.add_argument("--out", default=None, help="--model: also write the result's JSON to this file")
     e.add_argument("--attacks", default=None,
                    help="comma-separated specs: clean, fgsm, pgd20, pgd50x5, cw20, pgd20-l2 (default: clean,fgsm,pgd20)")
     e.add_argument("--suite", choices=("fast", "standard", "full", "rand"), default=None,
-                   help="fast: APGD-CE + APGD-T; standard: APGD-CE -> APGD-T -> Square (FAB-T not implemented); "
+                   help="fast: APGD-CE + APGD-T; standard: AutoAttack's standard version, APGD-CE -> APGD-T -> FAB-T -> "
+                        "Square; "
                         "full: standard + gradient-masking checks; rand: APGD-CE + APGD-DLR with EOT (AutoAttack's "
                         "version for randomised defences)")
     e.add_argument("--eps", default=None, help="budget, e.g. 0.1 or 8/255 (default: the run's eval.eps)")
@@ -430,6 +487,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as err:
         print(f"aal: error: {err}", file=sys.stderr)
         return 2
+    except _external_model_errors() as err:  # aal eval --model: factory, weights, shapes, data range
+        print(f"aal: error: {err}", file=sys.stderr)
+        return err.exit_code
     except _user_errors() as err:  # missing/corrupt files: a clear message, no traceback
         print(f"aal: error: {err}", file=sys.stderr)
         return 1

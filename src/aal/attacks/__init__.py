@@ -33,6 +33,7 @@ from aal.attacks.base import (
     dlr_targeted_loss,
     margin_loss,
 )
+from aal.attacks.fab import FAB, FABT, project_hyperplane_box
 from aal.attacks.gradient import BIM, FGSM, FGSMRS, PGD, fgsm_from_grad
 from aal.attacks.square import Square
 from aal.registry import Registry
@@ -46,6 +47,8 @@ ATTACKS.register("apgd_ce")(APGDCE)
 ATTACKS.register("apgd_dlr")(APGDDLR)
 ATTACKS.register("apgd_t")(APGDT)
 ATTACKS.register("square")(Square)
+ATTACKS.register("fab")(FAB)
+ATTACKS.register("fab_t")(FABT)
 
 _SPEC = re.compile(r"^(?P<name>[a-z_]+?)(?P<steps>\d+)?(?:x(?P<restarts>\d+))?(?:-(?P<norm>linf|l2))?$")
 
@@ -55,8 +58,8 @@ def from_spec(spec: str, eps: float, **kwargs) -> Attack:
 
     Grammar: ``NAME[STEPS][xRESTARTS][-NORM]``, e.g. ``fgsm``, ``pgd20``, ``pgd50x5``,
     ``pgd20-l2``, ``cw20`` (PGD on the CW margin loss), ``apgd_ce100``, ``apgd_t``,
-    ``apgd_dlr100x5-l2``, ``square1000`` (for Square, STEPS is the number of queries,
-    ``n_queries``). Names are those of ``ATTACKS`` plus ``cw``.
+    ``apgd_dlr100x5-l2``, ``fab_t100``, ``square1000`` (for Square, STEPS is the number of
+    queries, ``n_queries``). Names are those of ``ATTACKS`` plus ``cw``.
 
     Args:
         spec: the spec string.
@@ -96,6 +99,8 @@ __all__ = [
     "ATTACKS",
     "Attack",
     "BIM",
+    "FAB",
+    "FABT",
     "FGSM",
     "FGSMRS",
     "IterativeAttack",
@@ -113,4 +118,5 @@ __all__ = [
     "dlr_targeted_loss",
     "from_spec",
     "margin_loss",
+    "project_hyperplane_box",
 ]

@@ -130,6 +130,28 @@ def _eps_vector(eps: float | Tensor, x: Tensor) -> Tensor:
     return torch.full((b,), float(eps), device=x.device, dtype=x.dtype)
 
 
+def random_direction(x: Tensor, norm: str, generator: torch.Generator | None, mask: Tensor | None = None) -> Tensor:
+    """A random point on the unit sphere of ``norm`` per sample, shaped as ``x``: the reference's
+    random start direction (L-inf: ``t / ||t||_inf`` for ``t ~ U[-1,1]^d``; L2: ``t / ||t||_2`` for
+    ``t ~ N(0, I)``).
+
+    The draws for the whole batch come from one call, rows in order (the Gaussian through the
+    inverse normal CDF of uniforms), so on CPU sample ``i`` gets the same direction whatever the
+    batch size. With a ``mask``, coordinates where it is 0 are zeroed *before* normalising (a
+    latent there changes nothing, so it must not use up the norm).
+    """
+    b, n = x.shape[0], x[0].numel()
+    if norm == "linf":
+        t = 2 * torch.rand((b, n), generator=generator, device=x.device, dtype=x.dtype) - 1
+    else:
+        v = torch.rand((b, n), generator=generator, device=x.device, dtype=torch.float64)
+        t = torch.special.ndtri(v.clamp_min(2.0**-53)).to(x.dtype)
+    if mask is not None:
+        t = t * (mask.expand_as(x).reshape(b, n) > 0)
+    size = t.abs().amax(1, keepdim=True) if norm == "linf" else t.norm(dim=1, keepdim=True)
+    return (t / size.clamp_min(1e-12)).view(x.shape)
+
+
 def _rows(t: Tensor | None, idx: Tensor) -> Tensor | None:
     """Rows ``idx`` of a per-sample tensor (a batch-1 broadcast mask is shared as is)."""
     if t is None or t.shape[0] == 1:
@@ -215,15 +237,7 @@ class APGD(Attack):
         """The reference's random start for the *whole* batch (rows drawn in order)."""
         if not self.rand_init:
             return torch.zeros_like(x)
-        b, n = x.shape[0], x[0].numel()
-        if self.norm == "linf":
-            t = 2 * torch.rand((b, n), generator=generator, device=x.device, dtype=x.dtype) - 1
-            t = t / t.abs().amax(1, keepdim=True).clamp_min(1e-12)
-        else:  # Gaussian direction via the inverse normal CDF (batch-size independent draws)
-            v = torch.rand((b, n), generator=generator, device=x.device, dtype=torch.float64)
-            t = torch.special.ndtri(v.clamp_min(2.0**-53)).to(x.dtype)
-            t = t / t.norm(dim=1, keepdim=True).clamp_min(1e-12)
-        return t.view(x.shape) * _bview(eps, x)
+        return random_direction(x, self.norm, generator) * _bview(eps, x)
 
     def _grad(self, model: nn.Module, x: Tensor, u: Tensor, mask: Tensor | None, objective: Objective) -> tuple[Tensor, Tensor, Tensor]:
         """Gradient of the objective w.r.t. ``u`` (EOT-averaged), the objective and the logits.

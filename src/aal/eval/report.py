@@ -117,6 +117,9 @@ def _suite_results(run_dir: Path) -> list[dict[str, Any]]:
             fp = state.get("fingerprint", {})
             out.append({"file": p.name, "suite": fp.get("suite"), "eps": fp.get("eps"), "norm": fp.get("norm"),
                         "n": fp.get("n"), "seed": fp.get("seed"), **state["result"]})
+            if "label" not in out[-1]:  # written before results carried their label (and before FAB-T ran)
+                plain = fp.get("suite") != "standard" or "fab_t" in state["result"].get("accuracy", {})
+                out[-1]["label"] = f"{fp.get('suite')} suite" if plain else "standard suite without FAB-T (older aal)"
     return out
 
 
@@ -319,7 +322,7 @@ def render_markdown(payload: dict[str, Any]) -> str:
     suite_cols: list[str] = []
     for r in runs:
         for su in r["suites"]:
-            col = f"{su['suite']} suite"
+            col = su["label"]
             if col not in suite_cols:
                 suite_cols.append(col)
     lines.append("## Comparison")
@@ -336,7 +339,7 @@ def render_markdown(payload: dict[str, Any]) -> str:
         c, comp = r["config"], r["computed"]
         ev = (r.get("results") or {}).get("eval") or {}
         acc = ev.get("accuracy", {})
-        suites = {f"{su['suite']} suite": su for su in r["suites"]}
+        suites = {su["label"]: su for su in r["suites"]}
         row = [r["name"], c["method"], c["model"], c["dataset"], str(c["epochs"]),
                f"{ev['eps']:.4g}" if "eps" in ev else "-", str(ev.get("n", "-")), _fmt(acc.get("clean"))]
         row += [_fmt(acc.get(k)) for k in attack_cols]

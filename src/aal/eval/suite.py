@@ -1,20 +1,27 @@
 """Evaluation suites, AutoAttack-style: an ensemble of strong attacks run in sequence.
 
-``run_suite(model, data, "standard", eps=...)`` runs, as AutoAttack's ``version='standard'``
-(Croce & Hein 2020):
+``run_suite(model, data, "standard", eps=...)`` runs AutoAttack's ``version='standard'``
+(Croce & Hein 2020) for L-inf and L2:
 
-    APGD-CE  ->  APGD-T  ->  (FAB-T)  ->  Square
+    APGD-CE  ->  APGD-T  ->  FAB-T  ->  Square
 
 each attack only on the points still robust after the previous ones (points the model already
 gets wrong are never attacked), and reports the accuracy after every stage and the final robust
 accuracy (a point counts as robust only if it survived every stage: the per-sample worst case).
+The settings are those of AutoAttack's ``set_version('standard')`` for L-inf and L2 (checked
+against ``autoattack/autoattack.py``): APGD-CE 100 iterations, 1 restart; APGD-T 100 iterations,
+1 restart, 9 target classes; FAB-T 100 iterations, 1 restart, 9 target classes; Square 5000
+queries, 1 restart, ``p_init = 0.8``, without rescaling the ``p`` schedule to the number of
+queries (``resc_schedule=False``). The result names itself "AutoAttack (standard)" only when it
+is exactly that: every stage with these settings (no ``options`` override) and no EOT
+(:attr:`SuiteResult.label`).
 
 Suites (:data:`SUITES`):
 
 =========  ===========================================================  ===========================
 name       stages                                                       use
 =========  ===========================================================  ===========================
-standard   APGD-CE (100 it.), APGD-T (100 it., 9 targets), Square (5000)  figures you report
+standard   APGD-CE, APGD-T, FAB-T (9 targets each), Square (5000)         figures you report
 fast       APGD-CE (100 it.), APGD-T (100 it., 9 targets)                 quick checks during work
 rand       APGD-CE (100 it.), APGD-DLR (100 it.)                          randomised defences, EOT
 =========  ===========================================================  ===========================
@@ -23,10 +30,6 @@ rand       APGD-CE (100 it.), APGD-DLR (100 it.)                          random
 APGD-CE and APGD-DLR with ``eot_iter=20``), the suite its authors run on randomised defences,
 where Square's 5000 score queries would each need EOT draws too. Pair it with EOT (the
 default ``eot="auto"`` switches it on for a randomised model; ``eot_n`` draws per step).
-
-**FAB-T is not implemented in aal**: AutoAttack's standard suite runs it between APGD-T and
-Square; ours skips it and says so in :attr:`SuiteResult.notes`. On most models FAB-T adds
-few or no points after APGD-T, but the number is then an upper bound on AutoAttack's.
 
 Details:
 
@@ -41,8 +44,12 @@ Details:
   current stage) and the per-sample predictions are written (atomically) after every batch, as
   JSON. Rerunning with the same file skips every finished batch and stage; a file written for
   another model, data, eps, norm, suite or seed is refused (``ValueError``), never mixed in.
+  A file written by an older definition of the same suite (e.g. the standard suite before FAB-T
+  was added: APGD-CE -> APGD-T -> Square) keeps the finished stages the two definitions share
+  from the start (there: clean, APGD-CE, APGD-T) and re-runs from the first stage that differs
+  (FAB-T, then Square), saying so in the notes.
 * Stages are built from the attack registry by name (``ATTACKS``), so the suite uses whatever
-  APGD / Square implementation is registered as ``apgd_ce`` / ``apgd_t`` / ``square``.
+  implementation is registered as ``apgd_ce`` / ``apgd_t`` / ``fab_t`` / ``square``.
 
 Example:
     >>> import torch, aal
@@ -56,7 +63,7 @@ Example:
     apgd_ce        0.00         2     0.3
     apgd_t         0.00         0     0.0
     robust         0.00
-    (n=16, eps=0.1, linf, suite fast; FAB-T not implemented: skipped)
+    (n=16, eps=0.1, linf, suite fast)
 """
 
 from __future__ import annotations
@@ -80,7 +87,7 @@ from aal.eval.evaluator import _as_tensors
 AttackFn = Callable[[nn.Module, Tensor, Tensor], Tensor]
 
 STATE_FORMAT = "aal-suite-state/1"
-FAB_NOTE = "FAB-T not implemented in aal: skipped (AutoAttack's standard suite runs it between APGD-T and Square)"
+AUTOATTACK_STANDARD = "AutoAttack (standard)"
 
 
 @dataclass(frozen=True)
@@ -103,10 +110,14 @@ class Stage:
 
 
 SUITES: dict[str, tuple[Stage, ...]] = {
+    # AutoAttack's set_version('standard') for L-inf and L2; APGD-CE and APGD-T take their default
+    # single restart (the options are part of the state file's fingerprint: kept as they were so
+    # that older state files resume their APGD stages)
     "standard": (
         Stage("apgd_ce", "apgd_ce", {"iterations": 100}),
         Stage("apgd_t", "apgd_t", {"iterations": 100, "targets": 9}),
-        Stage("square", "square", {"queries": 5000}),
+        Stage("fab_t", "fab_t", {"iterations": 100, "restarts": 1, "targets": 9}),
+        Stage("square", "square", {"queries": 5000, "rescale_schedule": False}),
     ),
     "fast": (
         Stage("apgd_ce", "apgd_ce", {"iterations": 100}),
@@ -117,11 +128,11 @@ SUITES: dict[str, tuple[Stage, ...]] = {
         Stage("apgd_dlr", "apgd_dlr", {"iterations": 100}),
     ),
 }
-"""Named suites. FAB-T, third in AutoAttack's standard suite, is not implemented (see module doc)."""
+"""Named suites (see the module docstring)."""
 
 RAND_NOTE = ("suite rand = AutoAttack's version='rand' for randomised defences: APGD-CE and APGD-DLR, meant to run "
              "with EOT (AutoAttack: 20 draws per step); no APGD-T or Square")
-SUITE_NOTES: dict[str, tuple[str, ...]] = {"standard": (FAB_NOTE,), "fast": (), "rand": (RAND_NOTE,)}
+SUITE_NOTES: dict[str, tuple[str, ...]] = {"standard": (), "fast": (), "rand": (RAND_NOTE,)}
 
 _ALIASES: dict[str, tuple[str, ...]] = {
     "iterations": ("steps", "n_iter", "iterations"),
@@ -214,7 +225,7 @@ class SuiteResult:
     """The outcome of :func:`run_suite`.
 
     Attributes:
-        suite: suite name (``"standard"``, ``"fast"`` or ``"custom"``).
+        suite: suite name (``"standard"``, ``"fast"``, ``"rand"`` or ``"custom"``).
         accuracy: fraction in [0,1]: ``"clean"``, then each stage (accuracy *after* it, i.e. on
             the survivors of every earlier stage), then ``"robust"`` (= the last stage).
         n: number of evaluated points.
@@ -231,6 +242,8 @@ class SuiteResult:
             model already misses, the successful adversarial example's prediction for points
             broken by a stage, the clean prediction (= the label) for robust points), (n,).
         labels: the labels (n,).
+        label: what the evaluation was, for tables and reports: ``"AutoAttack (standard)"`` for the
+            complete, unmodified standard suite (:func:`suite_label`), else e.g. ``"suite fast"``.
     """
 
     suite: str
@@ -247,6 +260,7 @@ class SuiteResult:
     correct: dict[str, Tensor] = field(default_factory=dict, repr=False)
     pred: Tensor | None = field(default=None, repr=False)
     labels: Tensor | None = field(default=None, repr=False)
+    label: str = ""
 
     @property
     def robust(self) -> float:
@@ -258,6 +272,7 @@ class SuiteResult:
         :meth:`aal.eval.EvalResult.to_dict`."""
         return {
             "suite": self.suite,
+            "label": self.label or f"suite {self.suite}",
             "accuracy": {k: float(v) for k, v in self.accuracy.items()},
             "n": int(self.n),
             "eps": float(self.eps),
@@ -282,10 +297,43 @@ class SuiteResult:
         extra = [f"EOT over {self.eot_n} draws (randomised model)"] if self.eot_n else []
         if self.randomized and not self.eot_n:
             extra.append("randomised model, attacked WITHOUT EOT")
-        foot = ", ".join([f"n={self.n}", f"eps={self.eps:.4g}", self.norm, f"suite {self.suite}", *extra])
+        foot = ", ".join([f"n={self.n}", f"eps={self.eps:.4g}", self.norm, self.label or f"suite {self.suite}", *extra])
         lines.append(f"({foot})")
         lines.extend(f"note: {note}" for note in self.notes)
         return "\n".join(lines)
+
+
+_MISSING = object()
+
+
+def suite_label(suite: str, options: Mapping[str, Mapping[str, Any]], eot_n: int | None = None) -> str:
+    """The name a suite's result goes by: ``"AutoAttack (standard)"`` only when it is exactly that.
+
+    Exactly AutoAttack's ``version='standard'`` means the named ``standard`` suite with every
+    stage at its settings in :data:`SUITES` (an override that changes a value breaks it; one that
+    repeats it does not) and no EOT (AutoAttack's standard version has none; its ``rand`` version
+    is the one for randomised models).
+
+    Example:
+        >>> suite_label("standard", {})
+        'AutoAttack (standard)'
+        >>> suite_label("standard", {"fab_t": {"targets": 3}})
+        'standard suite, not AutoAttack (changed: fab_t targets=3)'
+        >>> suite_label("fast", {})
+        'suite fast'
+    """
+    if suite != "standard":
+        return f"suite {suite}"
+    base = {s.name: dict(s.options) for s in SUITES["standard"]}
+    changed = [
+        f"{name} {key}={value}"
+        for name, opts in options.items()
+        for key, value in dict(opts).items()
+        if base.get(name, {}).get(key, _MISSING) != value
+    ]
+    if eot_n:
+        changed.append(f"EOT over {eot_n} draws")
+    return AUTOATTACK_STANDARD if not changed else f"standard suite, not AutoAttack (changed: {', '.join(changed)})"
 
 
 # ----------------------------------------------------------------------------- state file
@@ -442,6 +490,8 @@ def run_suite(
             }
             fingerprint = json.loads(json.dumps(fingerprint))  # tuples -> lists, as read back from the file
             state = _load_state(path, fingerprint)
+            if state is not None and state["fingerprint"] != fingerprint:
+                notes.append(_upgrade_state(state, fingerprint, y_all, path))
             resumed = state is not None and (state.get("clean") is not None)
             if state is None:
                 state = {"format": STATE_FORMAT, "fingerprint": fingerprint, "clean": None, "stages": {}, "current": None}
@@ -514,8 +564,10 @@ def run_suite(
                 accuracy[name] = robust.float().mean().item() if total else 0.0
             accuracy["robust"], correct["robust"] = (robust.float().mean().item() if total else 0.0), robust.clone()
             state["finished"] = True
+            label = suite_label(suite_name, options, eot_n if use_eot else None)
             state["result"] = {
                 "accuracy": accuracy, "seconds": seconds, "attacked": attacked, "randomized": bool(rnd["randomized"]),
+                "label": label,
             }
             save()
     finally:
@@ -525,6 +577,7 @@ def run_suite(
         suite=suite_name, accuracy=accuracy, n=total, eps=float(eps), norm=norm, seconds=seconds, attacked=attacked,
         randomized=bool(rnd["randomized"]), eot_n=eot_n if use_eot else None, notes=notes, resumed=resumed,
         correct=correct, pred=pred, labels=y_all.clone(),
+        label=label,
     )
 
 
@@ -558,11 +611,56 @@ def _load_state(path: Path | None, fingerprint: dict[str, Any]) -> dict[str, Any
     old = state.get("fingerprint", {})
     if old != fingerprint:
         diff = sorted(k for k in set(old) | set(fingerprint) if old.get(k) != fingerprint.get(k))
-        raise SuiteStateError(
-            f"the suite state file {path} was written for another evaluation (differs in: {', '.join(diff)}); "
-            "delete it or pick another path"
-        )
+        if diff != ["stages"] or not isinstance(old.get("stages"), list):
+            raise SuiteStateError(
+                f"the suite state file {path} was written for another evaluation (differs in: {', '.join(diff)}); "
+                "delete it or pick another path"
+            )
     return state
 
 
-__all__ = ["SUITES", "Stage", "SuiteResult", "SuiteStateError", "build_attack", "model_digest", "resolve_suite", "run_suite"]
+def _upgrade_state(state: dict[str, Any], fingerprint: dict[str, Any], labels: Tensor, path: Path | None) -> str:
+    """Resume a state file of an older definition of the same suite (only its stages differ).
+
+    Keeps the clean pass and the finished stages the old and new stage lists share from the start
+    (same names, attacks and options, in order), rolls the per-sample flags back to the last kept
+    stage, and leaves the rest to be run: the new stages must see exactly the points the kept
+    ones left robust. Returns the note saying so.
+    """
+    old, new = state["fingerprint"]["stages"], fingerprint["stages"]
+    common = 0
+    while common < min(len(old), len(new)) and old[common] == new[common]:
+        common += 1
+    keep = [s["name"] for s in new[:common] if s["name"] in state["stages"]]
+    current = state.get("current")
+    if current is None or current.get("stage") not in [s["name"] for s in new[:common]]:
+        # roll back to the flags after the last kept stage (or the clean pass)
+        robust = state["stages"][keep[-1]]["robust"] if keep else state.get("clean")
+        if robust is not None:
+            flags = _unbits(robust, len(labels))
+            pred = torch.tensor(state["pred"], dtype=torch.long)
+            pred[flags] = labels[flags]  # robust points: the clean prediction is the label
+            state.update(robust=robust, pred=pred.tolist())
+        state["current"] = None
+    state["stages"] = {name: state["stages"][name] for name in keep}
+    state["fingerprint"] = fingerprint
+    state.pop("finished", None)
+    state.pop("result", None)
+    rerun = [s["name"] for s in new if s["name"] not in keep]
+    return (f"{path} was written by an older definition of this suite ({' -> '.join(s['name'] for s in old)}): "
+            f"kept {', '.join(['clean', *keep]) if state.get('clean') is not None else 'nothing'}; "
+            f"running {', '.join(rerun) if rerun else 'nothing'}")
+
+
+__all__ = [
+    "AUTOATTACK_STANDARD",
+    "SUITES",
+    "Stage",
+    "SuiteResult",
+    "SuiteStateError",
+    "build_attack",
+    "model_digest",
+    "resolve_suite",
+    "run_suite",
+    "suite_label",
+]
