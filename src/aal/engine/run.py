@@ -203,9 +203,12 @@ def train_run(cfg: RunConfig, resume: str | Path | None = None, log: Callable[[s
     """
     ctx = dist_utils.init_distributed(device="cpu")  # a no-op outside torchrun
     try:
-        return _train_run(cfg, resume, log if dist_utils.is_main_rank() else (lambda _msg: None))
-    finally:
-        dist_utils.shutdown(ctx)  # only if this call created the group
+        out = _train_run(cfg, resume, log if dist_utils.is_main_rank() else (lambda _msg: None))
+    except BaseException:
+        dist_utils.shutdown(ctx, completed=False)  # only if this call created the group
+        raise
+    dist_utils.shutdown(ctx)  # every rank waits there until rank 0 has written results.json
+    return out
 
 
 def _train_run(cfg: RunConfig, resume: str | Path | None, log: Callable[[str], None]) -> tuple[Path, EvalResult]:
