@@ -9,16 +9,21 @@ Images are in [0,1] everywhere; normalisation lives inside models. The main entr
   :func:`aal.benchmark` (any model's robustness: AutoAttack's standard suite on a dataset),
 * :mod:`aal.data` (datasets from their official files), :mod:`aal.config`.
 
-Importing aal has no side effects beyond registering built-in components.
+Importing aal has no side effects beyond registering built-in components (and, only when the
+process is the ``aal`` command itself, quiet Ctrl-C handling while it starts: :mod:`aal._startup`).
 """
 
-from aal import attacks, attention, data, engine, eval, methods, models
-from aal.data import load_data
-from aal.engine import Trainer
-from aal.eval import evaluate
-from aal.eval.external import benchmark
-from aal.methods import create_method
-from aal.models import create_model
+from aal._startup import guard_cli_startup
+
+guard_cli_startup()  # first: before the slow imports below
+
+from aal import attacks, attention, data, engine, eval, methods, models  # noqa: E402
+from aal.data import load_data  # noqa: E402
+from aal.engine import Trainer  # noqa: E402
+from aal.eval import evaluate  # noqa: E402
+from aal.eval.external import benchmark  # noqa: E402
+from aal.methods import create_method  # noqa: E402
+from aal.models import create_model  # noqa: E402
 
 __version__ = "0.1.0"
 

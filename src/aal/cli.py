@@ -15,11 +15,15 @@ Examples::
     aal report RUN_A RUN_B --out report/        # report.md + report.json + PNG plots
     aal list
 
-Exit codes: 0 success; 1 missing or corrupt files (data, run folder, checkpoint), or, for
-``aal check`` and ``aal eval --suite full``, at least one gradient-masking check FAILED (the
-results are printed in full first; WARN alone exits 0); 2 invalid arguments or configuration
-(one ``aal: error:`` line); 130 interrupted (``aal eval --suite`` resumes from its state file
-when rerun with the same arguments).
+Exit codes (every error is one ``aal: error:`` line on stderr, no traceback): 0 success; 1
+missing, corrupt or implausible files (data, run folder, checkpoint), an I/O error (full disk,
+unwritable folder), a diverged training (non-finite loss), or, for ``aal check`` and
+``aal eval --suite full``, at least one gradient-masking check FAILED (the results are printed
+in full first; WARN alone exits 0); 2 invalid arguments or configuration, including a new run
+into an existing run folder and a resume whose ``config.yaml`` no longer matches its checkpoint;
+130 interrupted by Ctrl-C, 143 by SIGTERM (``aal train --resume RUN`` continues a run, the
+message names RUN; ``aal eval --suite`` resumes from its state file when rerun with the same
+arguments).
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 from typing import Sequence
 
@@ -77,7 +82,7 @@ def _print_task_results(results: dict) -> None:
             print(f"{key:<24} {r}")
 
 
-def _train_task(task: str, args: argparse.Namespace, cfg_path: str, overrides: list[str]) -> int:
+def _train_task(task: str, args: argparse.Namespace, cfg_path: str, overrides: list[str], run_dir=None) -> int:
     if task == "fewshot":
         from aal.tasks.fewshot import load_fewshot_config as load, train_fewshot as train
     else:
@@ -85,8 +90,8 @@ def _train_task(task: str, args: argparse.Namespace, cfg_path: str, overrides: l
 
     cfg = load(cfg_path, overrides)
     _tune_malloc(not args.no_malloc_tune)
-    if args.resume:
-        run_dir, results = train(cfg, run_dir=args.resume, resume=True)
+    if run_dir is not None:
+        run_dir, results = train(cfg, run_dir=run_dir, resume=True)
     else:
         run_dir, results = train(cfg, run_dir="auto")
     _print_task_results(results)
@@ -96,12 +101,15 @@ def _train_task(task: str, args: argparse.Namespace, cfg_path: str, overrides: l
 
 def cmd_train(args: argparse.Namespace) -> int:
     from aal.config import load_config
-    from aal.engine.run import find_run_files, train_run
+    from aal.engine.run import train_run
+    from aal.engine.rundir import find_run_dir
 
+    run_dir = None
     if args.resume:
         if args.config or args.overrides:
             raise ConfigError("--resume takes the run folder only; its config.yaml is reused as it was")
-        cfg_path, overrides = str(find_run_files(args.resume)[0]), []
+        run_dir = find_run_dir(args.resume)  # any path inside the run: RUN/checkpoints/last, ...
+        cfg_path, overrides = str(run_dir / "config.yaml"), []
     else:
         if not args.config:
             raise ConfigError("give a config file (e.g. configs/fashion_mnist/pgd_at.yaml) or --resume RUN_DIR")
@@ -110,10 +118,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         overrides += [f"device={args.device}"] if args.device else []
     task = task_of(cfg_path)
     if task != "classification":
-        return _train_task(task, args, cfg_path, overrides)
+        return _train_task(task, args, cfg_path, overrides, run_dir)
     cfg = load_config(cfg_path, overrides)
     _tune_malloc(cfg.malloc_tune and not args.no_malloc_tune)
-    run_dir, result = train_run(cfg, resume=args.resume)
+    run_dir, result = train_run(cfg, resume=run_dir)
     from aal.engine.distributed import is_main_rank
 
     if is_main_rank():  # under torchrun every process returns here: print once
@@ -391,8 +399,37 @@ def _external_model_errors() -> tuple[type[BaseException], ...]:
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     from aal.data import DataError
+    from aal.engine.checkpoint import CheckpointError
+    from aal.engine.rundir import RunFolderError
 
-    return (FileNotFoundError, DataError)
+    # OSError: full disk, unwritable or unreadable folder (FileNotFoundError among them)
+    return (OSError, DataError, CheckpointError, RunFolderError, FloatingPointError)
+
+
+def _one_line(err: BaseException) -> str:
+    text = " ".join(str(err).split()) or type(err).__name__
+    return text if len(text) <= 1000 else text[:997] + "..."
+
+
+_STOP_SIGNAL: list[int] = []  # the signal that stopped the command (SIGINT or SIGTERM)
+
+
+def _on_stop_signal(signum: int, _frame) -> None:
+    _STOP_SIGNAL.append(signum)
+    raise KeyboardInterrupt  # unwinds like Ctrl-C: run folders stay resumable, temporaries are removed
+
+
+def _interrupted(args: argparse.Namespace, err: KeyboardInterrupt) -> int:
+    run_dir = getattr(err, "run_dir", None)
+    if args.command == "train" and run_dir is not None:
+        hint = f"; resume with `aal train --resume {run_dir}`"
+    elif args.command == "eval" and getattr(args, "suite", None):
+        hint = "; rerun the same command to resume from the suite's state file"
+    else:
+        hint = ""
+    term = bool(_STOP_SIGNAL) and _STOP_SIGNAL[-1] == signal.SIGTERM
+    print(f"aal: {'terminated (SIGTERM)' if term else 'interrupted'}{hint}", file=sys.stderr)
+    return 143 if term else 130
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -480,31 +517,33 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``aal`` console script; returns the exit code."""
+    from aal._startup import in_main_thread
+
     parser = build_parser()
     args = parser.parse_args(argv)
+    handlers = {}
+    if in_main_thread():  # replaces the quiet start-up handlers (aal._startup); restored on return
+        handlers = {sig: signal.signal(sig, _on_stop_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    _STOP_SIGNAL.clear()
     try:
         return args.func(args)
     except ConfigError as err:
-        print(f"aal: error: {err}", file=sys.stderr)
+        print(f"aal: error: {_one_line(err)}", file=sys.stderr)
         return 2
     except _external_model_errors() as err:  # aal eval --model: factory, weights, shapes, data range
-        print(f"aal: error: {err}", file=sys.stderr)
+        print(f"aal: error: {_one_line(err)}", file=sys.stderr)
         return err.exit_code
-    except _user_errors() as err:  # missing/corrupt files: a clear message, no traceback
-        print(f"aal: error: {err}", file=sys.stderr)
-        return 1
     except BrokenPipeError:  # output piped into e.g. `head`, which closed early: not an error
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
-    except KeyboardInterrupt:
-        if args.command == "train":
-            hint = "; resume with `aal train --resume RUN_DIR`"
-        elif args.command == "eval" and getattr(args, "suite", None):
-            hint = "; rerun the same command to resume from the suite's state file"
-        else:
-            hint = ""
-        print(f"aal: interrupted{hint}", file=sys.stderr)
-        return 130
+    except _user_errors() as err:  # missing/corrupt files, I/O errors: a clear message, no traceback
+        print(f"aal: error: {_one_line(err)}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt as err:
+        return _interrupted(args, err)
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
 
 
 if __name__ == "__main__":

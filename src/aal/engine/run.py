@@ -17,6 +17,8 @@ Example:
 from __future__ import annotations
 
 import json
+import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,11 +27,20 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from aal.config import ConfigError, RunConfig, dump_config, load_config, method_params
+from aal.config import ConfigError, RunConfig, load_config, method_params
 from aal.data import BatchLoader, DataBundle, Split, load_data
 from aal.engine import distributed as dist_utils
-from aal.engine.checkpoint import load_checkpoint, load_model_weights
+from aal.engine.checkpoint import STATE_FILE, load_checkpoint, load_model_weights
 from aal.engine.optim import build_optimizer, build_scheduler
+from aal.engine.rundir import (
+    find_run_dir,
+    fit_or_resume,
+    history_seconds,
+    make_run_dir,
+    prepare_run_dir,
+    run_guard,
+    run_history,
+)
 from aal.engine.trainer import Trainer
 from aal.eval import EvalResult, evaluate
 from aal.methods import Method, create_method
@@ -91,10 +102,28 @@ def make_epoch_eval(cfg: RunConfig, bundle: DataBundle) -> Callable[[nn.Module],
     return fn
 
 
+def check_training_numbers(cfg: Any) -> None:
+    """Refuse NaN or infinite optimizer numbers and gradient clipping before anything runs (a NaN
+    learning rate passes ``lr > 0`` checks written as ``lr <= 0`` and ruins the first epoch).
+
+    Raises:
+        ConfigError: naming the key.
+    """
+    o = cfg.optim
+    for key, value, low in (("optim.lr", o.lr, "> 0"), ("optim.momentum", o.momentum, ">= 0"),
+                            ("optim.weight_decay", o.weight_decay, ">= 0"), ("grad_clip", cfg.grad_clip, "> 0")):
+        if value is None and key == "grad_clip":
+            continue
+        ok = isinstance(value, (int, float)) and math.isfinite(value) and (value > 0 if low == "> 0" else value >= 0)
+        if not ok:
+            raise ConfigError(f"{key}: must be a finite number {low}, got {value}")
+
+
 def build_optimization(cfg: Any, model: nn.Module, steps_per_epoch: int) -> tuple[torch.optim.Optimizer, Any]:
     """The optimizer and per-iteration LR schedule of a run config's ``optim`` and ``schedule``
     sections (shared by the classification, few-shot and detection runs)."""
     o, s = cfg.optim, cfg.schedule
+    check_training_numbers(cfg)
     optimizer = build_optimizer(
         model, o.name, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay, nesterov=o.nesterov
     )
@@ -103,19 +132,6 @@ def build_optimization(cfg: Any, model: nn.Module, steps_per_epoch: int) -> tupl
         milestones=s.milestones, gamma=s.gamma, warmup_epochs=s.warmup_epochs,
     )  # fmt: skip
     return optimizer, scheduler
-
-
-def make_run_dir(cfg: RunConfig) -> Path:
-    """``out_dir/name`` or ``out_dir/<method>-<dataset>-<YYYYmmdd-HHMMSS>`` (made unique)."""
-    base = Path(cfg.out_dir)
-    name = cfg.name or f"{cfg.method.name}-{cfg.data.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    path = base / name
-    k = 1
-    while path.exists() and cfg.name is None:
-        path = base / f"{name}-{k}"
-        k += 1
-    path.mkdir(parents=True, exist_ok=cfg.name is not None)
-    return path
 
 
 @dataclass
@@ -163,6 +179,9 @@ def build_experiment(cfg: RunConfig) -> Experiment:
     bundle = load_data(d.name, root=d.root, val_fraction=d.val_fraction, seed=cfg.seed, download=d.download)
     if d.train_n is not None:
         bundle.train = bundle.train.subset(d.train_n)
+    if len(bundle.train) < d.batch_size:  # drop_last: not one full batch per epoch
+        raise ConfigError(f"data.batch_size: {d.batch_size} is larger than the {len(bundle.train)} training images "
+                          f"of {d.name}{f' (data.train_n={d.train_n})' if d.train_n is not None else ''}")
     model = build_model(cfg, bundle).to(resolve_device(cfg.device))
     method = build_method(cfg)
     channels_last = default_channels_last(cfg.model.name) if cfg.model.channels_last is None else cfg.model.channels_last
@@ -200,77 +219,53 @@ def train_run(cfg: RunConfig, resume: str | Path | None = None, log: Callable[[s
     # a no-op outside torchrun; it binds a cuda process to its GPU before the model is built
     ctx = dist_utils.init_distributed(device="cuda" if resolve_device(cfg.device, bind=False).type == "cuda" else "cpu")
     try:
-        return _train_run(cfg, resume, log if dist_utils.is_main_rank() else (lambda _msg: None))
-    finally:
-        dist_utils.shutdown(ctx)  # only if this call created the group
+        out = _train_run(cfg, resume, log if dist_utils.is_main_rank() else (lambda _msg: None))
+    except BaseException:
+        dist_utils.shutdown(ctx, completed=False)  # only if this call created the group
+        raise
+    dist_utils.shutdown(ctx)  # every rank waits there until rank 0 has written results.json
+    return out
 
 
 def _train_run(cfg: RunConfig, resume: str | Path | None, log: Callable[[str], None]) -> tuple[Path, EvalResult]:
     main = dist_utils.is_main_rank()
-    exp = build_experiment(cfg)
-    if resume is not None:
-        run_dir = Path(resume)
-    else:
-        # rank 0 names and creates the folder (names carry a timestamp); the others are told
-        run_dir = make_run_dir(cfg) if main else None
-        if main:
-            dump_config(cfg, run_dir / "config.yaml")
-        run_dir = Path(dist_utils.broadcast_object(str(run_dir) if main else None))
-    log(f"run folder: {run_dir}")
+    exp = build_experiment(cfg)  # config, data and batch count checked before any folder exists
     optimizer, scheduler = build_optimization(cfg, exp.model, steps_per_epoch=len(exp.loader))
-    trainer = Trainer(
-        exp.model, exp.method, exp.loader, optimizer, scheduler, epochs=cfg.epochs, run_dir=run_dir,
-        evaluate_fn=make_epoch_eval(cfg, exp.bundle), checkpoint_every=cfg.checkpoint_every,
-        progress=cfg.progress, grad_clip=cfg.grad_clip, seed=cfg.seed, config=cfg.to_dict(),
-    )
-    if resume is not None and _has_checkpoint(run_dir):
-        trainer.resume(run_dir)
-    else:
-        if resume is not None:
-            log("no checkpoint in the run folder yet (killed during the first epoch): starting from epoch 1")
-            if main:
-                (run_dir / "metrics.jsonl").unlink(missing_ok=True)
-        trainer.fit()
-    t0 = time.perf_counter()
-    result = final_eval(cfg, exp.model, exp.bundle, progress=cfg.progress and main)
-    if not main:
-        return run_dir, result
+    # rank 0 names and creates (or finds) the folder (names carry a timestamp); the others are told
+    run_dir, created = prepare_run_dir(cfg, "auto" if resume is None else resume, resume is not None, log) if main else (None, False)
+    run_dir = Path(dist_utils.broadcast_object(str(run_dir) if main else None))
+    with run_guard(run_dir, created):
+        trainer = Trainer(
+            exp.model, exp.method, exp.loader, optimizer, scheduler, epochs=cfg.epochs, run_dir=run_dir,
+            evaluate_fn=make_epoch_eval(cfg, exp.bundle), checkpoint_every=cfg.checkpoint_every,
+            progress=cfg.progress, grad_clip=cfg.grad_clip, seed=cfg.seed, config=cfg.to_dict(),
+        )
+        fit_or_resume(trainer, run_dir, resume is not None, log)
+        t0 = time.perf_counter()
+        result = final_eval(cfg, exp.model, exp.bundle, progress=cfg.progress and main)
+        if main:
+            _write_results(cfg, run_dir, result, time.perf_counter() - t0, run_history(run_dir, trainer),
+                           exp.bundle.info.description)
+    return run_dir, result
+
+
+def _write_results(
+    cfg: RunConfig, run_dir: Path, result: EvalResult, eval_seconds: float, history: list[dict], source: str
+) -> None:
     payload = {
         "eval": result.to_dict(),
-        "eval_seconds": time.perf_counter() - t0,
+        "eval_seconds": eval_seconds,
         "method": cfg.method.name,
         "dataset": cfg.data.name,
         # what the pixels are, e.g. "CIFAR-10 (JPEG-q75 re-encoding)" for the JPEG zip
-        "dataset_source": exp.bundle.info.description,
+        "dataset_source": source,
         "model": cfg.model.name,
         "epochs": cfg.epochs,
-        "train_seconds": _train_seconds(run_dir),
+        "train_seconds": history_seconds(history) if history else None,  # every epoch, across resumes
         "machine": machine_description(),
         "processes": dist_utils.get_world_size(),  # DDP processes that trained and evaluated
     }
     (run_dir / "results.json").write_text(json.dumps(payload, indent=2))
-    return run_dir, result
-
-
-def _has_checkpoint(run_dir: Path) -> bool:
-    from aal.engine.checkpoint import resolve_checkpoint
-
-    try:
-        resolve_checkpoint(run_dir)
-    except FileNotFoundError:
-        return False
-    return True
-
-
-def _train_seconds(run_dir: Path) -> float | None:
-    path = run_dir / "metrics.jsonl"
-    if not path.exists():
-        return None
-    total = 0.0
-    for line in path.read_text().splitlines():
-        if line.strip():
-            total += float(json.loads(line).get("epoch_time", 0.0))
-    return total
 
 
 def machine_description() -> dict[str, Any]:
@@ -308,13 +303,10 @@ def machine_description() -> dict[str, Any]:
 def find_run_files(path: str | Path) -> tuple[Path, Path]:
     """``(config.yaml, checkpoint)`` for a run folder or a checkpoint path inside one."""
     p = Path(path)
-    if not p.exists():
-        raise FileNotFoundError(f"no run folder or checkpoint at {p}")
-    ckpt = p / "checkpoints" / "last" if (p / "checkpoints" / "last").exists() else p
-    for parent in [p, *p.parents]:
-        if (parent / "config.yaml").is_file():
-            return parent / "config.yaml", ckpt
-    raise FileNotFoundError(f"no config.yaml found in {p} or its parents; pass a run folder made by `aal train`")
+    root = find_run_dir(p)
+    # a checkpoint folder or a weights file inside the run is used as given; otherwise the run's last
+    own = os.path.lexists(p / STATE_FILE) or (p.suffix == ".safetensors" and not p.is_dir())
+    return root / "config.yaml", p if own else root
 
 
 def load_run(path: str | Path) -> tuple[RunConfig, nn.Module, DataBundle]:
@@ -341,6 +333,7 @@ __all__ = [
     "load_run",
     "machine_description",
     "build_optimization",
+    "check_training_numbers",
     "make_run_dir",
     "train_run",
 ]

@@ -185,6 +185,10 @@ class Trainer:
         self.step = 0  # optimizer steps taken so far
         self.history: list[dict[str, Any]] = []
         self._resumed = False
+        # when set: metrics.jsonl lines of later epochs (and a line cut by a crash) are dropped
+        # just before the next line is written, not when the checkpoint is loaded, so that a
+        # resume failing before its first epoch ends never loses a record it cannot replace
+        self.keep_metrics: int | None = None
 
     # ------------------------------------------------------------------------- paths
     @property
@@ -240,6 +244,8 @@ class Trainer:
             records.append(record)
             self.history.append(record)
             self.start_epoch = epoch + 1
+        if self.keep_metrics is not None:  # nothing was left to run: still drop the stale lines
+            self._truncate_metrics(self.keep_metrics)
         return records
 
     def train_epoch(self, epoch: int) -> dict[str, Any]:
@@ -318,11 +324,16 @@ class Trainer:
         if not is_main_process():
             return
         if self.metrics_path is not None:
-            self.metrics_path.parent.mkdir(parents=True, exist_ok=True)
-            with open(self.metrics_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
-                f.flush()  # a crash right after the epoch still leaves its line on disk
-                os.fsync(f.fileno())
+            if self.keep_metrics is not None:
+                self._truncate_metrics(self.keep_metrics)
+            try:
+                self.metrics_path.parent.mkdir(parents=True, exist_ok=True)
+                with open(self.metrics_path, "a") as f:
+                    f.write(json.dumps(record) + "\n")
+                    f.flush()  # a crash right after the epoch still leaves its line on disk
+                    os.fsync(f.fileno())
+            except OSError as err:  # full disk, read-only folder: say which file, in one line
+                raise OSError(err.errno, f"cannot write {self.metrics_path}: {err.strerror or err}") from None
         line = self.summary(record)
         if self.log_fn is not None:
             self.log_fn(line)
@@ -354,10 +365,14 @@ class Trainer:
         extra = {"config": self.config, "epochs": self.epochs, "step": self.step, "record": record}
         if rank_rng is not None:
             extra["rank_rng"] = rank_rng
-        return save_checkpoint(
-            self.checkpoint_path, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler,
-            method=self.method if hasattr(self.method, "state_dict") else None, epoch=epoch, extra=extra,
-        )
+        try:
+            return save_checkpoint(
+                self.checkpoint_path, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler,
+                method=self.method if hasattr(self.method, "state_dict") else None, epoch=epoch, extra=extra,
+            )
+        except OSError as err:  # full disk, unwritable folder: the previous checkpoint is intact
+            raise OSError(err.errno, f"cannot save the checkpoint {self.checkpoint_path} ({err.strerror or err}); "
+                          "the previous checkpoint, if any, is kept") from None
 
     def load(self, path: str | os.PathLike) -> dict[str, Any]:
         """Restore model, optimizer, scheduler, method state, RNG states and epoch from a checkpoint.
@@ -380,7 +395,7 @@ class Trainer:
         dist_utils.restore_rank_rng(meta["extra"].get("rank_rng"), fallback_seed=(self.seed or 0) + 7919 * self.start_epoch)
         if self.run_dir is None and ckpt.parent.name == "checkpoints":
             self.run_dir = ckpt.parent.parent
-        self._truncate_metrics(self.start_epoch)
+        self.keep_metrics = self.start_epoch  # applied when the next record is written
         return meta
 
     def resume(self, path: str | os.PathLike) -> list[dict[str, Any]]:
@@ -390,6 +405,7 @@ class Trainer:
 
     def _truncate_metrics(self, epochs_done: int) -> None:
         # epochs after the checkpoint are re-run; drop their lines (and a line cut by a crash)
+        self.keep_metrics = None
         path = self.metrics_path
         if path is None or not path.is_file() or not is_main_process():
             return

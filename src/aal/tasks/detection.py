@@ -543,8 +543,11 @@ def train_detection(
         cfg: as :func:`build_detection_experiment`.
         run_dir: the run folder (``config.yaml``, ``metrics.jsonl``, ``checkpoints/last``,
             ``results.json``); ``"auto"``: ``out_dir/name``, or ``out_dir/<method>-<dataset>-<time>``
-            without a ``name`` (as ``aal train``); ``None`` writes nothing.
-        resume: continue from ``run_dir``'s last checkpoint.
+            without a ``name`` (as ``aal train``); ``None`` writes nothing. A new run needs a fresh
+            folder (:mod:`aal.engine.rundir`).
+        resume: continue the run holding ``run_dir`` (any path inside it) from its last
+            checkpoint, or from epoch 1 when it has none yet; its config must match the
+            checkpoint's but for :data:`aal.engine.rundir.RESUME_MAY_CHANGE`.
         log: receives one-line messages (the epoch summaries when ``progress``).
         device: as :func:`build_detection_experiment`.
 
@@ -553,56 +556,43 @@ def train_detection(
         also ``method``, ``dataset``, ``model``, ``image_size``, ``epochs``, ``seed``, image counts,
         ``train_seconds``, ``eval_seconds``, ``history`` (the per-epoch records) and ``machine``.
     """
-    from aal.config import dump_config
-    from aal.engine.run import build_optimization, machine_description, make_run_dir
+    from aal.engine.run import build_optimization, machine_description
+    from aal.engine.rundir import fit_or_resume, history_seconds, prepare_run_dir, run_guard, run_history
     from aal.engine.trainer import Trainer
 
     exp = build_detection_experiment(cfg, device)
     cfg = exp.cfg
-    resolved = cfg.to_dict()
-    if isinstance(run_dir, str) and run_dir == "auto":
-        run_dir = make_run_dir(cfg)  # as `aal train` names classification runs
-        log(f"run folder: {run_dir}")
-    if run_dir is not None:
-        run_dir = Path(run_dir)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        if not resume:
-            dump_config(cfg, run_dir / "config.yaml")
     optimizer, scheduler = build_optimization(cfg, exp.model, steps_per_epoch=len(exp.loader))
-    trainer = Trainer(
-        exp.model, exp.method, exp.loader, optimizer, scheduler, epochs=cfg.epochs, run_dir=run_dir,
-        evaluate_fn=exp.epoch_eval(), eval_every=cfg.eval.every, checkpoint_every=cfg.checkpoint_every,
-        progress=cfg.progress, grad_clip=cfg.grad_clip, seed=cfg.seed, config=resolved,
-        log_fn=log if cfg.progress else None,
-    )  # fmt: skip
-    t0 = time.perf_counter()
-    if resume:
-        if run_dir is None:
-            raise ValueError("resume=True needs the run folder as run_dir")
-        trainer.resume(run_dir)
-    else:
-        trainer.fit()
-    train_seconds = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    test = exp.final_eval()
-    log("test " + "  ".join(f"{k} {v:.4f}" for k, v in test.items()))
-    results = {
-        "test": test,
-        "method": cfg.method.name,
-        "dataset": cfg.data.name,
-        "model": cfg.model.name,
-        "image_size": cfg.data.image_size,
-        "epochs": cfg.epochs,
-        "seed": cfg.seed,
-        "train_images": len(exp.train),
-        "test_images": len(exp.test),
-        "train_seconds": train_seconds,
-        "eval_seconds": time.perf_counter() - t0,
-        "history": trainer.history,
-        "machine": machine_description(),
-    }
-    if run_dir is not None:
-        (run_dir / "results.json").write_text(json.dumps(_plain_json(results), indent=2))
+    run_dir, created = prepare_run_dir(cfg, run_dir, resume, log)  # after every check that needs no folder
+    with run_guard(run_dir, created):
+        trainer = Trainer(
+            exp.model, exp.method, exp.loader, optimizer, scheduler, epochs=cfg.epochs, run_dir=run_dir,
+            evaluate_fn=exp.epoch_eval(), eval_every=cfg.eval.every, checkpoint_every=cfg.checkpoint_every,
+            progress=cfg.progress, grad_clip=cfg.grad_clip, seed=cfg.seed, config=cfg.to_dict(),
+            log_fn=log if cfg.progress else None,
+        )  # fmt: skip
+        fit_or_resume(trainer, run_dir, resume, log)
+        history = run_history(run_dir, trainer)  # the whole run's epochs, across resumes
+        t0 = time.perf_counter()
+        test = exp.final_eval()
+        log("test " + "  ".join(f"{k} {v:.4f}" for k, v in test.items()))
+        results = {
+            "test": test,
+            "method": cfg.method.name,
+            "dataset": cfg.data.name,
+            "model": cfg.model.name,
+            "image_size": cfg.data.image_size,
+            "epochs": cfg.epochs,
+            "seed": cfg.seed,
+            "train_images": len(exp.train),
+            "test_images": len(exp.test),
+            "train_seconds": history_seconds(history, include_eval=True),
+            "eval_seconds": time.perf_counter() - t0,
+            "history": history,
+            "machine": machine_description(),
+        }
+        if run_dir is not None:
+            (run_dir / "results.json").write_text(json.dumps(_plain_json(results), indent=2))
     return run_dir, results
 
 

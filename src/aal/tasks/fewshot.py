@@ -547,9 +547,12 @@ def train_fewshot(
         cfg: as :func:`build_fewshot_experiment`.
         run_dir: the run folder (``config.yaml``, ``metrics.jsonl``, ``checkpoints/last``,
             ``results.json``); ``"auto"``: ``out_dir/name``, or ``out_dir/<method>-<dataset>-<time>``
-            when the config has no ``name`` (as ``aal train``); ``None`` writes nothing.
+            when the config has no ``name`` (as ``aal train``); ``None`` writes nothing. A new run needs a fresh
+            folder (:mod:`aal.engine.rundir`).
         data: a loaded dataset to reuse.
-        resume: continue from ``run_dir``'s last checkpoint.
+        resume: continue the run holding ``run_dir`` (any path inside it) from its last
+            checkpoint, or from epoch 1 when it has none yet; its config must match the
+            checkpoint's but for :data:`aal.engine.rundir.RESUME_MAY_CHANGE`.
         log: receives one-line messages.
         device: as :func:`build_fewshot_experiment`.
 
@@ -558,50 +561,39 @@ def train_fewshot(
         ``"runs_20way1shot"`` for Omniglot's runs) to :func:`evaluate_fewshot`'s dicts.
     """
     from aal.engine import Trainer
-    from aal.config import dump_config
-    from aal.engine.run import build_optimization, machine_description, make_run_dir
+    from aal.engine.run import build_optimization, machine_description
+    from aal.engine.rundir import fit_or_resume, history_seconds, prepare_run_dir, run_guard, run_history
 
     exp = build_fewshot_experiment(cfg, data, device)
     cfg = exp.cfg
-    resolved = cfg.to_dict()
-    if isinstance(run_dir, str) and run_dir == "auto":
-        run_dir = make_run_dir(cfg)  # as `aal train` names classification runs
-        log(f"run folder: {run_dir}")
-    if run_dir is not None:
-        run_dir = Path(run_dir)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        if not resume:
-            dump_config(cfg, run_dir / "config.yaml")
     optimizer, scheduler = build_optimization(cfg, exp.model, steps_per_epoch=len(exp.loader))
-    trainer = Trainer(
-        exp.model, exp.method, exp.loader, optimizer, scheduler, epochs=cfg.epochs, run_dir=run_dir,
-        evaluate_fn=exp.epoch_eval_fn(), checkpoint_every=cfg.checkpoint_every, progress=cfg.progress,
-        grad_clip=cfg.grad_clip, seed=cfg.seed, config=resolved,
-    )  # fmt: skip
-    t0 = time.perf_counter()
-    if resume and run_dir is not None:
-        trainer.resume(run_dir)
-    else:
-        trainer.fit()
-    train_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    results = exp.final_eval(progress=cfg.progress)
-    for key, r in results.items():
-        log(f"{key}: {100 * r['mean']:.2f} +- {100 * r['ci95']:.2f} % ({r['n']} episodes)")
-    payload = {
-        "fewshot": results,
-        "method": cfg.method.name,
-        "dataset": cfg.data.name,
-        "model": cfg.model.name,
-        "epochs": cfg.epochs,
-        "episodes_per_epoch": cfg.data.episodes,
-        "train_seconds": train_s,
-        "eval_seconds": time.perf_counter() - t0,
-        "history": trainer.history,
-        "machine": machine_description(),
-    }
-    if run_dir is not None:
-        (run_dir / "results.json").write_text(json.dumps(payload, indent=2, default=float))
+    run_dir, created = prepare_run_dir(cfg, run_dir, resume, log)  # after every check that needs no folder
+    with run_guard(run_dir, created):
+        trainer = Trainer(
+            exp.model, exp.method, exp.loader, optimizer, scheduler, epochs=cfg.epochs, run_dir=run_dir,
+            evaluate_fn=exp.epoch_eval_fn(), checkpoint_every=cfg.checkpoint_every, progress=cfg.progress,
+            grad_clip=cfg.grad_clip, seed=cfg.seed, config=cfg.to_dict(),
+        )  # fmt: skip
+        fit_or_resume(trainer, run_dir, resume, log)
+        history = run_history(run_dir, trainer)  # the whole run's epochs, across resumes
+        t0 = time.perf_counter()
+        results = exp.final_eval(progress=cfg.progress)
+        for key, r in results.items():
+            log(f"{key}: {100 * r['mean']:.2f} +- {100 * r['ci95']:.2f} % ({r['n']} episodes)")
+        payload = {
+            "fewshot": results,
+            "method": cfg.method.name,
+            "dataset": cfg.data.name,
+            "model": cfg.model.name,
+            "epochs": cfg.epochs,
+            "episodes_per_epoch": cfg.data.episodes,
+            "train_seconds": history_seconds(history, include_eval=True),
+            "eval_seconds": time.perf_counter() - t0,
+            "history": history,
+            "machine": machine_description(),
+        }
+        if run_dir is not None:
+            (run_dir / "results.json").write_text(json.dumps(payload, indent=2, default=float))
     return run_dir, payload
 
 
