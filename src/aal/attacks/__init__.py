@@ -28,9 +28,11 @@ from aal.attacks.base import (
     ThreatModel,
     attack_mode,
     ce_loss,
+    check_images,
     cw_loss,
     dlr_loss,
     dlr_targeted_loss,
+    expected_channels,
     margin_loss,
 )
 from aal.attacks.gradient import BIM, FGSM, FGSMRS, PGD
@@ -106,10 +108,12 @@ __all__ = [
     "ThreatModel",
     "attack_mode",
     "ce_loss",
+    "check_images",
     "checkpoints",
     "cw_loss",
     "dlr_loss",
     "dlr_targeted_loss",
+    "expected_channels",
     "from_spec",
     "margin_loss",
 ]
