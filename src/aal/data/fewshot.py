@@ -369,11 +369,6 @@ def _skip_member(name: str) -> bool:
     return not name.lower().endswith(".png") or any(p.startswith(("__MACOSX", ".")) for p in parts)
 
 
-def _open_zip(path: Path) -> SafeZip:
-    """The zip with member names validated; member reads are size-checked (:class:`SafeZip`)."""
-    return SafeZip(path)
-
-
 def read_omniglot_zip(
     path: str | os.PathLike,
     image_size: int | None = 28,
@@ -400,12 +395,14 @@ def read_omniglot_zip(
         the class names.
 
     Raises:
-        DataError: unreadable zip, no images, or an undecodable image (naming the member).
+        DataError: unreadable zip, no images, an undecodable image (naming the member), an
+            unsafe member name or a member over the size, ratio or pixel limits of
+            :mod:`aal.data.limits` (checked before the member is read or decoded).
     """
     path = Path(path)
     exclude = set(exclude_alphabets)
     items: list[tuple[str, str]] = []  # (class name, member)
-    with _open_zip(path) as zf:
+    with SafeZip(path) as zf:
         for name in zf.namelist():
             if _skip_member(name):
                 continue
@@ -452,7 +449,7 @@ def read_omniglot_runs(path: str | os.PathLike, image_size: int | None = 28, inv
     """
     path = Path(path)
     runs: list[Episode] = []
-    with _open_zip(path) as zf:
+    with SafeZip(path) as zf:
         names = [n for n in zf.namelist() if not PurePosixPath(n).name.startswith(".") and "__MACOSX" not in n]
         label_files = sorted(n for n in names if PurePosixPath(n).name == "class_labels.txt")
         if not label_files:
