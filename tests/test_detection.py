@@ -379,9 +379,10 @@ def test_map_difficult_boxes_threshold_and_missing_classes():
     targets = [_gt([A, B], difficult=[False, True])]
     dets = [_det([B, A], [0.9, 0.8])]
     assert mean_average_precision(dets, targets, 1).ap[0] == 1.0
-    # IoU exactly 0.5 is not a match (VOC: ovmax > 0.5); just above is
-    half = [0, 0, 10, 5]  # IoU with A = 50/100
-    assert mean_average_precision([_det([half], [1.0])], [_gt([A])], 1).ap[0] == 0.0
+    # IoU exactly 0.5 is a match (VOC devkit VOCevaldet.m: ovmax >= minoverlap); so is just above
+    half = [0, 0, 10, 5]  # IoU with A = 50/100: exactly the 0.5 threshold
+    assert mean_average_precision([_det([half], [1.0])], [_gt([A])], 1).ap[0] == 1.0
+    assert mean_average_precision([_det([[0, 0, 10, 4.9]], [1.0])], [_gt([A])], 1).ap[0] == 0.0  # just below
     assert mean_average_precision([_det([[0, 0, 10, 5.1]], [1.0])], [_gt([A])], 1).ap[0] == 1.0
     # a class with no ground truth has AP NaN and is left out of the mean; missed objects give 0
     r = mean_average_precision([_det([A], [0.9], [0])], [_gt([A, B], [0, 2])], 3)

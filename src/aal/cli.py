@@ -52,18 +52,16 @@ def task_of(config_path: str | os.PathLike | None) -> str:
     Classification configs are :class:`aal.config.RunConfig`; few-shot and detection configs have
     their own sections (episodes, boxes) and builders in :mod:`aal.tasks`.
     """
-    import yaml
     from pathlib import Path
+
+    from aal.config import read_yaml_file, short
 
     if config_path is None or not Path(config_path).is_file():
         return "classification"
-    try:
-        raw = yaml.safe_load(Path(config_path).read_text())
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{config_path}: not valid YAML ({err})") from err
+    raw = read_yaml_file(config_path)
     task = raw.get("task", "classification") if isinstance(raw, dict) else "classification"
     if task not in TASKS:
-        raise ConfigError(f"task: unknown task {task!r} (known: {', '.join(TASKS)})")
+        raise ConfigError(f"task: unknown task {short(task)} (known: {', '.join(TASKS)})")
     return task
 
 

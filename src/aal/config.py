@@ -30,6 +30,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import re
+import reprlib
 import types
 import typing
 from dataclasses import dataclass, field
@@ -43,13 +44,130 @@ class ConfigError(ValueError):
     """An invalid configuration; the message names the offending key."""
 
 
+#: The longest echo of a user value in an error message (characters); longer values are elided
+#: in the middle (reprlib style), so an error about a huge value stays one readable line.
+MAX_ECHO = 200
+#: The largest config file read (bytes). Real configs are under 2 KB.
+MAX_CONFIG_BYTES = 1 << 20
+
+_echo = reprlib.Repr()  # attributes, not keywords: keywords need Python 3.12
+_echo.maxlevel, _echo.maxstring, _echo.maxother = 3, MAX_ECHO, MAX_ECHO
+_echo.maxlist = _echo.maxtuple = _echo.maxdict = _echo.maxset = 8
+
+
+def short(value: Any, limit: int = MAX_ECHO) -> str:
+    """``repr(value)`` capped at ``limit`` characters, for error messages.
+
+    Containers show their first elements only (``reprlib``), and whatever is still longer is cut
+    in the middle, so the cost is bounded whatever the value's size or nesting.
+
+    Example:
+        >>> short("x" * 1000)[:12], len(short("x" * 1000)) <= MAX_ECHO
+        ("'xxxxxxxxxxx", True)
+        >>> short(list(range(100)))
+        '[0, 1, 2, 3, 4, 5, 6, 7, ...]'
+    """
+    return clip(_echo.repr(value), limit)
+
+
+def clip(text: str, limit: int = MAX_ECHO) -> str:
+    """``text`` cut in the middle to at most ``limit`` characters (for messages that embed other messages)."""
+    text = str(text)
+    if len(text) <= limit:
+        return text
+    half = (limit - 5) // 2
+    return f"{text[:half]} ... {text[-half:]}"
+
+
+class _AliasRefused(yaml.composer.ComposerError):
+    """An alias to a defined anchor: refused (see :class:`_NoAliasLoader`)."""
+
+
+class _NoAliasLoader(yaml.SafeLoader):
+    """PyYAML's safe loader with aliases (``*name``) refused.
+
+    An alias shares a node; nested aliases expand exponentially when the loaded value is walked
+    or printed (the "billion laughs": 1 KB of YAML, gigabytes once rendered). A config never needs
+    them, so the composer refuses the first alias of a defined anchor instead of bounding the
+    expansion (an undefined alias stays PyYAML's own error).
+    """
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent) and self.peek_event().anchor in self.anchors:
+            event = self.peek_event()
+            raise _AliasRefused(
+                None, None, f"alias *{clip(event.anchor, 40)} is not allowed (aal configs refuse YAML aliases)",
+                event.start_mark,
+            )
+        return super().compose_node(parent, index)
+
+
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """``line:col: problem`` of a PyYAML error (one line; its own message spans 4-8)."""
+    mark = getattr(err, "problem_mark", None) or getattr(err, "context_mark", None)
+    problem = getattr(err, "problem", None) or getattr(err, "context", None) or str(err)
+    where = f"{mark.line + 1}:{mark.column + 1}: " if mark is not None else ""
+    return f"{where}{' '.join(str(problem).split())}"
+
+
+def parse_yaml(text: str, source: str = "<string>") -> Any:
+    """Parse YAML with the safe loader, no aliases; errors as one-line :class:`ConfigError`.
+
+    Args:
+        text: the document.
+        source: what to name in errors (a file path, or the override being parsed).
+
+    Raises:
+        ConfigError: ``"<source>:<line>:<col>: <problem>"`` for invalid YAML or an alias;
+            a document nested too deeply for the parser.
+
+    Example:
+        >>> parse_yaml("a: {b: 1}")
+        {'a': {'b': 1}}
+        >>> parse_yaml("a: &x [1]\\nb: *x", "c.yaml")
+        Traceback (most recent call last):
+        ...
+        aal.config.ConfigError: c.yaml:2:4: alias *x is not allowed (aal configs refuse YAML aliases)
+    """
+    try:
+        return yaml.load(text, Loader=_NoAliasLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{source}:{_yaml_problem(err)}") from None
+    except RecursionError:
+        raise ConfigError(f"{source}: not valid YAML (nested too deeply)") from None
+
+
+def read_yaml_file(path: str | Path) -> Any:
+    """Read and parse a YAML file (see :func:`parse_yaml`); at most :data:`MAX_CONFIG_BYTES`.
+
+    Raises:
+        ConfigError: missing or not a regular file, too large, not UTF-8, or not valid YAML
+            (one line naming the file).
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {p}")
+    try:
+        with open(p, "rb") as f:
+            data = f.read(MAX_CONFIG_BYTES + 1)
+    except OSError as err:
+        raise ConfigError(f"{p}: cannot read ({err.strerror or err})") from None
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{p}: larger than {MAX_CONFIG_BYTES} bytes; not a config file")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{p}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+    return parse_yaml(text, str(p))
+
+
 _FRACTION = re.compile(r"^\s*([-+]?\d*\.?\d+(?:[eE][-+]?\d+)?)\s*/\s*(\d*\.?\d+(?:[eE][-+]?\d+)?)\s*$")
 
 
 def parse_float(value: Any, key: str) -> float:
     """A float from a number or a string such as ``"0.1"`` or ``"8/255"``."""
     if isinstance(value, bool):
-        raise ConfigError(f"{key}: expected a number, got {value!r}")
+        raise ConfigError(f"{key}: expected a number, got {short(value)}")
     if isinstance(value, (int, float)):
         return float(value)
     if isinstance(value, str):
@@ -57,13 +175,13 @@ def parse_float(value: Any, key: str) -> float:
         if m:
             den = float(m[2])
             if den == 0:
-                raise ConfigError(f"{key}: division by zero in {value!r}")
+                raise ConfigError(f"{key}: division by zero in {short(value)}")
             return float(m[1]) / den
         try:
             return float(value)
         except ValueError:
             pass
-    raise ConfigError(f"{key}: expected a number (e.g. 0.1 or 8/255), got {value!r}")
+    raise ConfigError(f"{key}: expected a number (e.g. 0.1 or 8/255), got {short(value)}")
 
 
 def coerce(value: Any, tp: Any, key: str) -> Any:
@@ -83,37 +201,37 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
                 return coerce(value, a, key)
             except ConfigError as err:
                 errors.append(str(err))
-        raise ConfigError(errors[0] if len(errors) == 1 else f"{key}: {value!r} matches none of {tp}")
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{key}: {short(value)} matches none of {tp}")
     if origin is typing.Literal:
         if value not in args:
-            raise ConfigError(f"{key}: must be one of {', '.join(map(repr, args))}, got {value!r}")
+            raise ConfigError(f"{key}: must be one of {', '.join(map(repr, args))}, got {short(value)}")
         return value
     if origin in (tuple, list, Sequence) or tp in (tuple, list):
         if isinstance(value, str):
             value = [v for v in value.split(",") if v]
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key}: expected a list, got {value!r}")
+            raise ConfigError(f"{key}: expected a list, got {short(value)}")
         inner = args[0] if args else Any
         return tuple(coerce(v, inner, f"{key}[{i}]") for i, v in enumerate(value))
     if origin in (dict, Mapping) or tp in (dict, Mapping):
         if not isinstance(value, Mapping):
-            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+            raise ConfigError(f"{key}: expected a mapping, got {short(value)}")
         return dict(value)
     if tp is bool:
         if isinstance(value, bool):
             return value
         if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
             return value.lower() in ("true", "yes", "1")
-        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        raise ConfigError(f"{key}: expected true or false, got {short(value)}")
     if tp is int:
         if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, str) and value.strip().lstrip("-").isdigit())):
-            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+            raise ConfigError(f"{key}: expected an integer, got {short(value)}")
         return int(value)
     if tp is float:
         return parse_float(value, key)
     if tp is str:
         if not isinstance(value, str):
-            raise ConfigError(f"{key}: expected a string, got {value!r}")
+            raise ConfigError(f"{key}: expected a string, got {short(value)}")
         return value
     return value
 
@@ -308,7 +426,7 @@ def _hints(cls: type) -> dict[str, Any]:
 
 def _build_section(cls: type, raw: Mapping[str, Any], prefix: str) -> Any:
     if not isinstance(raw, Mapping):
-        raise ConfigError(f"{prefix}: expected a mapping, got {raw!r}")
+        raise ConfigError(f"{prefix}: expected a mapping, got {short(raw)}")
     hints = _hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     kwargs: dict[str, Any] = {}
@@ -324,7 +442,7 @@ def _build_section(cls: type, raw: Mapping[str, Any], prefix: str) -> Any:
         collected = ("options", "params") if cls in (ModelConfig, MethodConfig) else ()
         if key not in names or key in collected:
             known = [n for n in names if n not in collected]
-            raise ConfigError(f"unknown key '{prefix}.{key}' (known: {', '.join(known)})")
+            raise ConfigError(f"unknown key '{prefix}.{clip(key, 60)}' (known: {', '.join(known)})")
         kwargs[key] = coerce(value, hints[key], f"{prefix}.{key}")
     if cls is ModelConfig:
         kwargs["options"] = extra
@@ -339,7 +457,7 @@ def _set_dotted(d: dict[str, Any], dotted: str, value: Any) -> None:
     for p in parts[:-1]:
         nxt = cur.setdefault(p, {})
         if not isinstance(nxt, dict):
-            raise ConfigError(f"override {dotted!r}: {p!r} is not a section")
+            raise ConfigError(f"override {short(dotted)}: {short(p)} is not a section")
         cur = nxt
     cur[parts[-1]] = value
 
@@ -349,14 +467,16 @@ def parse_overrides(overrides: Sequence[str]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for item in overrides:
         if "=" not in item:
-            raise ConfigError(f"override {item!r} must look like key=value (e.g. method.eps=8/255)")
+            raise ConfigError(f"override {short(item)} must look like key=value (e.g. method.eps=8/255)")
         key, _, text = item.partition("=")
         key = key.strip()
         if not key:
-            raise ConfigError(f"override {item!r} has an empty key")
+            raise ConfigError(f"override {short(item)} has an empty key")
         try:
-            value = yaml.safe_load(text) if text.strip() else ""
-        except yaml.YAMLError:
+            value = yaml.load(text, Loader=_NoAliasLoader) if text.strip() else ""  # noqa: S506
+        except _AliasRefused as err:
+            raise ConfigError(f"override {short(key)}: {_yaml_problem(err)}") from None
+        except (yaml.YAMLError, RecursionError):  # not YAML: the text itself is the value
             value = text
         _set_dotted(out, key, value)
     return out
@@ -385,7 +505,7 @@ def config_from_dict(raw: Mapping[str, Any], validate: bool = True) -> RunConfig
         elif key in top:
             kwargs[key] = coerce(value, hints[key], key)
         else:
-            raise ConfigError(f"unknown key '{key}' (known: {', '.join(top)})")
+            raise ConfigError(f"unknown key '{clip(key, 60)}' (known: {', '.join(top)})")
     cfg = RunConfig(**kwargs)
     if validate:
         cfg = validate_config(cfg)
@@ -397,12 +517,7 @@ def load_config(path: str | Path | None, overrides: Sequence[str] = (), validate
     raw: dict[str, Any] = {}
     if path is not None:
         p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file not found: {p}")
-        try:
-            loaded = yaml.safe_load(p.read_text())
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{p}: not valid YAML ({err})") from err
+        loaded = read_yaml_file(p)
         if loaded is None:
             loaded = {}
         if not isinstance(loaded, dict):
@@ -429,7 +544,7 @@ def check_kwargs(factory: Any, params: Mapping[str, Any], prefix: str, skip: Seq
     for key, value in params.items():
         if key in skip or (key not in accepted and not has_var_kw):
             known = [n for n in accepted if n not in skip]
-            raise ConfigError(f"unknown key '{prefix}.{key}' (known: {', '.join(known) or 'none'})")
+            raise ConfigError(f"unknown key '{prefix}.{clip(key, 60)}' (known: {', '.join(known) or 'none'})")
         out[key] = coerce(value, hints.get(key, Any), f"{prefix}.{key}")
     return out
 
@@ -462,21 +577,21 @@ def validate_config(cfg: RunConfig) -> RunConfig:
         raise ConfigError(f"device: must be cpu, cuda, cuda:N or auto; got {str(cfg.device)[:80]!r}")
     d = cfg.data
     if d.name not in DATASETS:
-        raise ConfigError(f"data.name: unknown dataset {d.name!r} (known: {', '.join(DATASETS.names())})")
+        raise ConfigError(f"data.name: unknown dataset {short(d.name)} (known: {', '.join(DATASETS.names())})")
     _positive(d.batch_size, "data.batch_size")
     _positive(d.padding, "data.padding", allow_zero=True)
     _positive(d.train_n, "data.train_n")
     if not 0.0 <= d.val_fraction < 1.0:
         raise ConfigError(f"data.val_fraction: must be in [0, 1), got {d.val_fraction}")
     if d.augment not in ("none", "crop", "crop_flip"):
-        raise ConfigError(f"data.augment: must be one of none, crop, crop_flip; got {d.augment!r}")
+        raise ConfigError(f"data.augment: must be one of none, crop, crop_flip; got {short(d.augment)}")
     m = cfg.model
     if m.name not in MODELS:
-        raise ConfigError(f"model.name: unknown model {m.name!r} (known: {', '.join(MODELS.names())})")
+        raise ConfigError(f"model.name: unknown model {short(m.name)} (known: {', '.join(MODELS.names())})")
     if m.attention not in ATTENTION:
-        raise ConfigError(f"model.attention: unknown attention {m.attention!r} (known: {', '.join(ATTENTION.names())})")
+        raise ConfigError(f"model.attention: unknown attention {short(m.attention)} (known: {', '.join(ATTENTION.names())})")
     if m.head not in ("linear", "cosine"):
-        raise ConfigError(f"model.head: must be linear or cosine, got {m.head!r}")
+        raise ConfigError(f"model.head: must be linear or cosine, got {short(m.head)}")
     _positive(m.head_scale, "model.head_scale")
     options = check_kwargs(
         MODELS.get(m.name), m.options, "model", skip=("num_classes", "in_channels", "mean", "std", "attention")
@@ -487,23 +602,23 @@ def validate_config(cfg: RunConfig) -> RunConfig:
         with torch.device("meta"):
             MODELS.create(m.name, attention=None if m.attention == "none" else m.attention, **options)
     except (ValueError, TypeError) as err:
-        raise ConfigError(f"model ({m.name}): {err}") from err
+        raise ConfigError(f"model ({m.name}): {clip(err)}") from err
     if cfg.method.name not in METHODS:
-        raise ConfigError(f"method.name: unknown method {cfg.method.name!r} (known: {', '.join(METHODS.names())})")
+        raise ConfigError(f"method.name: unknown method {short(cfg.method.name)} (known: {', '.join(METHODS.names())})")
     params = check_kwargs(METHODS.get(cfg.method.name), cfg.method.params, "method")
     try:
         METHODS.create(cfg.method.name, **params)
     except (ValueError, TypeError) as err:
-        raise ConfigError(f"method ({cfg.method.name}): {err}") from err
+        raise ConfigError(f"method ({cfg.method.name}): {clip(err)}") from err
     o = cfg.optim
     if o.name not in ("sgd", "adam"):
-        raise ConfigError(f"optim.name: must be sgd or adam, got {o.name!r}")
+        raise ConfigError(f"optim.name: must be sgd or adam, got {short(o.name)}")
     _positive(o.lr, "optim.lr")
     _positive(o.weight_decay, "optim.weight_decay", allow_zero=True)
     _positive(o.momentum, "optim.momentum", allow_zero=True)
     s = cfg.schedule
     if s.name not in ("cosine", "multistep", "constant"):
-        raise ConfigError(f"schedule.name: must be cosine, multistep or constant, got {s.name!r}")
+        raise ConfigError(f"schedule.name: must be cosine, multistep or constant, got {short(s.name)}")
     _positive(s.warmup_epochs, "schedule.warmup_epochs", allow_zero=True)
     e = cfg.eval
     _positive(e.eps, "eval.eps", allow_zero=True)
@@ -517,7 +632,7 @@ def validate_config(cfg: RunConfig) -> RunConfig:
             try:
                 from_spec(spec, e.eps)
             except ValueError as err:
-                raise ConfigError(f"{key}: {err}") from err
+                raise ConfigError(f"{key}: {clip(err)}") from err
     # the validated config carries typed values (e.g. eps "8/255" -> 0.0313...)
     return dataclasses.replace(
         cfg,

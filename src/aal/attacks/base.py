@@ -267,6 +267,66 @@ def check_mask(mask: Tensor | None, x: Tensor) -> Tensor | None:
     return mask
 
 
+# ----------------------------------------------------------------------------- input checks
+#: Slack of the [0,1] range check: images computed in float (e.g. resized) may overshoot by rounding.
+RANGE_TOLERANCE = 1e-5
+
+
+def expected_channels(model: nn.Module) -> int | None:
+    """The input channel count ``model`` declares, or ``None`` when it declares none.
+
+    Read from the model's input normalisation (``model.normalize.mean``, shape (1,C,1,1), as
+    every :class:`aal.models.AttentionNet` has) or an integer ``model.in_channels``; wrappers
+    exposing ``.module`` (DistributedDataParallel) are looked through. Duck-typed: the attacks
+    sit above the models and do not import them.
+    """
+    for m in (model, getattr(model, "module", None)):
+        if m is None:
+            continue
+        mean = getattr(getattr(m, "normalize", None), "mean", None)
+        if isinstance(mean, Tensor) and mean.dim() == 4:
+            return int(mean.shape[1])
+        c = getattr(m, "in_channels", None)
+        if isinstance(c, int) and not isinstance(c, bool):
+            return c
+    return None
+
+
+def check_images(x: Tensor, model: nn.Module | None = None, what: str = "x") -> None:
+    """Refuse images an attack (or an evaluation) cannot handle, with a clear ``ValueError``.
+
+    Checks: a floating-point tensor, every value finite and in [0,1] (up to
+    :data:`RANGE_TOLERANCE`), and for 4-d images a channel count equal to
+    :func:`expected_channels` of ``model`` when the model declares one. Without these, a NaN
+    image "survives" every attack (the argmax of NaN logits is class 0), images in [0,255]
+    give adversarial examples hundreds away from ``x`` after the [0,1] clip, and a 1-channel
+    batch is silently broadcast through a 3-channel normalisation.
+
+    The cost is one ``aminmax`` pass over ``x`` and one host sync per call (measured overhead in
+    the README, "Guarantees under hostile input").
+
+    Raises:
+        ValueError: naming the problem (how many NaN/inf values, the range found, the channels).
+    """
+    if not x.is_floating_point():
+        raise ValueError(f"{what} must be float images in [0,1], got dtype {x.dtype} (divide uint8 images by 255)")
+    if x.numel():
+        lo, hi = torch.aminmax(x.detach())
+        # one sync; NaN fails both comparisons, so the common (valid) case costs one reduction
+        if not bool((lo >= -RANGE_TOLERANCE) & (hi <= 1.0 + RANGE_TOLERANCE)):
+            xd = x.detach()
+            n_nan, n_inf = int(torch.isnan(xd).sum()), int(torch.isinf(xd).sum())
+            if n_nan or n_inf:
+                raise ValueError(f"{what} has {n_nan} NaN and {n_inf} infinite values; images must be finite, in [0,1]")
+            raise ValueError(
+                f"{what} has values in [{float(lo):.4g}, {float(hi):.4g}]; images must lie in [0,1] "
+                "(divide uint8 images by 255; undo any normalisation: models normalise inside)"
+            )
+    c = expected_channels(model) if model is not None and x.dim() == 4 else None
+    if c is not None and x.shape[1] != c:
+        raise ValueError(f"{what} has {x.shape[1]} channels (shape {tuple(x.shape)}), but the model expects {c}")
+
+
 # ----------------------------------------------------------------------------- the loop
 class Attack:
     """Base class of every attack: ``attack(model, x, y, mask=None) -> x_adv``.
@@ -379,7 +439,8 @@ class Attack:
 
         Args:
             model: a module mapping images to outputs (logits for classification).
-            x: clean images in [0,1]; never modified.
+            x: clean images in [0,1]; never modified. Checked by :func:`check_images` (finite,
+                in [0,1], the model's channel count): ``ValueError`` otherwise.
             y: true labels, or target labels when ``targeted``.
             mask: optional per-pixel budget in [0,1], broadcastable to ``x`` (e.g. (B,1,H,W)).
 
@@ -387,6 +448,7 @@ class Attack:
             ``x_adv`` with the same shape, dtype and memory format as ``x``, detached.
         """
         x = x.detach()
+        check_images(x, model)
         mask = check_mask(mask, x)
         with attack_mode(model, self.mode), torch.enable_grad():
             u = self.perturb(model, x, y, mask, self._generator(x))

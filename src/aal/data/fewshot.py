@@ -35,9 +35,7 @@ Example:
 from __future__ import annotations
 
 import csv
-import io
 import os
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Iterator, Sequence
@@ -47,6 +45,7 @@ import torch
 from torch import Tensor
 
 from aal.data.base import DataError, Split, candidate_dirs, download_dir
+from aal.data.limits import MAX_IMAGE_FILE_BYTES, SafeZip, check_relative_name, open_image, read_file_bounded
 from aal.data.loader import _mix_seed
 from aal.registry import Registry
 
@@ -329,22 +328,28 @@ def rotate_classes(split: Split, class_names: Sequence[str], rotations: Sequence
 
 # ----------------------------------------------------------------------------- images
 def _decode(data: bytes, size: int | tuple[int, int] | None, mode: str, where: str) -> np.ndarray:
-    """A PNG/JPEG decoded by Pillow to uint8 (H,W,C), resized (Lanczos) to ``size`` if given."""
-    try:
-        from PIL import Image, UnidentifiedImageError
-    except ImportError as err:  # pragma: no cover - Pillow is a dependency of matplotlib
-        raise DataError("reading few-shot image files needs Pillow: pip install pillow") from err
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            im = im.convert(mode)
-            if size is not None:
-                hw = (size, size) if isinstance(size, int) else tuple(size)
-                if im.size != (hw[1], hw[0]):
-                    im = im.resize((hw[1], hw[0]), Image.Resampling.LANCZOS)
-            arr = np.asarray(im, dtype=np.uint8)
-    except (UnidentifiedImageError, OSError, ValueError) as err:
-        raise DataError(f"{where}: cannot decode image ({err})") from err
+    """A PNG/JPEG decoded by Pillow to uint8 (H,W,C), resized (Lanczos) to ``size`` if given.
+
+    The pixel count is checked from the header before decoding (:func:`aal.data.limits.open_image`).
+    """
+    with open_image(data, where) as im:
+        im = im.convert(mode)
+        if size is not None:
+            hw = (size, size) if isinstance(size, int) else tuple(size)
+            if im.size != (hw[1], hw[0]):
+                from PIL import Image
+
+                im = im.resize((hw[1], hw[0]), Image.Resampling.LANCZOS)
+        arr = np.asarray(im, dtype=np.uint8)
     return arr[:, :, None] if arr.ndim == 2 else arr
+
+
+def _stack(images: list[np.ndarray], where: str) -> np.ndarray:
+    """``np.stack`` of decoded images; images of different sizes are a :class:`DataError`."""
+    shapes = {a.shape for a in images}
+    if len(shapes) > 1:
+        raise DataError(f"{where}: images of different sizes {sorted(shapes)[:3]}; pass image_size")
+    return np.stack(images)
 
 
 # ----------------------------------------------------------------------------- Omniglot
@@ -362,13 +367,6 @@ OMNIGLOT_MD5 = {
 def _skip_member(name: str) -> bool:
     parts = PurePosixPath(name).parts
     return not name.lower().endswith(".png") or any(p.startswith(("__MACOSX", ".")) for p in parts)
-
-
-def _open_zip(path: Path) -> zipfile.ZipFile:
-    try:
-        return zipfile.ZipFile(path)
-    except (zipfile.BadZipFile, OSError) as err:
-        raise DataError(f"{path}: not a readable zip archive ({err}); re-download it") from err
 
 
 def read_omniglot_zip(
@@ -397,12 +395,14 @@ def read_omniglot_zip(
         the class names.
 
     Raises:
-        DataError: unreadable zip, no images, or an undecodable image (naming the member).
+        DataError: unreadable zip, no images, an undecodable image (naming the member), an
+            unsafe member name or a member over the size, ratio or pixel limits of
+            :mod:`aal.data.limits` (checked before the member is read or decoded).
     """
     path = Path(path)
     exclude = set(exclude_alphabets)
     items: list[tuple[str, str]] = []  # (class name, member)
-    with _open_zip(path) as zf:
+    with SafeZip(path) as zf:
         for name in zf.namelist():
             if _skip_member(name):
                 continue
@@ -418,7 +418,7 @@ def read_omniglot_zip(
         items.sort()
         classes = sorted({c for c, _ in items})
         index = {c: i for i, c in enumerate(classes)}
-        images = np.stack([_decode(zf.read(m), image_size, "L", f"{path}:{m}") for _, m in items])
+        images = _stack([_decode(zf.read(m), image_size, "L", f"{path}:{m}") for _, m in items], str(path))
     if invert:
         images = 255 - images
     x = torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2)))
@@ -449,7 +449,7 @@ def read_omniglot_runs(path: str | os.PathLike, image_size: int | None = 28, inv
     """
     path = Path(path)
     runs: list[Episode] = []
-    with _open_zip(path) as zf:
+    with SafeZip(path) as zf:
         names = [n for n in zf.namelist() if not PurePosixPath(n).name.startswith(".") and "__MACOSX" not in n]
         label_files = sorted(n for n in names if PurePosixPath(n).name == "class_labels.txt")
         if not label_files:
@@ -475,8 +475,8 @@ def read_omniglot_runs(path: str | os.PathLike, image_size: int | None = 28, inv
                 pairs.append((item, cls[target]))
             if not pairs:
                 raise DataError(f"{path}:{lf}: no test items listed")
-            sx = np.stack([_decode(zf.read(m), image_size, "L", f"{path}:{m}") for m in train_files])
-            qx = np.stack([_decode(zf.read(m), image_size, "L", f"{path}:{m}") for m, _ in pairs])
+            sx = _stack([_decode(zf.read(m), image_size, "L", f"{path}:{m}") for m in train_files], f"{path}:{run_dir}")
+            qx = _stack([_decode(zf.read(m), image_size, "L", f"{path}:{m}") for m, _ in pairs], f"{path}:{run_dir}")
             if invert:
                 sx, qx = 255 - sx, 255 - qx
             to_t = lambda a: torch.from_numpy(np.ascontiguousarray(a.transpose(0, 3, 1, 2))).float().div_(255.0)  # noqa: E731
@@ -628,16 +628,13 @@ def read_csv_split(
     index = {c: i for i, c in enumerate(classes)}
     imgs = []
     for fname, _ in rows:
-        p = root / images_dir / fname
+        p = root / images_dir / check_relative_name(fname, str(path))
         try:
-            data = p.read_bytes()
-        except OSError as err:
-            raise DataError(f"{path}: image {p} listed in the CSV cannot be read ({err.strerror})") from err
+            data = read_file_bounded(p, MAX_IMAGE_FILE_BYTES, "image file")
+        except DataError as err:
+            raise DataError(f"{path}: image listed in the CSV cannot be read ({err})") from None
         imgs.append(_decode(data, image_size, "RGB", str(p)))
-    shapes = {a.shape for a in imgs}
-    if len(shapes) > 1:
-        raise DataError(f"{root / images_dir}: images of different sizes {sorted(shapes)[:3]}; pass image_size")
-    x = torch.from_numpy(np.ascontiguousarray(np.stack(imgs).transpose(0, 3, 1, 2)))
+    x = torch.from_numpy(np.ascontiguousarray(_stack(imgs, str(root / images_dir)).transpose(0, 3, 1, 2)))
     y = torch.tensor([index[lab] for _, lab in rows], dtype=torch.int64)
     return Split(x, y), classes
 

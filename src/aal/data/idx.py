@@ -17,6 +17,8 @@ Where the files are looked for (first directory holding all four wins):
 from __future__ import annotations
 
 import gzip
+import io
+import math
 import os
 import struct
 import zlib
@@ -35,6 +37,12 @@ from aal.data.base import (
     download_dir,
 )
 from aal.data.download import Resource, download_file
+from aal.data.limits import read_file_bounded
+
+#: Largest IDX file read (bytes; MNIST's largest is 47 MB raw, 9.9 MB gzip'ed).
+MAX_IDX_FILE_BYTES = 1 << 30
+#: Largest data size an IDX header may declare (bytes), checked before the data is read.
+MAX_IDX_BYTES = 1 << 30
 
 # IDX type byte -> numpy dtype (big-endian where it matters)
 _IDX_DTYPES = {
@@ -95,53 +103,69 @@ def read_idx(path: str | os.PathLike, expected_ndim: int | None = None) -> np.nd
         (e.g. uint8 ``(60000, 28, 28)``).
 
     Raises:
-        DataError: missing file, truncated/corrupt gzip, bad magic number, or a data size that
-            does not match the header. The message names the file.
+        DataError: missing file, truncated/corrupt gzip, bad magic number, a data size that
+            does not match the header, or a header declaring more than :data:`MAX_IDX_BYTES`
+            (products of dimensions are exact: no overflow). The message names the file.
 
     Example:
         >>> read_idx("/usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz", 1).shape  # doctest: +SKIP
         (10000,)
     """
     path = Path(path)
+    raw = read_file_bounded(path, MAX_IDX_FILE_BYTES, "IDX file")
+    gz = raw[:2] == b"\x1f\x8b"
+    # gzip is decompressed as a stream, only as far as the header says: a small .gz can expand
+    # to gigabytes, and the size is known (and checked) before the data is read
+    stream = gzip.GzipFile(fileobj=io.BytesIO(raw)) if gz else io.BytesIO(raw)
     try:
-        raw = path.read_bytes()
-    except FileNotFoundError as e:
-        raise DataError(f"IDX file not found: {path}") from e
-    except OSError as e:
-        raise DataError(f"cannot read IDX file {path}: {e}") from e
-    if raw[:2] == b"\x1f\x8b":
-        try:
-            raw = gzip.decompress(raw)
-        except (OSError, EOFError, zlib.error) as e:  # BadGzipFile is an OSError
-            raise DataError(f"{path}: corrupt or truncated gzip file ({e}); re-download it") from e
+        return _parse_idx(stream, path, expected_ndim, None if gz else len(raw))
+    except (OSError, EOFError, zlib.error) as e:  # BadGzipFile is an OSError
+        raise DataError(f"{path}: corrupt or truncated gzip file ({e}); re-download it") from e
 
+
+def _parse_idx(stream: io.BufferedIOBase, path: Path, expected_ndim: int | None, file_size: int | None) -> np.ndarray:
+    """The array of an IDX byte stream (see :func:`read_idx`); ``file_size`` for raw files."""
     expected_magic = "0x0000080{}".format(expected_ndim if expected_ndim is not None else "N")
-    if len(raw) < 4:
-        raise DataError(f"{path}: {len(raw)} bytes, too short for an IDX header (magic {expected_magic})")
-    zero, type_code, ndim = struct.unpack(">HBB", raw[:4])
+    magic = stream.read(4)
+    if len(magic) < 4:
+        raise DataError(f"{path}: {len(magic)} bytes, too short for an IDX header (magic {expected_magic})")
+    zero, type_code, ndim = struct.unpack(">HBB", magic)
     if zero != 0 or type_code not in _IDX_DTYPES:
         raise DataError(
-            f"{path}: bad magic number 0x{raw[:4].hex()} (expected an IDX file, magic {expected_magic}: "
+            f"{path}: bad magic number 0x{magic.hex()} (expected an IDX file, magic {expected_magic}: "
             "0x08 = uint8 data). Is this the right file, or an HTML error page saved under its name?"
         )
     if expected_ndim is not None and ndim != expected_ndim:
         raise DataError(
-            f"{path}: magic number 0x{raw[:4].hex()} declares a {ndim}-d array, expected {expected_ndim}-d "
+            f"{path}: magic number 0x{magic.hex()} declares a {ndim}-d array, expected {expected_ndim}-d "
             f"(magic {expected_magic}); images and labels files swapped?"
         )
     header = 4 + 4 * ndim
-    if len(raw) < header:
-        raise DataError(f"{path}: truncated header ({len(raw)} bytes, need {header} for {ndim} dimensions)")
-    dims = struct.unpack(f">{ndim}I", raw[4:header])
+    dims_raw = stream.read(4 * ndim)
+    if len(dims_raw) < 4 * ndim:
+        raise DataError(f"{path}: truncated header ({4 + len(dims_raw)} bytes, need {header} for {ndim} dimensions)")
+    dims = struct.unpack(f">{ndim}I", dims_raw)
     dtype = _IDX_DTYPES[type_code]
-    count = int(np.prod(dims, dtype=np.int64))
-    want, have = count * dtype.itemsize, len(raw) - header
-    if have != want:
+    want = math.prod(dims) * dtype.itemsize  # Python ints: no overflow (numpy's int64 product wraps)
+    if want > MAX_IDX_BYTES:
+        raise DataError(
+            f"{path}: header declares shape {dims} of {dtype} = {want} bytes of data, over the "
+            f"{MAX_IDX_BYTES} byte limit; not an MNIST-like file (corrupt header?)"
+        )
+    if file_size is not None and file_size - header != want:
+        have = file_size - header
         raise DataError(
             f"{path}: header declares shape {dims} of {dtype} = {want} bytes of data, but the file "
             f"holds {have} ({'truncated' if have < want else 'trailing bytes'}); re-download it"
         )
-    arr = np.frombuffer(raw, dtype=dtype, count=count, offset=header).reshape(dims)
+    body = stream.read(want + 1)
+    if len(body) != want:
+        raise DataError(
+            f"{path}: header declares shape {dims} of {dtype} = {want} bytes of data, but the file holds "
+            f"{'only ' + str(len(body)) if len(body) < want else 'more'} (decompressed) "
+            f"({'truncated' if len(body) < want else 'trailing bytes'}); re-download it"
+        )
+    arr = np.frombuffer(body, dtype=dtype).reshape(dims)
     # one copy: native byte order and writable (frombuffer on bytes is read-only)
     return arr.astype(dtype.newbyteorder("="), copy=True)
 

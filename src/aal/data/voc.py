@@ -48,6 +48,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from aal.data.base import DataError, candidate_dirs
+from aal.data.limits import MAX_IMAGE_FILE_BYTES, check_relative_name, open_image, read_file_bounded
 
 #: The 20 Pascal VOC classes, in the devkit's order.
 VOC_CLASSES = (
@@ -264,6 +265,8 @@ def read_image_set(voc_root: str | os.PathLike, split: str) -> list[str]:
         raise DataError(f"{path}: image set {split!r} not found (available: {', '.join(have) or 'none'})")
     # a VOC class-wise file lists "id  1/-1"; the main split files list the id alone
     ids = [line.split()[0] for line in path.read_text().splitlines() if line.strip()]
+    for image_id in ids:  # ids become file names: Annotations/<id>.xml, JPEGImages/<id>.jpg
+        check_relative_name(image_id, str(path))
     if not ids:
         raise DataError(f"{path}: the image set is empty")
     return ids
@@ -272,24 +275,24 @@ def read_image_set(voc_root: str | os.PathLike, split: str) -> list[str]:
 def read_image(path: str | os.PathLike, size: int | None) -> tuple[Tensor, tuple[int, int]]:
     """An RGB image as uint8 (3,S,S) (bilinear resize to ``size``; no resize when None) and its original (H, W).
 
-    Raises:
-        DataError: the file is missing or not a readable image.
-    """
-    from PIL import Image, UnidentifiedImageError
+    The file must be a regular file of at most :data:`aal.data.limits.MAX_IMAGE_FILE_BYTES`, and
+    its header must declare at most :data:`aal.data.limits.MAX_IMAGE_PIXELS` pixels (checked
+    before decoding).
 
+    Raises:
+        DataError: the file is missing, too large, not a readable image, or too many pixels.
+    """
     path = Path(path)
-    try:
-        with Image.open(path) as im:
-            im = im.convert("RGB")
-            orig = (im.height, im.width)
-            if size is not None and (im.width, im.height) != (size, size):
-                im = im.resize((size, size), Image.BILINEAR)
-            data = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8)
-            t = data.view(im.height, im.width, 3).permute(2, 0, 1).contiguous()
-    except FileNotFoundError:
-        raise DataError(f"{path}: image file not found") from None
-    except (UnidentifiedImageError, OSError) as err:
-        raise DataError(f"{path}: not a readable image ({err})") from None
+    data = read_file_bounded(path, MAX_IMAGE_FILE_BYTES, "image file")
+    with open_image(data, str(path)) as im:
+        im = im.convert("RGB")
+        orig = (im.height, im.width)
+        if size is not None and (im.width, im.height) != (size, size):
+            from PIL import Image
+
+            im = im.resize((size, size), Image.BILINEAR)
+        buf = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8)
+        t = buf.view(im.height, im.width, 3).permute(2, 0, 1).contiguous()
     return t, orig
 
 
@@ -408,7 +411,7 @@ def load_voc(
             continue
         img_path = voc / "JPEGImages" / f"{image_id}.jpg"
         if not img_path.is_file() and ann.filename:
-            img_path = voc / "JPEGImages" / ann.filename
+            img_path = voc / "JPEGImages" / check_relative_name(ann.filename, str(ann.path))
         img, (h, w) = read_image(img_path, image_size)
         if (h, w) != (ann.height, ann.width):
             raise DataError(

@@ -6,7 +6,8 @@ This is the metric of the VOC devkit since 2010 (``VOCevaldet`` / py-faster-rcnn
 * per class, all detections of the class over the whole set are sorted by decreasing score
   (ties keep their input order, a stable sort);
 * a detection is a true positive if its best-overlapping ground-truth box of the same class in
-  its image has ``IoU > iou_threshold`` (strictly, as the devkit's ``ovmax > ovthresh``) and
+  its image has ``IoU >= iou_threshold`` (as the devkit's ``VOCevaldet.m``: ``ovmax >= minoverlap``;
+  py-faster-rcnn's ``voc_eval.py`` uses ``>``, which differs only at exactly 0.5) and
   that box was not already taken by a higher-scoring detection; otherwise a false positive;
 * **difficult** ground-truth boxes are ignored: they do not count in the number of positives,
   and a detection whose best match is a difficult box is neither a true nor a false positive;
@@ -156,13 +157,14 @@ class DetectionMAP:
         npos, scores, flags = 0, [], []
         for d, g in zip(self._dets, self._gts):
             sel = g["labels"] == c
-            gb, gdiff = g["boxes"][sel].reshape(-1, 4), g["difficult"][sel].numpy()
+            # IoUs in float64, as the devkit (MATLAB doubles): the >= threshold test is exact at 0.5
+            gb, gdiff = g["boxes"][sel].reshape(-1, 4).double(), g["difficult"][sel].numpy()
             npos += int((~gdiff).sum())
             dsel = d["labels"] == c
             if not bool(dsel.any()):
                 continue
             sc = d["scores"][dsel].double()
-            db = d["boxes"][dsel].reshape(-1, 4).float()
+            db = d["boxes"][dsel].reshape(-1, 4).double()
             # The greedy assignment in an image depends only on that image's detections, taken in
             # decreasing score (ties: input order, as the global stable sort): so it is done per
             # image with one IoU matrix, then the flags are ranked globally.
@@ -177,7 +179,7 @@ class DetectionMAP:
                 taken = np.zeros(gb.shape[0], dtype=bool)
                 for k in range(order.numel()):
                     j = best[k]
-                    if best_iou[k] > self.iou_threshold:
+                    if best_iou[k] >= self.iou_threshold:
                         if gdiff[j]:
                             continue  # matched a difficult box: neither TP nor FP
                         if not taken[j]:

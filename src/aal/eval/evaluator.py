@@ -38,7 +38,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from aal.attacks import from_spec
+from aal.attacks import check_images, from_spec
 
 AttackFn = Callable[[nn.Module, Tensor, Tensor], Tensor]
 AttackSpec = str | AttackFn | tuple[str, AttackFn]
@@ -169,6 +169,10 @@ def evaluate(
     Returns:
         an :class:`EvalResult`.
 
+    Raises:
+        ValueError: images that are not finite, not in [0,1], or whose channel count differs
+            from the model's (:func:`aal.attacks.check_images`).
+
     Example:
         >>> import torch, aal
         >>> model = aal.create_model("small_cnn")
@@ -180,6 +184,8 @@ def evaluate(
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     x_all, y_all, is_uint8 = _as_tensors(data, n)
+    # once, on all points: uint8 images are in range by construction (only their channels are checked)
+    check_images(x_all[:1].float().div(255) if is_uint8 else x_all, model, "images")
     named = _named_attacks(attacks, eps, seed)
     if device is None:
         p = next(model.parameters(), None)

@@ -126,12 +126,15 @@ def nms(boxes: Tensor, scores: Tensor, iou_threshold: float, max_keep: int | Non
         boxes: (n,4) xyxy.
         scores: (n,).
         iou_threshold: suppression threshold.
-        max_keep: stop after this many kept boxes (the first ``max_keep`` of the full result).
+        max_keep: stop after this many kept boxes (the first ``max_keep`` of the full result;
+            0 keeps none).
 
     Returns:
         int64 indices of the kept boxes, by decreasing score.
     """
-    if boxes.numel() == 0:
+    if max_keep is not None and int(max_keep) < 0:
+        raise ValueError(f"max_keep must be >= 0 or None, got {max_keep}")
+    if boxes.numel() == 0 or (max_keep is not None and int(max_keep) == 0):
         return torch.zeros(0, dtype=torch.int64, device=boxes.device)
     order = torch.sort(scores, descending=True, stable=True).indices
     # The greedy scan is sequential; it runs in NumPy (float64) with one IoU row per *kept* box
@@ -163,12 +166,16 @@ def batched_nms(boxes: Tensor, scores: Tensor, labels: Tensor, iou_threshold: fl
     """:func:`nms` independently per label (boxes of different labels never suppress each other).
 
     Done in one call by shifting each label's boxes to a disjoint region (torchvision's trick).
-    Returns kept indices by decreasing score.
+    The shift is computed in float64 from the boxes' minimum: in float32, a label offset of
+    ``label * span`` rounds the coordinates to the float32 spacing at that magnitude (2 px at
+    1.6e7), which changes IoUs and hence the result. Returns kept indices by decreasing score.
     """
     if boxes.numel() == 0:
         return torch.zeros(0, dtype=torch.int64, device=boxes.device)
-    span = float(boxes.max() - boxes.min()) + 1.0
-    shifted = boxes + (labels.to(boxes.dtype) * span)[:, None]
+    b = boxes.detach().double()
+    lo = b.min()
+    span = float(b.max() - lo) + 1.0
+    shifted = (b - lo) + (labels.to(device=b.device, dtype=torch.float64) * span)[:, None]
     return nms(shifted, scores, iou_threshold, max_keep)
 
 

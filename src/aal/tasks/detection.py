@@ -371,7 +371,7 @@ def detection_config_from_dict(raw: Mapping[str, Any]) -> DetectionRunConfig:
     Raises:
         aal.config.ConfigError: unknown keys or names, or impossible values (the message names the key).
     """
-    from aal.config import ConfigError, MethodConfig, ModelConfig, OptimConfig, ScheduleConfig, _build_section, check_kwargs, coerce
+    from aal.config import ConfigError, MethodConfig, ModelConfig, OptimConfig, ScheduleConfig, _build_section, check_kwargs, clip, coerce, short
     from aal.methods import METHODS
     from aal.models import MODELS
 
@@ -389,22 +389,22 @@ def detection_config_from_dict(raw: Mapping[str, Any]) -> DetectionRunConfig:
     for key, value in raw.items():
         if key in sections:
             if value is not None and not isinstance(value, Mapping):
-                raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+                raise ConfigError(f"{key}: expected a mapping, got {short(value)}")
             kwargs[key] = _build_section(sections[key], {**defaults.get(key, {}), **(value or {})}, key)
         elif key in hints:
             kwargs[key] = coerce(value, hints[key], key)
         else:
-            raise ConfigError(f"unknown key '{key}' (known: {', '.join(hints)})")
+            raise ConfigError(f"unknown key '{clip(key, 60)}' (known: {', '.join(hints)})")
     cfg = DetectionRunConfig(**kwargs)
     if cfg.task != "detection":
-        raise ConfigError(f"task: a detection config must say task: detection, got {cfg.task!r}")
+        raise ConfigError(f"task: a detection config must say task: detection, got {short(cfg.task)}")
     if cfg.epochs < 1:
         raise ConfigError(f"epochs: must be > 0, got {cfg.epochs}")
     d = cfg.data
     if d.classes is None and d.name not in DATASET_CLASSES:
-        raise ConfigError(f"data.classes: dataset {d.name!r} has no default class list (known: {', '.join(DATASET_CLASSES)})")
+        raise ConfigError(f"data.classes: dataset {short(d.name)} has no default class list (known: {', '.join(DATASET_CLASSES)})")
     if d.augment not in DETECTION_AUGMENTATIONS:
-        raise ConfigError(f"data.augment: must be one of {', '.join(DETECTION_AUGMENTATIONS)}; got {d.augment!r}")
+        raise ConfigError(f"data.augment: must be one of {', '.join(DETECTION_AUGMENTATIONS)}; got {short(d.augment)}")
     if d.image_size < 32:
         raise ConfigError(f"data.image_size: must be >= 32, got {d.image_size}")
     if d.batch_size < 1:
@@ -412,11 +412,11 @@ def detection_config_from_dict(raw: Mapping[str, Any]) -> DetectionRunConfig:
     m = cfg.model
     if m.name not in MODELS or getattr(MODELS.get(m.name), "task", None) != "detection":
         dets = [n for n in MODELS.names() if getattr(MODELS.get(n), "task", None) == "detection"]
-        raise ConfigError(f"model.name: {m.name!r} is not a detector (detectors: {', '.join(dets)})")
+        raise ConfigError(f"model.name: {short(m.name)} is not a detector (detectors: {', '.join(dets)})")
     options = check_kwargs(MODELS.get(m.name), m.options, "model", skip=("num_classes", "in_channels", "mean", "std", "attention", "image_size"))
     if cfg.method.name not in METHODS or getattr(METHODS.get(cfg.method.name), "batch_type", None) != "detection":
         ms = [n for n in METHODS.names() if getattr(METHODS.get(n), "batch_type", None) == "detection"]
-        raise ConfigError(f"method.name: {cfg.method.name!r} is not a detection method (known: {', '.join(ms)})")
+        raise ConfigError(f"method.name: {short(cfg.method.name)} is not a detection method (known: {', '.join(ms)})")
     params = check_kwargs(METHODS.get(cfg.method.name), cfg.method.params, "method")
     try:
         METHODS.create(cfg.method.name, **params)
@@ -433,16 +433,12 @@ def detection_config_from_dict(raw: Mapping[str, Any]) -> DetectionRunConfig:
 
 def load_detection_config(path: str | Path | None, overrides: Sequence[str] = ()) -> DetectionRunConfig:
     """Load a detection YAML config and apply ``key=value`` overrides (e.g. ``data.image_size=300``)."""
-    import yaml
-
-    from aal.config import ConfigError, _merge, parse_overrides
+    from aal.config import ConfigError, _merge, parse_overrides, read_yaml_file
 
     raw: dict[str, Any] = {}
     if path is not None:
         p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file not found: {p}")
-        loaded = yaml.safe_load(p.read_text()) or {}
+        loaded = read_yaml_file(p) or {}
         if not isinstance(loaded, dict):
             raise ConfigError(f"{p}: a config must be a mapping at the top level")
         raw = loaded

@@ -343,7 +343,7 @@ def fewshot_config(raw: Mapping[str, Any], validate: bool = True) -> FewShotRunC
         aal.config.ConfigError: unknown keys or names, impossible values, a non-episodic method
             (the message names the key).
     """
-    from aal.config import ConfigError, MethodConfig, ModelConfig, OptimConfig, ScheduleConfig, _build_section, check_kwargs, coerce
+    from aal.config import ConfigError, MethodConfig, ModelConfig, OptimConfig, ScheduleConfig, _build_section, check_kwargs, clip, coerce, short
 
     if not isinstance(raw, Mapping):
         raise ConfigError(f"a config must be a mapping at the top level, got {type(raw).__name__}")
@@ -357,7 +357,7 @@ def fewshot_config(raw: Mapping[str, Any], validate: bool = True) -> FewShotRunC
         elif key in hints:
             kwargs[key] = coerce(value, hints[key], key)
         else:
-            raise ConfigError(f"unknown key '{key}' (known: {', '.join(hints)})")
+            raise ConfigError(f"unknown key '{clip(key, 60)}' (known: {', '.join(hints)})")
     # sections left out get few-shot defaults (not the classification ones of aal.config)
     kwargs.setdefault("model", ModelConfig(name="small_cnn", attention="cbam"))
     kwargs.setdefault("method", MethodConfig(name="protonet"))
@@ -365,7 +365,7 @@ def fewshot_config(raw: Mapping[str, Any], validate: bool = True) -> FewShotRunC
     kwargs.setdefault("schedule", ScheduleConfig())
     cfg = FewShotRunConfig(**kwargs)
     if cfg.task != "fewshot":
-        raise ConfigError(f"task: a few-shot config must say task: fewshot, got {cfg.task!r}")
+        raise ConfigError(f"task: a few-shot config must say task: fewshot, got {short(cfg.task)}")
     if not validate:
         return cfg
     from aal.attention import ATTENTION
@@ -378,7 +378,7 @@ def fewshot_config(raw: Mapping[str, Any], validate: bool = True) -> FewShotRunC
             raise ConfigError(f"{key}: must be > 0, got {v}")
     d, e = cfg.data, cfg.eval
     if d.name not in FEWSHOT_DATASETS:
-        raise ConfigError(f"data.name: unknown few-shot dataset {d.name!r} (known: {', '.join(FEWSHOT_DATASETS.names())})")
+        raise ConfigError(f"data.name: unknown few-shot dataset {short(d.name)} (known: {', '.join(FEWSHOT_DATASETS.names())})")
     d = dataclasses.replace(d, options=check_kwargs(FEWSHOT_DATASETS.get(d.name), d.options, "data.options", skip=("root", "download")))
     for prefix, sec, keys in (("data", d, ("n_way", "k_shot", "n_query", "episodes")), ("eval", e, ("n_way", "n_query", "episodes"))):
         for key in keys:
@@ -390,14 +390,14 @@ def fewshot_config(raw: Mapping[str, Any], validate: bool = True) -> FewShotRunC
         raise ConfigError(f"eval.shots: need shot counts >= 1, got {list(e.shots)}")
     m = cfg.model
     if m.name not in MODELS or getattr(MODELS.get(m.name), "task", None) not in (None, "classification"):
-        raise ConfigError(f"model.name: {m.name!r} is not a registered image-classification backbone")
+        raise ConfigError(f"model.name: {short(m.name)} is not a registered image-classification backbone")
     if m.attention not in ATTENTION:
-        raise ConfigError(f"model.attention: unknown attention {m.attention!r} (known: {', '.join(ATTENTION.names())})")
+        raise ConfigError(f"model.attention: unknown attention {short(m.attention)} (known: {', '.join(ATTENTION.names())})")
     options = check_kwargs(MODELS.get(m.name), m.options, "model", skip=("num_classes", "in_channels", "mean", "std", "attention"))
     name = cfg.method.name
     if name not in METHODS or getattr(METHODS.get(name), "batch_type", None) != "episode":
         ms = [n for n in METHODS.names() if getattr(METHODS.get(n), "batch_type", None) == "episode"]
-        raise ConfigError(f"method.name: {name!r} is not an episodic method (known: {', '.join(ms)})")
+        raise ConfigError(f"method.name: {short(name)} is not an episodic method (known: {', '.join(ms)})")
     params = check_kwargs(METHODS.get(name), cfg.method.params, "method")
     try:
         METHODS.create(name, **params)
@@ -405,9 +405,9 @@ def fewshot_config(raw: Mapping[str, Any], validate: bool = True) -> FewShotRunC
         raise ConfigError(f"method ({name}): {err}") from err
     o = cfg.optim
     if o.name not in ("sgd", "adam") or o.lr <= 0:
-        raise ConfigError(f"optim: need name sgd or adam and lr > 0, got {o.name!r}, {o.lr}")
+        raise ConfigError(f"optim: need name sgd or adam and lr > 0, got {short(o.name)}, {o.lr}")
     if cfg.schedule.name not in ("cosine", "multistep", "constant"):
-        raise ConfigError(f"schedule.name: must be cosine, multistep or constant, got {cfg.schedule.name!r}")
+        raise ConfigError(f"schedule.name: must be cosine, multistep or constant, got {short(cfg.schedule.name)}")
     return dataclasses.replace(
         cfg, data=d, model=dataclasses.replace(m, options=options), method=dataclasses.replace(cfg.method, params=params)
     )
@@ -423,16 +423,12 @@ def merge_config(base: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, A
 
 def load_fewshot_config(path: str | Path | None, overrides: Sequence[str] = (), validate: bool = True) -> FewShotRunConfig:
     """Read a few-shot YAML config and apply ``key=value`` overrides (e.g. ``data.k_shot=1``)."""
-    import yaml
-
-    from aal.config import ConfigError, parse_overrides
+    from aal.config import ConfigError, parse_overrides, read_yaml_file
 
     raw: dict[str, Any] = {"task": "fewshot"}
     if path is not None:
         p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file not found: {p}")
-        loaded = yaml.safe_load(p.read_text()) or {}
+        loaded = read_yaml_file(p) or {}
         if not isinstance(loaded, dict):
             raise ConfigError(f"{p}: a config must be a mapping at the top level")
         raw = loaded
@@ -604,15 +600,14 @@ def load_fewshot_run(path: str | Path, device: str | torch.device | None = "auto
         >>> exp = load_fewshot_run("runs/protonet-omniglot-20250101-000000")  # doctest: +SKIP
         >>> exp.final_eval(episodes=600)                                      # doctest: +SKIP
     """
-    import yaml
-
+    from aal.config import read_yaml_file
     from aal.engine.checkpoint import load_model_weights, resolve_checkpoint
 
     p = Path(path)
     folder = next((d for d in [p, *p.parents] if (d / "config.yaml").is_file()), None)
     if folder is None:
         raise FileNotFoundError(f"no config.yaml in {p} or its parents; pass a few-shot run folder")
-    raw = yaml.safe_load((folder / "config.yaml").read_text())
+    raw = read_yaml_file(folder / "config.yaml")
     exp = build_fewshot_experiment(fewshot_config(raw, validate=False), device=device)
     load_model_weights(resolve_checkpoint(p), exp.model)
     exp.model.eval()
