@@ -30,8 +30,13 @@ paired over seeds (mean difference, std and a two-sided paired t-test); with one
 McNemar test on the per-image PGD-20 outcomes (same test images) is given instead.
 
 Runs are cached and resumable: a run folder is named by arm, seed and a hash of its exact
-config; a finished run is never retrained, a killed one resumes from its last checkpoint, and
-runs can be split across processes (``--arms``, ``--seeds``) and days.
+config; a killed run resumes from its last checkpoint (in ``benchmarks/out/aal_study/``), and a
+finished run's small files (config, per-epoch metrics with the map diagnostics, results,
+per-image correctness) are published to ``benchmarks/results/aal_study_runs/``, which is
+committed: a finished run is never retrained, in any checkout. Runs can be split across
+processes (``--arms``, ``--seeds``, ``--lock``) and days. The suite phase needs the run's
+checkpoint, so it runs where the run was trained (a published run without its checkpoint is
+reported as "suite not run").
 
     python benchmarks/aal_study.py train --dataset cifar10 --arms fgsm_at,aal_fgsm --seeds 0
     python benchmarks/aal_study.py suite --dataset cifar10 --suite-n 1000
@@ -41,6 +46,7 @@ runs can be split across processes (``--arms``, ``--seeds``) and days.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import math
@@ -53,7 +59,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
-OUT = ROOT / "benchmarks" / "out" / "aal_study"
+OUT = ROOT / "benchmarks" / "out" / "aal_study"  # working run folders (checkpoints; not in git)
+RECORDS = RESULTS / "aal_study_runs"  # the small files of every finished run (in git): the cache across checkouts
+PUBLISHED = ("config.yaml", "metrics.jsonl", "results.json", "study.json", "correct.npz")
 SHARED_CIFAR = ROOT.parent / "shared" / "data" / "cifar10"
 K_RANGE, K_STD_MIN = (0.2, 0.8), 0.1  # the degeneracy rule
 
@@ -72,8 +80,8 @@ DATASETS = {
         "CIFAR-10, PreAct-ResNet-18 width 16 + CBAM (cbam_in), 6 epochs, batch 128, all 50,000 training images",
     ),
     "fashion_mnist": Dataset(
-        "configs/fashion_mnist", "0.1", ("epochs=10", "model.attention=cbam_in"),
-        "Fashion-MNIST, small CNN + CBAM (cbam_in), 10 epochs, batch 128, all 60,000 training images",
+        "configs/fashion_mnist", "0.1", ("epochs=5", "model.attention=cbam_in"),
+        "Fashion-MNIST, small CNN + CBAM (cbam_in), 5 epochs, batch 128, all 60,000 training images",
     ),
 }
 
@@ -165,6 +173,8 @@ def train_one(dataset: str, arm: str, seed: int) -> dict:
 
     over = overrides_for(dataset, arm, seed)
     run_dir = run_dir_for(dataset, arm, seed, over)
+    if (RECORDS / dataset / run_dir.name / "study.json").exists():
+        return load_record(dataset, arm, seed, RECORDS / dataset / run_dir.name)
     if not (run_dir / "study.json").exists():
         cfg = config_for(dataset, arm, [*over, f"out_dir={run_dir.parent}", f"name={run_dir.name}"])
         run_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -174,13 +184,30 @@ def train_one(dataset: str, arm: str, seed: int) -> dict:
         np.savez_compressed(run_dir / "correct.npz", **{k: v.numpy() for k, v in result.correct.items()})
         (run_dir / "study.json").write_text(json.dumps({"dataset": dataset, "arm": arm, "seed": seed,
                                                         "overrides": over}, indent=1))
-    return load_record(dataset, arm, seed, run_dir)
+    publish(run_dir, dataset)
+    return load_record(dataset, arm, seed, RECORDS / dataset / run_dir.name)
+
+
+def publish(run_dir: Path, dataset: str) -> Path:
+    """Copy a finished run's small files to the committed records (idempotent)."""
+    import shutil
+
+    dest = RECORDS / dataset / run_dir.name
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in PUBLISHED:
+        if (run_dir / name).exists():
+            shutil.copy2(run_dir / name, dest / name)
+    suite = run_dir / "eval" / "study_suite_standard.json"
+    if suite.exists():
+        shutil.copy2(suite, dest / "suite_standard.json")
+    return dest
 
 
 def load_record(dataset: str, arm: str, seed: int, run_dir: Path | None = None) -> dict | None:
     """The record of a finished run (None if it has not finished)."""
     if run_dir is None:
-        found = sorted(OUT.glob(f"{dataset}/{arm}-s{seed}-*/study.json"))
+        found = sorted(RECORDS.glob(f"{dataset}/{arm}-s{seed}-*/study.json")) or sorted(
+            OUT.glob(f"{dataset}/{arm}-s{seed}-*/study.json"))
         if not found:
             return None
         run_dir = found[-1].parent
@@ -189,7 +216,8 @@ def load_record(dataset: str, arm: str, seed: int, run_dir: Path | None = None) 
     res = json.loads((run_dir / "results.json").read_text())
     epochs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     last = epochs[-1]["logs"]
-    suite = run_dir / "eval" / "study_suite_standard.json"
+    suite = next((p for p in (run_dir / "suite_standard.json", run_dir / "eval" / "study_suite_standard.json")
+                  if p.exists()), run_dir / "suite_standard.json")
     return {
         "dataset": dataset, "arm": arm, "seed": seed, "run_dir": _rel(run_dir),
         "source": res.get("dataset_source", dataset), "accuracy": res["eval"]["accuracy"], "eval_n": res["eval"]["n"],
@@ -219,16 +247,18 @@ def suite_one(dataset: str, arm: str, seed: int, n: int) -> None:
     from aal.eval.suite import run_suite
 
     rec = load_record(dataset, arm, seed)
-    if rec is None:
+    if rec is None or rec["suite"] is not None:
         return
-    run_dir = ROOT / rec["run_dir"]
+    run_dir = OUT / dataset / Path(rec["run_dir"]).name
+    if not (run_dir / "checkpoints").exists():
+        print(f"  {run_dir.name}: no checkpoint in this checkout; suite not run", flush=True)
+        return
     out = run_dir / "eval" / "study_suite_standard.json"
-    if out.exists():
-        return
     cfg, model, bundle = load_run(run_dir)
     res = run_suite(model, bundle.test, "standard", eps=_eps_value(DATASETS[dataset].eps), n=n,
                     state_path=run_dir / "eval" / f"study_suite_state_{n}.json")
     out.write_text(json.dumps(res.to_dict(), indent=1))
+    publish(run_dir, dataset)
 
 
 # ----------------------------------------------------------------------------- statistics
@@ -287,17 +317,23 @@ def verdict(c: dict, alpha: float = 0.05) -> str:
     for metric in ("clean", "pgd20"):
         m = c[metric]
         p = m["p_paired_t"] if m["p_paired_t"] is not None else m.get("p_mcnemar")
-        test = "paired t" if m["p_paired_t"] is not None else "McNemar, 1 seed"
+        one_seed = m["p_paired_t"] is None
+        test = "McNemar, 1 seed" if one_seed else f"paired t over {len(c['seeds'])} seeds"
         sig = p is not None and p < alpha
-        word = ("higher" if m["mean_diff"] > 0 else "lower") if sig else "no difference measured"
+        if one_seed:  # the test sees these two trained models, not the spread between seeds
+            word = ("the two models differ" if sig else "no difference measured") + "; not a method comparison yet"
+        else:
+            word = ("higher" if m["mean_diff"] > 0 else "lower") if sig else "no difference measured"
         parts.append(f"{metric} {m['mean_diff']:+.2f} pt ({test} p={p:.3g}: {word})")
     return "; ".join(parts)
 
 
 # ----------------------------------------------------------------------------- report
 def collect() -> dict:
+    for study in OUT.glob("*/*/study.json"):  # finished runs not yet published (e.g. by an older script)
+        publish(study.parent, study.parent.parent.name)
     recs = {}
-    for study in OUT.glob("*/*/study.json"):
+    for study in RECORDS.glob("*/*/study.json"):
         info = json.loads(study.read_text())
         r = load_record(info["dataset"], info["arm"], info["seed"], study.parent)
         recs.setdefault(info["dataset"], {})[(info["arm"], info["seed"])] = r
@@ -313,7 +349,8 @@ def _pm(vals: list[float]) -> str:
 def report() -> str:
     all_recs = collect()
     lines = ["# AAL selectivity study (issue 11)", "",
-             "Generated by `python benchmarks/aal_study.py report` from the cached runs in `benchmarks/out/aal_study/` "
+             "Generated by `python benchmarks/aal_study.py report` from the finished runs in "
+             "`benchmarks/results/aal_study_runs/` "
              "(commands in the script's docstring). Accuracy in % (mean ± std over seeds); clean and PGD-20 on the full "
              "test set (10,000 images), standard suite on the first N test images where run. Diagnostics are from the "
              f"last training epoch. Degeneracy rule: an AAL arm tests selectivity only if its last-epoch mean budget k is in "
@@ -340,7 +377,9 @@ def report() -> str:
                          f"{secs_txt} | {'; '.join(notes)} |")
         comps = [c for a in arms if (ref := ARMS[a].control_of) and (c := compare(dataset, a, ref, recs))]
         if comps:
-            lines += ["", "Comparisons (arm minus reference, same seeds and test images; alpha 0.05):", ""]
+            lines += ["", "Comparisons (arm minus reference, same seeds and test images; alpha 0.05). With one seed, an "
+                      "exact McNemar test over the test images says whether the two trained models differ; seed-to-seed "
+                      "variation is not in it, so only paired tests over seeds compare the methods:", ""]
             for c in comps:
                 deg = [degenerate(recs[(a, s)]) for a in (c["arm"], c["ref"]) for s in c["seeds"]]
                 tag = " **(map degenerate: no test of selectivity)**" if any(deg) else ""
@@ -354,6 +393,22 @@ def report() -> str:
     return text
 
 
+@contextlib.contextmanager
+def _held(path: str | None):
+    """An exclusive ``flock`` on ``path`` for the duration (nothing when None)."""
+    if path is None:
+        yield
+        return
+    import fcntl
+
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("phase", choices=("train", "suite", "report"))
@@ -361,6 +416,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--arms", default=",".join(MAIN), help=f"comma-separated, from: {', '.join(ARMS)}")
     p.add_argument("--seeds", default="0")
     p.add_argument("--suite-n", type=int, default=1000)
+    p.add_argument("--lock", default=None, help="hold this file's lock (flock) during each run: share a core politely")
     args = p.parse_args(argv)
     if args.phase == "report":
         print(report())
@@ -372,13 +428,14 @@ def main(argv: list[str] | None = None) -> int:
     for seed in [int(s) for s in args.seeds.split(",") if s]:
         for arm in arms:
             t0 = time.time()
-            print(f"[{time.strftime('%H:%M:%S')}] {args.phase} {args.dataset} {arm} seed {seed}", flush=True)
-            if args.phase == "train":
-                r = train_one(args.dataset, arm, seed)
-                print(f"  clean {r['accuracy']['clean']:.4f} pgd20 {r['accuracy']['pgd20']:.4f} "
-                      f"diag {r['last_epoch']} ({time.time() - t0:.0f} s)", flush=True)
-            else:
-                suite_one(args.dataset, arm, seed, args.suite_n)
+            with _held(args.lock):
+                print(f"[{time.strftime('%H:%M:%S')}] {args.phase} {args.dataset} {arm} seed {seed}", flush=True)
+                if args.phase == "train":
+                    r = train_one(args.dataset, arm, seed)
+                    print(f"  clean {r['accuracy']['clean']:.4f} pgd20 {r['accuracy']['pgd20']:.4f} "
+                          f"diag {r['last_epoch']} ({time.time() - t0:.0f} s)", flush=True)
+                else:
+                    suite_one(args.dataset, arm, seed, args.suite_n)
     return 0
 
 
