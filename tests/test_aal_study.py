@@ -1,0 +1,45 @@
+"""The AAL study's rules: the degeneracy rule, paired tests, and run keys that follow the resolved config."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+aal_study = pytest.importorskip("aal_study")
+
+
+def _rec(arm, k=0.3, std=0.2):
+    return {"arm": arm, "last_epoch": {"mask_mean": k, "mask_std": std}}
+
+
+def test_degeneracy_rule():
+    assert aal_study.degenerate(_rec("aal_fgsm")) is None
+    assert "map degenerate" in aal_study.degenerate(_rec("aal_fgsm", k=0.97, std=0.02))  # saturated map
+    assert "map degenerate" in aal_study.degenerate(_rec("aal_fgsm", k=0.4, std=0.01))  # flat within images
+    assert "map degenerate" in aal_study.degenerate(_rec("aal_fgsm", k=0.1, std=0.2))  # almost no budget
+    assert aal_study.degenerate(_rec("fgsm_at", k=0.97, std=0.0)) is None  # not an AAL arm
+    assert aal_study.degenerate({"arm": "fgsm_at", "last_epoch": {}}) is None
+
+
+def test_paired_tests():
+    assert aal_study.paired_t([1.0]) is None
+    assert aal_study.paired_t([1.0, 1.1, 0.9]) < 0.01
+    assert aal_study.paired_t([1.0, -1.0, 0.5, -0.5]) > 0.5
+    a = np.array([True] * 60 + [False] * 40)
+    assert aal_study.mcnemar(a, a) == 1.0
+    b = a.copy()
+    b[:30] = False  # 30 discordant pairs, all one way
+    assert aal_study.mcnemar(a, b) < 1e-6
+
+
+def test_run_key_follows_the_resolved_config():
+    over = aal_study.overrides_for("fashion_mnist", "aal_fgsm", 0)
+    a = aal_study.run_dir_for("fashion_mnist", "aal_fgsm", 0, over)
+    assert a == aal_study.run_dir_for("fashion_mnist", "aal_fgsm", 0, list(over))
+    assert a != aal_study.run_dir_for("fashion_mnist", "aal_fgsm", 0, over + ["method.xi2=0.05"])
+    cfg = aal_study.config_for("fashion_mnist", "aal_fgsm_anti", aal_study.overrides_for("fashion_mnist", "aal_fgsm_anti", 0))
+    assert cfg.method.params["mask_control"] == "anti" and cfg.model.attention == "cbam_in" and cfg.eval.n is None
