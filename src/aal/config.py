@@ -39,6 +39,9 @@ from typing import Any, Mapping, Sequence
 
 import yaml
 
+from aal.data.base import DataError
+from aal.data.limits import read_file_bounded
+
 
 class ConfigError(ValueError):
     """An invalid configuration; the message names the offending key."""
@@ -145,15 +148,12 @@ def read_yaml_file(path: str | Path) -> Any:
             (one line naming the file).
     """
     p = Path(path)
-    if not p.is_file():
+    if not p.exists():
         raise ConfigError(f"config file not found: {p}")
-    try:
-        with open(p, "rb") as f:
-            data = f.read(MAX_CONFIG_BYTES + 1)
-    except OSError as err:
-        raise ConfigError(f"{p}: cannot read ({err.strerror or err})") from None
-    if len(data) > MAX_CONFIG_BYTES:
-        raise ConfigError(f"{p}: larger than {MAX_CONFIG_BYTES} bytes; not a config file")
+    try:  # a regular file of at most MAX_CONFIG_BYTES, read with a bound
+        data = read_file_bounded(p, MAX_CONFIG_BYTES, "config file")
+    except DataError as err:
+        raise ConfigError(str(err)) from None
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as err:
