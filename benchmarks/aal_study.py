@@ -265,7 +265,9 @@ def suite_one(dataset: str, arm: str, seed: int, n: int) -> None:
 def degenerate(rec: dict) -> str | None:
     """Why an AAL run's map cannot test selectivity (None: it can)."""
     last = rec["last_epoch"]
-    if "mask_mean" not in last or rec["arm"].startswith(("fgsm_at", "pgd_at", "sal_")):
+    arm = ARMS.get(rec["arm"])
+    flat_by_design = arm is not None and "method.mask_control=uniform" in arm.overrides  # a control, not a test
+    if "mask_mean" not in last or flat_by_design or rec["arm"].startswith(("fgsm_at", "pgd_at", "sal_")):
         return None
     k, s = last["mask_mean"], last.get("mask_std", 0.0)
     if not (K_RANGE[0] <= k <= K_RANGE[1]) or s < K_STD_MIN:

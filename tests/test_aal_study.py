@@ -43,3 +43,8 @@ def test_run_key_follows_the_resolved_config():
     assert a != aal_study.run_dir_for("fashion_mnist", "aal_fgsm", 0, over + ["method.xi2=0.05"])
     cfg = aal_study.config_for("fashion_mnist", "aal_fgsm_anti", aal_study.overrides_for("fashion_mnist", "aal_fgsm_anti", 0))
     assert cfg.method.params["mask_control"] == "anti" and cfg.model.attention == "cbam_in" and cfg.eval.n is None
+
+
+def test_flat_controls_are_not_flagged():
+    assert aal_study.degenerate(_rec("aal_fgsm_uniform", k=0.38, std=0.0)) is None  # flat by design
+    assert "map degenerate" in aal_study.degenerate(_rec("aal_fgsm_shuffle", k=0.38, std=0.0))
