@@ -150,15 +150,17 @@ def write_config(path: Path, text: str) -> Path:
 
 # ----------------------------------------------------------------------------- item 2: YAML
 def _laughs(levels: int = 9) -> str:
-    lines = ['a0: &a0 ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]']
+    """One flow-style YAML value: level i is a list of level i-1 and 8 aliases of it (9^levels ones)."""
+    nested = "&l0 [1,1,1,1,1,1,1,1,1]"
     for i in range(1, levels):
-        lines.append(f"a{i}: &a{i} [{','.join([f'*a{i - 1}'] * 9)}]")
-    return "\n".join(lines)
+        nested = f"&l{i} [{nested}, " + ", ".join([f"*l{i - 1}"] * 8) + "]"
+    return nested
 
 
 def test_cli_yaml_billion_laughs_in_config_is_refused_quickly(tmp_path):
-    # 9^9 = 387 million strings once expanded, from ~1 KB; as `seed` it reached the validation message
-    cfg = write_config(tmp_path / "laughs.yaml", _laughs() + "\nseed: *a8\n")
+    # 9^9 = 387 million numbers once expanded, from ~1 KB; as `seed` it reached the validation
+    # message, which rendered all of it (~100 s and 6 GB before a MemoryError)
+    cfg = write_config(tmp_path / "laughs.yaml", f"seed: {_laughs()}\n")
     assert cfg.stat().st_size < 2048
     rc, err, secs = run_cli(["train", str(cfg), f"out_dir={tmp_path / 'runs'}"], tmp_path)
     assert_one_line_error(rc, err, 2, str(cfg), "alias")
@@ -167,13 +169,8 @@ def test_cli_yaml_billion_laughs_in_config_is_refused_quickly(tmp_path):
 
 
 def test_cli_yaml_billion_laughs_in_override_is_refused(tmp_path):
-    # each level: a list of the previous one and 8 aliases of it; 9^9 numbers once expanded
-    nested = "&l0 [1,1,1,1,1,1,1,1,1]"
-    for i in range(1, 9):
-        nested = f"[{nested}, " + ", ".join([f"*l{i - 1}"] * 8) + "]"
-        nested = f"&l{i} {nested}"
     rc, err, secs = run_cli(
-        ["train", str(REPO / "configs/fashion_mnist/pgd_at.yaml"), f"method.eps={nested}", f"out_dir={tmp_path / 'runs'}"],
+        ["train", str(REPO / "configs/fashion_mnist/pgd_at.yaml"), f"method.eps={_laughs()}", f"out_dir={tmp_path / 'runs'}"],
         tmp_path,
     )
     assert_one_line_error(rc, err, 2, "method.eps", "alias")
