@@ -2,8 +2,9 @@
 
 Why these methods: DDP with per-rank batch B/2 must reproduce the single-process run with
 global batch B only up to float summation order, as long as nothing random depends on how the
-batch is split. ``standard`` and ``pgd_at`` with ``rand_init=False`` (PGD from x: a deterministic
-function of the weights) are such methods; so is AAL+FGSM (no random start), which we run with
+batch is split. ``standard``, ``pgd_at`` and ``awp_pgd_at`` with ``rand_init=False`` (PGD from x: a
+deterministic function of the weights; AWP's weight perturbation from the rank-averaged gradient)
+are such methods; so is AAL+FGSM (no random start), which we run with
 the public code's schedule (two updates per batch) and ``adv_attention="fixed"``, where the
 attention layer is *unused* in every second update: DDP must leave its gradient ``None`` (as
 one process does) rather than zero, or momentum and weight decay would move it. A random start
@@ -40,6 +41,8 @@ GLOBAL_BATCH, EPOCHS = 32, 2
 CASES = {
     "standard": ("standard", {}, None),
     "pgd_at": ("pgd_at", {"eps": 0.1, "steps": 2, "rand_init": False}, None),
+    # AWP: the ascent gradient is averaged over ranks, so both add the global batch's v
+    "awp_pgd_at": ("awp_pgd_at", {"eps": 0.1, "steps": 2, "rand_init": False, "gamma": 0.01}, None),
     # the gate without BatchNorm: with it, each process normalises its own half of the batch (plain
     # DDP semantics, no SyncBatchNorm), so 2 processes could not equal 1 process exactly
     "aal_fixed": ("aal_fgsm", {"eps": 0.1, "adv_attention": "fixed", "schedule": "clean_then_adv"}, "cbam_nobn"),
@@ -60,6 +63,9 @@ class Recorder:
         for out in self.method.updates(model, batch):
             self.losses.append(float(out.loss.detach()))
             yield out
+
+    def after_backward(self, model):  # AWP restores its weights here
+        self.method.after_backward(model)
 
 
 class KillingLoader(BatchLoader):

@@ -27,7 +27,7 @@ from aal.methods import METHODS, Output, create_method
 # methods on (x, y) batches; episodic (few-shot) and detection methods have their own contract
 # tests in test_fewshot.py / test_detection.py
 NAMES = [n for n in METHODS.names() if getattr(METHODS.get(n), "batch_type", "classification") == "classification"]
-ADVERSARIAL = ["fgsm_at", "pgd_at", "trades"]
+ADVERSARIAL = ["fgsm_at", "pgd_at", "trades", "awp_pgd_at", "awp_trades"]
 
 
 def build(name: str, **overrides) -> object:
@@ -305,7 +305,7 @@ def test_attack_mode_is_used_while_crafting_only(name, attack_mode):
 
 
 # ----------------------------------------------------------------------------- docs
-@pytest.mark.parametrize("module", ["aal.methods", "aal.methods.standard", "aal.methods.adversarial", "aal.methods.trades"])
+@pytest.mark.parametrize("module", ["aal.methods", "aal.methods.standard", "aal.methods.adversarial", "aal.methods.trades", "aal.methods.awp"])
 def test_docstring_examples(module):
     mod = __import__(module, fromlist=["_"])
     result = doctest.testmod(mod, optionflags=doctest.ELLIPSIS)

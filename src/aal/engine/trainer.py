@@ -1,8 +1,8 @@
 """One training loop for every method (nanoGPT / airbench style: read it in one sitting).
 
 Per epoch: ``loader.set_epoch(epoch)``, ``method.on_epoch_start(epoch, epochs)``, then for each
-batch ``out = method(model, batch)``, ``zero_grad``, ``out.loss.backward()``, optional gradient
-clipping, ``optimizer.step()``, ``scheduler.step()`` (schedules are per iteration). There are no
+batch ``out = method(model, batch)``, ``zero_grad``, ``out.loss.backward()``,
+``method.after_backward(model)``, optional gradient clipping, ``optimizer.step()``, ``scheduler.step()`` (schedules are per iteration). There are no
 per-method branches: a method is anything ``(model, batch) -> Output(loss, logits, logs)``.
 
 At the end of each epoch the trainer runs ``evaluate_fn(model)`` (with the global RNG state
@@ -111,7 +111,8 @@ class Trainer:
     Args:
         model: the network (its device decides where batches are moved).
         method: ``method(model, batch) -> Output(loss, logits, logs)``; optional hooks
-            ``on_epoch_start(epoch, epochs)``, ``state_dict()`` / ``load_state_dict()``.
+            ``on_epoch_start(epoch, epochs)``, ``after_backward(model)`` (after each backward,
+            before the optimizer step), ``state_dict()`` / ``load_state_dict()``.
         train_loader: iterable of batches (``(x (B,C,H,W) in [0,1], y (B,))`` for
             classification); ``set_epoch(epoch)`` is called when it exists, ``len()`` feeds the ETA.
         optimizer: a torch optimizer over the model's parameters.
@@ -274,6 +275,8 @@ class Trainer:
             for out in updates:
                 opt.zero_grad(set_to_none=True)
                 out.loss.backward()
+                if hasattr(self.method, "after_backward"):
+                    self.method.after_backward(model)  # e.g. AWP puts back the weights it perturbed
                 if self.grad_clip is not None:
                     meters.add("grad_norm", nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip), n)
                 lr = opt.param_groups[0]["lr"]  # the lr this step used

@@ -5,7 +5,8 @@ never touches the optimizer; one trainer loop serves them all. Constructor keywo
 are the hyper-parameters (typed, validated at construction).
 
 Registered (``METHODS.names()``): ``standard`` (clean CE), ``fgsm_at`` (Wong et al. 2020),
-``pgd_at`` (Madry et al. 2018), ``trades`` (Zhang et al. 2019), ``mart`` (Wang et al. 2020),
+``pgd_at`` (Madry et al. 2018), ``trades`` (Zhang et al. 2019), ``awp_pgd_at`` / ``awp_trades``
+(adversarial weight perturbation, Wu et al. 2020), ``mart`` (Wang et al. 2020),
 ``uiat`` / ``uiat_fgsm`` (inverse adversaries, seed 003), ``spat`` (hard-class-pair
 reweighting on a cosine head, seed 004), ``atop_pretrain`` / ``atop_finetune`` (purifier
 training, seed 002), and ``aal``.
@@ -30,8 +31,11 @@ from aal.methods.mart import MART
 from aal.methods.uiat import UIAT, UIATFGSM
 from aal.methods.spat import SPAT, CosineHead, use_cosine_head
 from aal.methods.atop import AToPFinetune, AToPPretrain
+from aal.methods.awp import AWPPGDAT, AWPTRADES
 
 __all__ = [
+    "AWPPGDAT",
+    "AWPTRADES",
     "AToPFinetune",
     "AToPPretrain",
     "AdversarialTraining",

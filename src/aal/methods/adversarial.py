@@ -114,7 +114,13 @@ class AdversarialTraining(Method):
 
     def compute(self, model: nn.Module, x: Tensor, y: Tensor, mask: Tensor | None = None) -> Output:
         """The method on explicit tensors, with an optional selective budget ``mask``."""
-        x_adv = self.craft(model, x, y, mask)
+        return self.objective(model, x, self.craft(model, x, y, mask), y)
+
+    def objective(self, model: nn.Module, x: Tensor, x_adv: Tensor, y: Tensor) -> Output:
+        """The training loss on already crafted examples ``x_adv`` (what :meth:`compute` minimises).
+
+        ``model`` is any callable ``x -> logits`` (AWP evaluates it on perturbed weights).
+        """
         logits_adv = model(x_adv)
         loss_adv = F.cross_entropy(logits_adv, y)
         logs = {"loss_adv": float(loss_adv.detach()), "acc_adv": accuracy(logits_adv, y)}

@@ -70,6 +70,14 @@ class Method:
     def on_epoch_start(self, epoch: int, num_epochs: int) -> None:
         """Called by the trainer before each epoch (0-based); e.g. for warm-ups."""
 
+    def after_backward(self, model: nn.Module) -> None:
+        """Called by the trainer after each ``loss.backward()``, before clipping and ``optimizer.step()``.
+
+        For methods that evaluate their loss at temporarily changed weights (AWP: ``w + v``): the
+        gradient must be taken there, but the optimizer must step from ``w``, so the weights are put
+        back here. The default does nothing.
+        """
+
     def state_dict(self) -> dict[str, Tensor]:
         """Tensors that must survive checkpoint/resume (empty for stateless methods)."""
         return {}
