@@ -379,10 +379,10 @@ def test_map_difficult_boxes_threshold_and_missing_classes():
     targets = [_gt([A, B], difficult=[False, True])]
     dets = [_det([B, A], [0.9, 0.8])]
     assert mean_average_precision(dets, targets, 1).ap[0] == 1.0
-    # IoU exactly 0.5 is not a match (VOC: ovmax > 0.5); just above is
+    # IoU exactly 0.5 is a match (VOCevaldet.m: ovmax >= minoverlap); just below is not
     half = [0, 0, 10, 5]  # IoU with A = 50/100
-    assert mean_average_precision([_det([half], [1.0])], [_gt([A])], 1).ap[0] == 0.0
-    assert mean_average_precision([_det([[0, 0, 10, 5.1]], [1.0])], [_gt([A])], 1).ap[0] == 1.0
+    assert mean_average_precision([_det([half], [1.0])], [_gt([A])], 1).ap[0] == 1.0
+    assert mean_average_precision([_det([[0, 0, 10, 4.9]], [1.0])], [_gt([A])], 1).ap[0] == 0.0
     # a class with no ground truth has AP NaN and is left out of the mean; missed objects give 0
     r = mean_average_precision([_det([A], [0.9], [0])], [_gt([A, B], [0, 2])], 3)
     assert r.ap[0] == 1.0 and math.isnan(r.ap[1]) and r.ap[2] == 0.0 and r.map == 0.5
@@ -402,7 +402,7 @@ def _voc_eval_reference(dets, targets, c, thr=0.5):
         ovs = [_iou(b, g) for g in r["bb"]]
         ovmax = max(ovs) if ovs else -1.0
         t, f = 0.0, 0.0
-        if ovmax > thr:
+        if ovmax > thr:  # py-faster-rcnn: ">"; VOCevaldet.m (and aal): ">=", equal only at IoU exactly thr
             j = ovs.index(ovmax)
             if not r["diff"][j]:
                 if not r["det"][j]:
