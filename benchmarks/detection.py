@@ -31,7 +31,8 @@ from pathlib import Path
 import torch
 
 from aal.engine.run import machine_description
-from aal.tasks.detection import load_detection_config, train_detection
+from aal.engine.task_runs import train_detection
+from aal.tasks.detection import load_detection_config
 from aal.utils.runtime import tune_malloc
 
 REPO = Path(__file__).resolve().parents[1]

@@ -1,7 +1,7 @@
 """ProtoNet vs ProtoNet+AAL, and the xi2 sweep of the AAL paper's Fig. 4 (seed 001, Sec. 4.3-4.4).
 
 Every run is a shipped few-shot config (``configs/fewshot/*_protonet_aal.yaml`` by default)
-plus ``--set key=value`` overrides, trained with :func:`aal.tasks.train_fewshot` and evaluated
+plus ``--set key=value`` overrides, trained with :func:`aal.engine.task_runs.train_fewshot` and evaluated
 on the same fixed test episodes (episode ``i`` is seeded by ``(eval.seed, i)``):
 
 * ``compare``: ``protonet`` (the AAL config's head, clean episodes) vs ``protonet_aal``, same
@@ -63,7 +63,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def run_one(raw: dict[str, Any], data, label: str) -> dict[str, Any]:
-    from aal.tasks import train_fewshot
+    from aal.engine.task_runs import train_fewshot
 
     t0 = time.perf_counter()
     _, res = train_fewshot(raw, data=data, log=lambda s: None)

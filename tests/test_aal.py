@@ -20,11 +20,11 @@ from aal.attention import (
     apply_kernel,
     associative_attention,
     top_fraction,
-    with_input_attention,
 )
 from aal.methods import METHODS, create_method
 from aal.methods.aal import AAL, control_mask
 from aal.models.base import AttentionNet, Normalize
+from aal.models.input_level import with_input_attention
 
 EPS = 0.1
 

@@ -26,7 +26,7 @@ from aal.data.voc import (
     photometric,
     read_image_set,
 )
-from aal.eval.detection_metrics import DetectionMAP, mean_average_precision, voc_ap
+from aal.tasks.detection_metrics import DetectionMAP, mean_average_precision, voc_ap
 from aal.methods import METHODS, create_method
 from aal.models import MODELS, create_model
 from aal.models.ssd import (
@@ -44,7 +44,8 @@ from aal.models.ssd import (
     prior_boxes,
     split_outputs,
 )
-from aal.tasks.detection import DetectionTask, detection_grid, detector_of, load_detection_config
+from aal.tasks.detection import DetectionTask, detector_of, load_detection_config
+from aal.viz import detection_grid
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -574,7 +575,8 @@ def test_detection_configs_validate(tmp_path):
 def test_train_detection_writes_a_run_that_reloads(tmp_path):
     import json
 
-    from aal.tasks.detection import detection_grid_for_run, load_detection_run, train_detection
+    from aal.engine.task_runs import load_detection_run, train_detection
+    from aal.viz import detection_grid_for_run
 
     cfg = load_detection_config(
         REPO / "configs" / "detection" / "bccd_ssd_aal.yaml",
@@ -595,7 +597,7 @@ def test_docstring_examples_run():
     import doctest
     import importlib
 
-    for name in ("aal.data.voc", "aal.models.ssd", "aal.eval.detection_metrics", "aal.methods.detection", "aal.tasks.detection"):
+    for name in ("aal.data.voc", "aal.models.ssd", "aal.tasks.detection_metrics", "aal.methods.detection", "aal.tasks.detection"):
         mod = importlib.import_module(name)
         result = doctest.testmod(mod, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
         assert result.failed == 0, f"doctest failed in {name}"

@@ -44,10 +44,9 @@ from aal.tasks import (
     fewshot_config,
     is_fewshot_config,
     load_fewshot_config,
-    load_fewshot_run,
     mean_ci95,
-    train_fewshot,
 )
+from aal.engine.task_runs import load_fewshot_run, train_fewshot
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -494,7 +494,7 @@ def test_evaluate_refuses_nan_and_wrong_range_images(cnn):
 
 # ----------------------------------------------------------------------------- item 11: detection metric and NMS
 def test_iou_exactly_at_the_threshold_is_a_true_positive():
-    from aal.eval.detection_metrics import DetectionMAP
+    from aal.tasks.detection_metrics import DetectionMAP
 
     metric = DetectionMAP(num_classes=1)
     # IoU([0,0,10,10], [0,0,10,5]) = 50 / 100 = 0.5 exactly

@@ -195,7 +195,8 @@ def test_cli_eval_suite_fast_and_resume(runs, capsys, tmp_path):
     full = json.loads(capsys.readouterr().out)
     assert list(full["suite"]["accuracy"]) == ["clean", "apgd_ce", "apgd_t", "fab_t", "square", "robust"]
     assert full["suite"]["label"] == "AutoAttack (standard)"
-    assert full["checks"]["n"] == 10 and len  # --check-n is capped by --n(full["checks"]["checks"]) == 8
+    assert full["checks"]["n"] == 10  # --check-n is capped by --n
+    assert len(full["checks"]["checks"]) == 8
     assert rc == (1 if full["checks"]["status"] == "fail" else 0)
     # the report picks up finished suite results from RUN/eval/
     from aal.eval.report import _suite_results

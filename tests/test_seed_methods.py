@@ -28,6 +28,7 @@ from aal.engine import Trainer, build_optimizer
 from aal.engine.checkpoint import load_checkpoint, save_checkpoint
 from aal.methods import METHODS, create_method
 from aal.methods.mart import mart_loss
+from aal.engine.run import load_classifier
 from aal.methods.spat import CosineHead, find_cosine_head, sp_logits, spat_kl, use_cosine_head
 from aal.methods.uiat import consistency_kl
 from aal.models import MODELS, create_model
@@ -36,7 +37,6 @@ from aal.models.purifier import (
     PurifiedClassifier,
     RandomTransform,
     build_atop_model,
-    load_classifier,
 )
 
 SEED_METHODS = ["mart", "uiat", "uiat_fgsm", "spat", "atop_pretrain", "atop_finetune"]

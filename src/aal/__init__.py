@@ -20,6 +20,7 @@ guard_cli_startup()  # first: before the slow imports below
 from aal import attacks, attention, data, engine, eval, methods, models  # noqa: E402
 from aal.data import load_data  # noqa: E402
 from aal.engine import Trainer  # noqa: E402
+from aal.engine import run as _run  # noqa: E402,F401 (registers the run-folder readers aal.models.purifier uses)
 from aal.eval import evaluate  # noqa: E402
 from aal.eval.external import benchmark  # noqa: E402
 from aal.methods import create_method  # noqa: E402

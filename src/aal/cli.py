@@ -82,9 +82,11 @@ def _print_task_results(results: dict) -> None:
 
 def _train_task(task: str, args: argparse.Namespace, cfg_path: str, overrides: list[str], run_dir=None) -> int:
     if task == "fewshot":
-        from aal.tasks.fewshot import load_fewshot_config as load, train_fewshot as train
+        from aal.engine.task_runs import train_fewshot as train
+        from aal.tasks.fewshot import load_fewshot_config as load
     else:
-        from aal.tasks.detection import load_detection_config as load, train_detection as train
+        from aal.engine.task_runs import train_detection as train
+        from aal.tasks.detection import load_detection_config as load
 
     cfg = load(cfg_path, overrides)
     _tune_malloc(not args.no_malloc_tune)
@@ -180,11 +182,11 @@ def _eval_task(task: str, args: argparse.Namespace) -> int:
     if args.n is not None and args.n <= 0:
         raise ConfigError(f"--n: must be > 0, got {args.n}")
     if task == "fewshot":
-        from aal.tasks.fewshot import load_fewshot_run
+        from aal.engine.task_runs import load_fewshot_run
 
         results = load_fewshot_run(args.run).final_eval(episodes=args.n)
     else:
-        from aal.tasks.detection import load_detection_run
+        from aal.engine.task_runs import load_detection_run
 
         results = load_detection_run(args.run).final_eval(n=args.n)
     if args.json:
@@ -330,7 +332,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     from aal.config import parse_float
-    from aal.eval.report import make_report
+    from aal.engine.report import make_report
 
     if args.n is not None and args.n <= 0:
         raise ConfigError(f"--n: must be > 0, got {args.n}")
@@ -375,7 +377,8 @@ def cmd_viz(args: argparse.Namespace) -> int:
     if task == "fewshot":
         raise ConfigError("aal viz supports classification and detection runs, not few-shot runs yet")
     if task == "detection":
-        from aal.tasks.detection import detection_grid_for_run, load_detection_run
+        from aal.engine.task_runs import load_detection_run
+        from aal.viz import detection_grid_for_run
 
         out = detection_grid_for_run(load_detection_run(args.run), n=args.n, out_path=args.out, seed=args.seed)
         print(f"wrote {out}")

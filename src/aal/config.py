@@ -41,6 +41,7 @@ import yaml
 
 from aal.data.base import DataError
 from aal.data.limits import read_file_bounded
+from aal.registry import lookup
 
 
 class ConfigError(ValueError):
@@ -562,12 +563,9 @@ def validate_config(cfg: RunConfig) -> RunConfig:
     Returns:
         the config with the method's and model's parameters coerced to their annotated types.
     """
-    # imported here: the registries pull in torch, and config parsing alone should stay light
-    from aal.attacks import from_spec
-    from aal.attention import ATTENTION
-    from aal.data import DATASETS
-    from aal.methods import METHODS
-    from aal.models import MODELS
+    # looked up by name at call time: config sits below the packages that own these registries
+    from_spec = lookup("attack").from_spec
+    ATTENTION, DATASETS, METHODS, MODELS = (lookup(k) for k in ("attention", "dataset", "method", "model"))
 
     _positive(cfg.epochs, "epochs")
     _positive(cfg.checkpoint_every, "checkpoint_every")
@@ -643,9 +641,7 @@ def validate_config(cfg: RunConfig) -> RunConfig:
 
 def method_params(cfg: RunConfig) -> dict[str, Any]:
     """The method's hyper-parameters, coerced to their annotated types."""
-    from aal.methods import METHODS
-
-    return check_kwargs(METHODS.get(cfg.method.name), cfg.method.params, "method")
+    return check_kwargs(lookup("method").get(cfg.method.name), cfg.method.params, "method")
 
 
 def dump_config(cfg: RunConfig, path: str | Path) -> None:

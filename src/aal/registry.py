@@ -48,6 +48,22 @@ class Entry(Generic[T]):
     summary: str
 
 
+_BY_KIND: dict[str, "Registry[Any]"] = {}
+"""Every registry by its ``kind``; read through :func:`lookup`."""
+
+
+def lookup(kind: str) -> "Registry[Any]":
+    """The library's registry of ``kind`` ("model", "method", "attention", "dataset", "attack", ...).
+
+    A late lookup by name: :mod:`aal.config` sits at the bottom of the layering and checks names
+    against registries that live above it, so it asks here at call time instead of importing
+    them (importing ``aal`` imports every registry's package first).
+    """
+    if kind not in _BY_KIND:
+        raise LookupError(f"no registry of kind {kind!r} (known: {', '.join(sorted(_BY_KIND))}); import aal first")
+    return _BY_KIND[kind]
+
+
 class Registry(Generic[T]):
     """A mapping from names to factories.
 
@@ -58,6 +74,10 @@ class Registry(Generic[T]):
     def __init__(self, kind: str) -> None:
         self.kind = kind
         self._entries: dict[str, Entry[T]] = {}
+        self.from_spec: Callable[..., T] | None = None
+        """Optional parser of short specs (the attacks' ``from_spec``), for :func:`lookup` callers."""
+        # the first registry of a kind is the library's (aal/__init__ imports them all first)
+        _BY_KIND.setdefault(kind, self)
 
     def register(self, name: str | None = None) -> Callable[[Callable[..., T]], Callable[..., T]]:
         """Decorator registering a factory under ``name`` (default: its ``__name__``)."""

@@ -92,6 +92,8 @@ def from_spec(spec: str, eps: float, **kwargs) -> Attack:
     return ATTACKS.create(name, eps, **kwargs)
 
 
+ATTACKS.from_spec = from_spec  # config validation asks aal.registry.lookup("attack") for it
+
 __all__ = [
     "fgsm_from_grad",
     "APGD",

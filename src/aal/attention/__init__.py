@@ -12,11 +12,11 @@ from __future__ import annotations
 
 from torch import nn
 
+from aal.attention.base import NoAttention
 from aal.attention.associative import AssocResult, associative_attention, top_fraction
 from aal.attention.cbam import SpatialAttention
-from aal.attention.input_level import INPUT_LEVEL, InputAttentionNet, InputSpatialAttention, with_input_attention
+from aal.attention.input_level import InputSpatialAttention
 from aal.attention.kernels import KERNELS, Kernel, apply_kernel, get_kernel
-from aal.models.base import NoAttention
 from aal.registry import Registry
 
 ATTENTION: Registry[nn.Module] = Registry("attention")
@@ -48,7 +48,7 @@ def _cbam_in(channels: int) -> nn.Module:
 
 @ATTENTION.register("cbam_input")
 def _cbam_input(channels: int, apply_to: str = "image") -> nn.Module:
-    """Input-level CBAM (public AAL code): C->C conv + spatial attention on the image; see with_input_attention."""
+    """Input-level CBAM (public AAL code): C->C conv + spatial attention on the image; see aal.models.input_level."""
     return InputSpatialAttention(channels, kernel_size=7, apply_to=apply_to)
 
 
@@ -60,10 +60,9 @@ def create_attention(name: str | None, channels: int) -> nn.Module:
 __all__ = [
     "ATTENTION",
     "AssocResult",
-    "INPUT_LEVEL",
-    "InputAttentionNet",
     "InputSpatialAttention",
     "KERNELS",
+    "NoAttention",
     "Kernel",
     "SpatialAttention",
     "apply_kernel",
@@ -71,5 +70,4 @@ __all__ = [
     "create_attention",
     "get_kernel",
     "top_fraction",
-    "with_input_attention",
 ]

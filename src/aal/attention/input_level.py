@@ -8,12 +8,9 @@ module provides that variant:
 * :class:`InputSpatialAttention`: ``x -> (x o M, M)`` with ``M = SA(conv3x3_{C->C}(x))`` of
   shape (B,1,H,W), i.e. at the input resolution (so AAL's M^a needs no resizing to become the
   budget mask).
-* :class:`InputAttentionNet`: an :class:`~aal.models.base.AttentionNet` whose attention slot is
-  applied to the (normalised) image *before* the stem:
-  ``normalize -> attention -> stem -> trunk -> head``. Everything else (``attention_map``
-  override, ``return_attention``) is unchanged, so AAL and :mod:`aal.viz` work on it as is.
-* :func:`with_input_attention`: turns a model built without attention into an
-  :class:`InputAttentionNet` (it shares the modules).
+* :class:`aal.models.input_level.InputAttentionNet` and
+  :func:`aal.models.input_level.with_input_attention` (the model that moves the slot before the
+  stem) live with the models, which build on this package.
 
 Choices (the public code's exact layer is not specified in the paper):
 
@@ -23,14 +20,14 @@ Choices (the public code's exact layer is not specified in the paper):
   pattern "features o SA(features)", adding the conv to the network's path).
 * Placement: the layer is an ordinary attention-slot layer ``h -> (h o M, M)``. It is
   input-level wherever the slot sees the image: in stem-less models (``resnet12`` with
-  ``stem="none"``, whose slot follows an identity stem) and in :class:`InputAttentionNet`, which
+  ``stem="none"``, whose slot follows an identity stem) and in :class:`~aal.models.input_level.InputAttentionNet`, which
   moves the slot before the stem. For a model with a real first convolution, build it with
-  :func:`with_input_attention` (names in :data:`INPUT_LEVEL`); in AttentionNet's usual slot it
+  :func:`~aal.models.input_level.with_input_attention` (names in its ``INPUT_LEVEL``); in AttentionNet's usual slot it
   would act on the stem's features, which is not the public code's variant.
 
 Example:
     >>> import torch, aal
-    >>> from aal.attention import with_input_attention
+    >>> from aal.models.input_level import with_input_attention
     >>> model = with_input_attention(aal.create_model("small_cnn"), "cbam_input")
     >>> logits, m = model(torch.rand(2, 1, 28, 28), return_attention=True)
     >>> m.shape
@@ -42,10 +39,6 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from aal.attention.cbam import SpatialAttention
-from aal.models.base import AttentionNet, NoAttention
-
-INPUT_LEVEL: frozenset[str] = frozenset({"cbam_input"})
-"""Registered attention names that belong before the stem (built via :func:`with_input_attention`)."""
 
 
 class InputSpatialAttention(nn.Module):
@@ -90,52 +83,4 @@ class InputSpatialAttention(nn.Module):
         return f"channels={self.channels}, apply_to={self.apply_to!r}"
 
 
-class InputAttentionNet(AttentionNet):
-    """``normalize -> attention (on the image) -> stem -> trunk -> head``.
-
-    Same constructor and forward as :class:`~aal.models.base.AttentionNet`; only the place of
-    the attention layer differs (it receives the normalised image).
-    """
-
-    def forward_features(self, x: Tensor, attention_map: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
-        h = self.normalize(x)
-        h, m = self.attention(h, override=attention_map)
-        return self.trunk(self.stem(h)), m
-
-
-def with_input_attention(model: AttentionNet, name: str = "cbam_input", **options) -> InputAttentionNet:
-    """An :class:`InputAttentionNet` sharing ``model``'s modules, with input-level attention ``name``.
-
-    Args:
-        model: an :class:`AttentionNet` built *without* attention (``attention=None``).
-        name: a registered input-level attention (see :data:`INPUT_LEVEL`).
-        **options: passed to the layer (e.g. ``apply_to="conv"``).
-
-    Returns:
-        the new model, on ``model``'s device and dtype and in its train/eval mode.
-
-    Raises:
-        ValueError: ``model`` already has an attention layer (AAL uses a single map M), or
-            ``name`` is not an input-level attention.
-    """
-    from aal.attention import ATTENTION  # the registry lives in the package __init__
-
-    if name.lower() not in INPUT_LEVEL:
-        raise ValueError(f"{name!r} is not an input-level attention; choose from {sorted(INPUT_LEVEL)}")
-    if not isinstance(model.attention, NoAttention):
-        raise ValueError("the model already has an attention layer; build it with attention=None first")
-    channels = int(model.normalize.mean.shape[1]) if hasattr(model.normalize, "mean") else None
-    if channels is None:
-        raise ValueError("cannot infer the image channels: the model's normalize has no per-channel mean")
-    layer = ATTENTION.create(name, channels, **options)
-    ref = next(model.parameters(), None)
-    if ref is not None:
-        layer = layer.to(device=ref.device, dtype=ref.dtype)
-    new = InputAttentionNet(
-        model.normalize, model.stem, layer, model.trunk, model.head, model.num_classes, model.num_features
-    )
-    new.train(model.training)
-    return new
-
-
-__all__ = ["INPUT_LEVEL", "InputAttentionNet", "InputSpatialAttention", "with_input_attention"]
+__all__ = ["InputSpatialAttention"]

@@ -71,6 +71,14 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
 from aal.data.loader import _mix_seed  # the splitmix hash the loader seeds its streams with
+from aal.utils.distributed import (  # noqa: F401 (re-exported: the primitives the evaluator shares)
+    _comm_device,
+    all_reduce_,
+    get_rank,
+    get_world_size,
+    is_initialized,
+    shard_indices,
+)
 from aal.utils.runtime import get_rng_state, seed_everything, set_rng_state
 
 
@@ -90,21 +98,6 @@ class DistContext:
     @property
     def distributed(self) -> bool:
         return self.world_size > 1
-
-
-def is_initialized() -> bool:
-    """True when a ``torch.distributed`` process group exists in this process."""
-    return dist.is_available() and dist.is_initialized()
-
-
-def get_rank() -> int:
-    """This process's rank (0 when not distributed)."""
-    return dist.get_rank() if is_initialized() else 0
-
-
-def get_world_size() -> int:
-    """Number of processes (1 when not distributed)."""
-    return dist.get_world_size() if is_initialized() else 1
 
 
 def is_main_rank() -> bool:
@@ -195,36 +188,6 @@ def rank_seed(seed: int, rank: int | None = None) -> int:
 
 
 # ----------------------------------------------------------------------------- collectives
-def _comm_device() -> torch.device:
-    # nccl moves CUDA tensors only; gloo works on CPU tensors
-    if dist.get_backend() == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
-def all_reduce_(tensor: Tensor, op: str = "sum") -> Tensor:
-    """In-place all-reduce over ranks (``"sum"``, ``"mean"``, ``"max"``, ``"min"``); a no-op on one process.
-
-    Works for tensors on any device, any dtype the backend supports (bool is reduced as uint8:
-    ``"sum"``/``"max"`` is a logical or, ``"min"`` a logical and).
-    """
-    if get_world_size() == 1:
-        return tensor
-    ops = {"sum": dist.ReduceOp.SUM, "mean": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
-    if op not in ops:
-        raise ValueError(f"op must be one of {sorted(ops)}, got {op!r}")
-    dev = _comm_device()
-    buf = tensor.detach().to(dev, dtype=torch.uint8 if tensor.dtype == torch.bool else None).contiguous()
-    dist.all_reduce(buf, ops[op])
-    if tensor.dtype == torch.bool:
-        buf = buf > 0
-    elif op == "mean":
-        buf = buf / get_world_size() if buf.is_floating_point() else buf // get_world_size()
-    with torch.no_grad():
-        tensor.copy_(buf)
-    return tensor
-
-
 def broadcast_tensors_(tensors: list[Tensor], src: int = 0) -> None:
     """Overwrite every tensor in place with rank ``src``'s value (any memory format or device)."""
     if get_world_size() == 1:
@@ -373,13 +336,6 @@ def unwrap_model(model: nn.Module) -> nn.Module:
     while isinstance(model, (DDPModel, DistributedDataParallel)):
         model = model.module
     return model
-
-
-def shard_indices(total: int, rank: int | None = None, world_size: int | None = None) -> Tensor:
-    """This rank's strided shard ``rank, rank + W, ...`` of ``range(total)`` (all of it on one process)."""
-    rank = get_rank() if rank is None else rank
-    world_size = get_world_size() if world_size is None else world_size
-    return torch.arange(total)[rank::world_size]
 
 
 __all__ = [

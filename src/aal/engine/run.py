@@ -20,6 +20,7 @@ import json
 import math
 import os
 import time
+from types import SimpleNamespace
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -45,6 +46,7 @@ from aal.engine.trainer import Trainer
 from aal.eval import EvalResult, evaluate
 from aal.methods import Method, create_method
 from aal.models import create_model
+from aal.models.purifier import RUN_READERS
 from aal.utils.runtime import seed_everything
 
 def default_channels_last(model_name: str) -> bool:
@@ -321,7 +323,37 @@ def load_run(path: str | Path) -> tuple[RunConfig, nn.Module, DataBundle]:
     return cfg, model, bundle
 
 
+@RUN_READERS.register("classifier")
+def load_classifier(path: str | os.PathLike, num_classes: int | None = None, in_channels: int | None = None) -> nn.Module:
+    """A trained classifier from an ``aal train`` run folder (or a checkpoint inside one), in eval mode.
+
+    The architecture comes from the run's ``config.yaml``, the weights (normalisation buffers
+    included) from its checkpoint. With ``num_classes`` and ``in_channels`` given, the dataset is
+    not loaded; otherwise :func:`aal.engine.run.load_run` reads its metadata from the data files.
+    """
+    if num_classes is None or in_channels is None:
+        _, model, _ = load_run(path)
+        return model.eval()
+    cfg_path, ckpt = find_run_files(path)
+    cfg = load_config(cfg_path, validate=False)
+    # mean/std are buffers of the model's Normalize layer: the checkpoint restores the real ones
+    info = SimpleNamespace(num_classes=int(num_classes), in_channels=int(in_channels),
+                           mean=(0.0,) * int(in_channels), std=(1.0,) * int(in_channels))
+    model = build_model(cfg, info=info)
+    load_model_weights(ckpt, model)
+    return model.eval()
+
+
+@RUN_READERS.register("weights")
+def load_run_weights(path: str | os.PathLike, model: nn.Module) -> None:
+    """Load the checkpoint of the run at ``path`` into ``model`` (strict: the same architecture)."""
+    _, ckpt = find_run_files(path)
+    load_model_weights(ckpt, model)
+
+
 __all__ = [
+    "load_classifier",
+    "load_run_weights",
     "Experiment",
     "build_experiment",
     "build_method",

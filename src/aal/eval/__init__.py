@@ -25,7 +25,7 @@ from aal.eval.analytics import (
 )
 from aal.eval.checks import CHECKS, CheckReport, CheckResult, run_checks
 from aal.eval.eot import EOTWrapper, is_randomized, randomness
-from aal.eval.detection_metrics import DetectionMAP, mean_average_precision, voc_ap
+from aal.tasks.detection_metrics import DetectionMAP, mean_average_precision, voc_ap
 from aal.eval.evaluator import EvalResult, accuracy, evaluate
 from aal.eval.suite import SUITES, Stage, SuiteResult, run_suite
 

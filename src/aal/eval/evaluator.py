@@ -39,6 +39,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from aal.attacks import check_images, from_spec
+from aal.utils.distributed import all_reduce_, get_rank, shard_indices
 
 AttackFn = Callable[[nn.Module, Tensor, Tensor], Tensor]
 AttackSpec = str | AttackFn | tuple[str, AttackFn]
@@ -194,8 +195,6 @@ def evaluate(
     total = len(y_all)
     world = torch.distributed.get_world_size() if distributed and torch.distributed.is_initialized() else 1
     if world > 1:
-        from aal.engine.distributed import all_reduce_, get_rank, shard_indices  # lazy: aal.engine imports aal.eval
-
         progress = progress and get_rank() == 0
 
     def batch(idx: Tensor) -> tuple[Tensor, Tensor]:

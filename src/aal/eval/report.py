@@ -1,6 +1,7 @@
 """A Markdown report comparing trained runs: tables, plots, and the JSON they were made from.
 
-:func:`make_report` (``aal report RUN [RUN ...] --out DIR``) writes::
+:func:`aal.engine.report.make_report` (``aal report RUN [RUN ...] --out DIR``) reads run folders
+(the engine's) and writes, with the pieces of this module::
 
     DIR/report.md              a table comparing the runs (from each run's results.json, any
                                finished suite results in RUN/eval/, and what the report measures),
@@ -18,7 +19,7 @@ Numbers from ``results.json`` are the run's own final evaluation (its ``n``, its
 Plots use matplotlib's object API with the Agg canvas (no pyplot, no display).
 
 Example:
-    >>> from aal.eval.report import make_report
+    >>> from aal.engine.report import make_report
     >>> make_report(["runs/pgd_at", "runs/standard"], "report/", n=500)    # doctest: +SKIP
     PosixPath('report/report.md')
 """
@@ -206,99 +207,6 @@ def _unique_names(paths: Sequence[Path]) -> list[str]:
     return names
 
 
-def make_report(
-    runs: Sequence[str | Path],
-    out_dir: str | Path,
-    *,
-    n: int | None = 500,
-    eps: float | None = None,
-    seed: int = 0,
-    batch_size: int = 500,
-    eps_factors: Sequence[float] = (0.0, 0.25, 0.5, 1.0, 1.5, 2.0),
-    steps: Sequence[int] = (1, 2, 5, 10, 20, 50),
-    attack_steps: int = 20,
-    checks: bool = False,
-    log: Callable[[str], None] | None = None,
-) -> Path:
-    """Write ``report.md``, ``report.json`` and the PNG plots for ``runs`` into ``out_dir``.
-
-    Args:
-        runs: run folders made by ``aal train`` (or checkpoints inside them).
-        out_dir: where to write (created).
-        n: first ``n`` test images for the report's own measurements (``None``: all).
-        eps: budget for the measurements (default: each run's ``eval.eps``).
-        seed: seed of every attack.
-        batch_size: attack batch size.
-        eps_factors: multiples of eps for the accuracy-vs-eps plot (0 = clean).
-        steps: PGD steps for the accuracy-vs-steps plot.
-        attack_steps: PGD steps of the eps curve and the per-class analytics.
-        checks: also run the gradient-masking checks on each run (slower).
-        log: progress messages (e.g. ``print``).
-
-    Returns:
-        the path of ``report.md``.
-    """
-    from aal.engine.run import find_run_files, load_run, machine_description
-
-    if not runs:
-        raise ValueError("give at least one run folder")
-    paths = [Path(r) for r in runs]
-    run_dirs = [find_run_files(p)[0].parent for p in paths]  # raises FileNotFoundError early, before any work
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    say = log or (lambda _m: None)
-    t_start = time.perf_counter()
-    entries: list[dict[str, Any]] = []
-    for name, path, run_dir in zip(_unique_names(run_dirs), paths, run_dirs):
-        say(f"[{name}] loading {path}")
-        cfg, model, bundle = load_run(path)
-        results_path = run_dir / "results.json"
-        results = json.loads(results_path.read_text()) if results_path.is_file() else None
-        run_eps = float(eps) if eps is not None else float(cfg.eval.eps)
-        info = bundle.info
-        computed = robustness_curves(
-            model, bundle.test, run_eps, n=n, eps_factors=eps_factors, steps=steps, attack_steps=attack_steps,
-            batch_size=batch_size, seed=seed, num_classes=info.num_classes, class_names=list(info.classes),
-            progress=lambda m, _name=name: say(f"[{_name}] {m}"),
-        )
-        entry: dict[str, Any] = {
-            "name": name,
-            "path": str(path),
-            "config": {"method": cfg.method.name, "model": cfg.model.name, "dataset": info.description, "epochs": cfg.epochs,
-                       "eval_eps": float(cfg.eval.eps), "seed": cfg.seed},
-            "results": results,
-            "suites": _suite_results(run_dir),
-            "computed": computed,
-        }
-        if checks:
-            from aal.eval.checks import run_checks
-
-            say(f"[{name}] gradient-masking checks")
-            entry["checks"] = run_checks(model, bundle.test, eps=run_eps, n=n, batch_size=batch_size, seed=seed).to_dict()
-        entries.append(entry)
-
-    plots = {
-        "acc_vs_eps": plot_curves(entries, "eps_curve", "eps", "eps", out / "acc_vs_eps.png",
-                                  title=f"PGD-{attack_steps} accuracy vs eps").name,
-        "acc_vs_steps": plot_curves(entries, "steps_curve", "steps", "PGD steps", out / "acc_vs_steps.png", logx=True,
-                                    title="PGD accuracy vs steps (each run at its eps)").name,
-        "per_class_robust": plot_per_class(entries, out / "per_class_robust.png").name,
-    }
-    payload = {
-        "created": time.strftime("%Y-%m-%d %H:%M:%S"),
-        "machine": machine_description(),
-        "settings": {"n": n, "eps": eps, "seed": seed, "batch_size": batch_size, "eps_factors": list(eps_factors),
-                     "steps": list(steps), "attack_steps": attack_steps, "checks": checks},
-        "seconds": time.perf_counter() - t_start,
-        "plots": plots,
-        "runs": entries,
-    }
-    (out / "report.json").write_text(json.dumps(payload, indent=2))
-    md = render_markdown(payload)
-    (out / "report.md").write_text(md)
-    return out / "report.md"
-
-
 def render_markdown(payload: dict[str, Any]) -> str:
     """The Markdown text of a report from its JSON payload (:func:`make_report`)."""
     runs = payload["runs"]
@@ -412,4 +320,4 @@ def render_markdown(payload: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["make_report", "plot_curves", "plot_per_class", "render_markdown", "robustness_curves"]
+__all__ = ["plot_curves", "plot_per_class", "render_markdown", "robustness_curves"]

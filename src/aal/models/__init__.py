@@ -16,6 +16,8 @@ from typing import Sequence
 
 
 from aal.models.base import AttentionNet, NoAttention, Normalize
+from aal.models.heads import use_cosine_head
+from aal.models.input_level import INPUT_LEVEL, with_input_attention
 from aal.registry import Registry
 
 MODELS: Registry[AttentionNet] = Registry("model")
@@ -47,15 +49,13 @@ def create_model(
         attention: attention layer after the first convolution (``None``/"none", "cbam", ...).
         channels_last: return the model in ``torch.channels_last`` memory format.
         head: ``"linear"`` (the model's own head) or ``"cosine"``: the head replaced by a
-            :class:`aal.methods.spat.CosineHead` (``head_scale * cos(features, w_k)``; SPAT).
+            :class:`aal.models.heads.CosineHead` (``head_scale * cos(features, w_k)``; SPAT).
         head_scale: the cosine head's scale ``s``.
         **kwargs: model-specific options (e.g. ``stem="cifar"`` for ResNets).
 
     Returns:
         the model, in train mode.
     """
-    from aal.attention import INPUT_LEVEL, with_input_attention
-
     # input-level attention (the public AAL code's variant) sits before the stem, not in the slot
     input_level = attention is not None and attention.lower() in INPUT_LEVEL
     model = MODELS.create(
@@ -65,8 +65,6 @@ def create_model(
     if input_level:
         model = with_input_attention(model, attention)
     if head == "cosine":
-        from aal.methods.spat import use_cosine_head
-
         use_cosine_head(model, head_scale)
     elif head != "linear":
         raise ValueError(f"head must be 'linear' or 'cosine', got {head!r}")

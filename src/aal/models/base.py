@@ -29,6 +29,8 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
+from aal.attention.base import NoAttention  # noqa: F401 (models re-export the empty slot)
+
 
 class Normalize(nn.Module):
     """Per-channel ``(x - mean) / std`` as a module (buffers follow ``.to()`` and checkpoints).
@@ -52,15 +54,6 @@ class Normalize(nn.Module):
 
     def extra_repr(self) -> str:
         return f"mean={self.mean.flatten().tolist()}, std={self.std.flatten().tolist()}"
-
-
-class NoAttention(nn.Module):
-    """The empty attention slot: returns its input unchanged and no map."""
-
-    def forward(self, h: Tensor, override: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
-        if override is not None:
-            raise ValueError("this model has no attention layer; an attention map cannot be overridden")
-        return h, None
 
 
 class AttentionNet(nn.Module):

@@ -10,6 +10,7 @@ from typing import Sequence
 
 from torch import nn
 
+from aal.attention import create_attention as _create_attention
 from aal.models.base import Normalize
 
 
@@ -77,11 +78,5 @@ def global_pool() -> nn.Sequential:
 
 
 def create_attention(name: str | None, channels: int) -> nn.Module:
-    """The attention layer ``name`` for ``channels`` maps (see :data:`aal.attention.ATTENTION`).
-
-    Imported lazily: ``aal.attention`` builds on ``aal.models.base``, so importing it at module
-    level here would make the two packages import each other.
-    """
-    from aal.attention import create_attention as _create
-
-    return _create(name, channels)
+    """The attention layer ``name`` for ``channels`` maps (see :data:`aal.attention.ATTENTION`)."""
+    return _create_attention(name, channels)

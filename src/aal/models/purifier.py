@@ -52,7 +52,6 @@ import copy
 import math
 import os
 import warnings
-from types import SimpleNamespace
 from typing import Sequence
 
 import torch
@@ -62,6 +61,7 @@ from torch import Tensor, nn
 from aal.models import MODELS
 from aal.models.base import Normalize
 from aal.models.layers import check_choice, make_normalize
+from aal.registry import Registry
 
 MASK_MODES = ("per_sample", "per_batch")
 """Block masks drawn independently per image (default) or one per batch (public AToP code)."""
@@ -403,28 +403,11 @@ class PurifiedClassifier(nn.Module):
         return self.classifier(self.purify(x))
 
 
-def load_classifier(path: str | os.PathLike, num_classes: int | None = None, in_channels: int | None = None) -> nn.Module:
-    """A trained classifier from an ``aal train`` run folder (or a checkpoint inside one), in eval mode.
-
-    The architecture comes from the run's ``config.yaml``, the weights (normalisation buffers
-    included) from its checkpoint. With ``num_classes`` and ``in_channels`` given, the dataset is
-    not loaded; otherwise :func:`aal.engine.run.load_run` reads its metadata from the data files.
-    """
-    from aal.config import load_config
-    from aal.engine.checkpoint import load_model_weights
-    from aal.engine.run import build_model, find_run_files, load_run
-
-    if num_classes is None or in_channels is None:
-        _, model, _ = load_run(path)
-        return model.eval()
-    cfg_path, ckpt = find_run_files(path)
-    cfg = load_config(cfg_path, validate=False)
-    # mean/std are buffers of the model's Normalize layer: the checkpoint restores the real ones
-    info = SimpleNamespace(num_classes=int(num_classes), in_channels=int(in_channels),
-                           mean=(0.0,) * int(in_channels), std=(1.0,) * int(in_channels))
-    model = build_model(cfg, info=info)
-    load_model_weights(ckpt, model)
-    return model.eval()
+RUN_READERS: Registry[object] = Registry("run reader")
+"""How the models read ``aal train`` run folders, registered by :mod:`aal.engine.run` (run folders
+are the engine's; the models sit below it and get the readers passed in through this registry):
+``"classifier"``: ``f(path, num_classes, in_channels) -> model`` in eval mode;
+``"weights"``: ``f(path, model)`` loads the run's checkpoint into ``model`` (strict)."""
 
 
 def build_atop_model(
@@ -469,7 +452,7 @@ def build_atop_model(
     from aal.models import create_model
 
     if not isinstance(classifier, nn.Module):
-        classifier = load_classifier(classifier, num_classes, in_channels)
+        classifier = RUN_READERS.create("classifier", classifier, num_classes, in_channels)
     if in_channels is None:  # the classifier's own normalisation knows its channels
         norm = getattr(classifier, "normalize", None)
         in_channels = int(norm.mean.shape[1]) if isinstance(norm, Normalize) else 3
@@ -482,12 +465,8 @@ def build_atop_model(
     transform = RandomTransform(noise_sigma, missing_rate, block_size, fill, mask_mode, clip, transform_seed)
     model = PurifiedClassifier(classifier, purifier, transform, freeze_classifier=True)
     if purifier_run:
-        from aal.engine.checkpoint import load_model_weights
-        from aal.engine.run import find_run_files
-
-        _, ckpt = find_run_files(purifier_run)
         stage1 = copy.deepcopy(model)
-        load_model_weights(ckpt, stage1)  # strict: the stage-1 run must be this same pipeline
+        RUN_READERS.create("weights", purifier_run, stage1)  # strict: the stage-1 run must be this same pipeline
         model.purifier.load_state_dict(stage1.purifier.state_dict())
     return model.train()
 
@@ -564,7 +543,7 @@ __all__ = [
     "RandomTransform",
     "atop",
     "build_atop_model",
-    "load_classifier",
+    "RUN_READERS",
     "purifier_ae",
     "purifier_unet",
 ]

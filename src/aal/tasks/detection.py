@@ -1,18 +1,19 @@
 """Object detection as an :mod:`aal` task (AAL paper, seed 001, Sec. 4.2): SSD on a VOC-layout dataset.
 
-A task says two things, nothing more (DEVELOPERS.md): **what loss the attack maximises** and
+A task says two things, nothing more (CONTRIBUTING.md): **what loss the attack maximises** and
 **what metric is reported**. For detection:
 
 * the attacked loss is SSD's multibox loss of each image's own targets, per image (B,)
   (:meth:`DetectionTask.attack_loss`, a ``loss_fn(outputs, targets) -> (B,)`` that every
   attack of :mod:`aal.attacks` and :func:`aal.attention.associative_attention` accept);
 * the metric is VOC mAP@0.5 with per-class AP (:meth:`DetectionTask.evaluate`,
-  :mod:`aal.eval.detection_metrics`) on clean images ("the clean validation set is used for
+  :mod:`aal.tasks.detection_metrics`) on clean images ("the clean validation set is used for
   testing", Sec. 4.2).
 
-Also here: the experiment builder for YAML configs (``configs/detection/*.yaml``):
-:func:`load_detection_config`, :func:`build_detection_experiment`, :func:`train_detection`,
-and the figure :func:`detection_grid` (image with ground-truth boxes, x', M, M^a, k(M^a), |x'-x|).
+Also here: the config section for YAML configs (``configs/detection/*.yaml``,
+:func:`load_detection_config`). The runner (:func:`aal.engine.task_runs.build_detection_experiment`,
+:func:`~aal.engine.task_runs.train_detection`) lives in the engine, the figure
+(:func:`aal.viz.detection_grid`: image with ground-truth boxes, x', M, M^a, k(M^a), |x'-x|) in viz.
 
 Example:
     >>> import torch, aal
@@ -28,8 +29,6 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-import json
-import time
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,8 +37,9 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from aal.data.voc import BCCD_CLASSES, DETECTION_AUGMENTATIONS, VOC_CLASSES, DetectionLoader, DetectionSplit, load_voc
-from aal.eval.detection_metrics import DetectionMAP, DetectionMetrics
+from aal.registry import lookup
+from aal.data.voc import BCCD_CLASSES, DETECTION_AUGMENTATIONS, VOC_CLASSES, DetectionLoader, DetectionSplit
+from aal.tasks.detection_metrics import DetectionMAP, DetectionMetrics
 from aal.models.ssd import SSD, MultiBoxLossOutput, match_targets, multibox_loss, postprocess
 
 Targets = Sequence[dict[str, Tensor]]
@@ -147,7 +147,7 @@ class DetectionTask:
                 an attack, to measure robustness).
 
         Returns:
-            :class:`~aal.eval.detection_metrics.DetectionMetrics` (``.map``, ``.ap``,
+            :class:`~aal.tasks.detection_metrics.DetectionMetrics` (``.map``, ``.ap``,
             ``.as_dict()`` -> ``{"map50": ..., "ap50/<class>": ...}``).
         """
         det = detector_of(model)
@@ -167,121 +167,6 @@ class DetectionTask:
         return metric.compute()
 
 
-# ----------------------------------------------------------------------------- figure
-def detection_grid(
-    model: nn.Module,
-    images: Tensor,
-    targets: Targets,
-    out_path: str | Path,
-    *,
-    method: Any = None,
-    n: int = 4,
-    class_names: Sequence[str] | None = None,
-    show_detections: bool = True,
-    score_threshold: float = 0.5,
-    max_detections: int = 20,
-    title: str | None = None,
-    dpi: int = 100,
-    **method_params: Any,
-) -> Path:
-    """PNG of AAL for detection: one row per image, columns
-
-    ``image + GT boxes | x' (selective) | M | M^a | k(M^a) | |x' - x|`` (+ ``detections`` on x).
-
-    Ground-truth boxes are drawn on the image and on the three maps (whose resolution is the
-    attention layer's, stretched over the image's square), so one sees whether the foreground
-    kernel puts the budget on the objects. Maps share the [0,1] colour scale; the perturbation
-    uses [0, eps]. Matplotlib's object API with the Agg canvas (no display, no pyplot state).
-
-    Args:
-        model: an SSD with an attention layer.
-        images: (B,3,S,S) in [0,1]; targets: B target dicts (normalised boxes).
-        out_path: PNG path (parents created).
-        method: a :class:`aal.methods.detection.DetectionAAL` (default: one built from
-            ``method_params``, e.g. ``eps=2/255``).
-        n: rows.
-        class_names: for the box labels.
-        show_detections: add a column with the model's detections (score >= ``score_threshold``,
-            at most ``max_detections`` per image).
-
-    Returns:
-        the path written.
-    """
-    from matplotlib.figure import Figure
-    from matplotlib.patches import Rectangle
-
-    from aal.methods.detection import DetectionAAL
-    from aal.viz import finish_grid, map_styles
-
-    if n < 1:
-        raise ValueError(f"n must be >= 1, got {n}")
-    if method is None:
-        method = DetectionAAL(**method_params)
-    elif method_params:
-        raise ValueError("give either a method or its parameters, not both")
-    n = min(n, images.shape[0])
-    x, tg = images[:n].detach(), list(targets[:n])
-    x_adv, res, mask = method.craft(model, x, tg)
-    pert = (x_adv - x).abs().amax(1, keepdim=True)
-    dets = None
-    if show_detections:
-        was = model.training
-        model.eval()
-        try:
-            dets = DetectionTask(score_threshold=score_threshold, top_k=max_detections).detect(model, x)
-        finally:
-            model.train(was)
-    columns = ["image + GT", "x' (selective)", "M", "M^a", "k(M^a)", "|x' - x|"] + (["detections"] if dets else [])
-    ncols = len(columns)
-    fig = Figure(figsize=(1.7 * ncols + 0.9, 1.7 * n + (0.5 if title else 0.3)), dpi=dpi)
-    axes = fig.subplots(n, ncols, squeeze=False)
-    ext = (0.0, 1.0, 1.0, 0.0)  # normalised coordinates: boxes overlay every panel directly
-    map_kw, pert_kw = map_styles(method.eps, extent=ext)
-    colours = ["tab:red", "tab:cyan", "tab:orange", "tab:green", "tab:pink", "tab:olive"]
-
-    def boxes(ax, bx: Tensor, labels: Tensor, scores: Tensor | None = None) -> None:
-        # ground truth: solid; detections: dashed, with class and score
-        for k, (b, lab) in enumerate(zip(bx.tolist(), labels.tolist())):
-            col = colours[int(lab) % len(colours)]
-            ls = "-" if scores is None else "--"
-            ax.add_patch(Rectangle((b[0], b[1]), b[2] - b[0], b[3] - b[1], fill=False, ec=col, lw=0.8, ls=ls))
-            if scores is not None:
-                name = class_names[int(lab)] if class_names else str(int(lab))
-                ax.text(b[0], b[1], f"{name} {float(scores[k]):.2f}", color=col, fontsize=5, va="bottom")
-
-    def image(t: Tensor):
-        return t.detach().float().cpu().clamp(0, 1).permute(1, 2, 0).numpy()
-
-    map_im = pert_im = None
-    for i in range(n):
-        row = axes[i]
-        gt_boxes, gt_labels = tg[i]["boxes"].cpu(), tg[i]["labels"].cpu()
-        row[0].imshow(image(x[i]), extent=ext)
-        row[1].imshow(image(x_adv[i]), extent=ext)
-        for j, m in ((2, res.m[i]), (3, res.m_a[i]), (4, mask[i])):
-            map_im = row[j].imshow(m[0].float().cpu().numpy(), **map_kw)
-        pert_im = row[5].imshow(pert[i, 0].float().cpu().numpy(), **pert_kw)
-        for j in (0, 2, 3, 4):
-            boxes(row[j], gt_boxes, gt_labels)
-        if dets:
-            row[6].imshow(image(x[i]), extent=ext)
-            d = dets[i]
-            boxes(row[6], d["boxes"].cpu(), d["labels"].cpu(), d["scores"].cpu())
-        row[0].set_ylabel(f"{len(gt_labels)} objects", fontsize=8)
-        for ax in row:
-            ax.set_xlim(0, 1)
-            ax.set_ylim(1, 0)
-            ax.set_xticks([])
-            ax.set_yticks([])
-    for j, name in enumerate(columns):
-        axes[0, j].set_title(name, fontsize=9)
-    if class_names:
-        key = ", ".join(f"{c}: {colours[k % len(colours)].removeprefix('tab:')}" for k, c in enumerate(class_names))
-        fig.text(0.03, 0.003, f"boxes (GT solid, detections dashed): {key}", fontsize=6, va="bottom")
-    return finish_grid(fig, map_im, pert_im, out_path, title=title, dpi=dpi, right=0.88, space=0.05)
-
-
-# ----------------------------------------------------------------------------- configs and runs
 DATASET_CLASSES: dict[str, tuple[str, ...]] = {"bccd": BCCD_CLASSES, "voc": VOC_CLASSES}
 """Default class lists of the VOC-layout datasets known by name (others need ``data.classes``)."""
 
@@ -372,7 +257,7 @@ def detection_config_from_dict(raw: Mapping[str, Any]) -> DetectionRunConfig:
         aal.config.ConfigError: unknown keys or names, or impossible values (the message names the key).
     """
     from aal.config import ConfigError, MethodConfig, ModelConfig, OptimConfig, ScheduleConfig, _build_section, check_kwargs, clip, coerce, short
-    from aal.methods import METHODS
+    METHODS = lookup("method")  # late lookup: the methods build on the tasks (see tests/test_layering.py)
     from aal.models import MODELS
 
     if not isinstance(raw, Mapping):
@@ -447,7 +332,7 @@ def load_detection_config(path: str | Path | None, overrides: Sequence[str] = ()
 
 @dataclass
 class DetectionExperiment:
-    """Everything a detection run needs (built by :func:`build_detection_experiment`)."""
+    """Everything a detection run needs (built by :func:`aal.engine.task_runs.build_detection_experiment`)."""
 
     cfg: DetectionRunConfig
     train: DetectionSplit
@@ -475,123 +360,6 @@ class DetectionExperiment:
         return lambda model: {f"val_{k}": v for k, v in self.evaluate(self.val).items()}  # type: ignore[arg-type]
 
 
-def build_detection_experiment(
-    cfg: DetectionRunConfig | Mapping[str, Any], device: str | torch.device | None = "auto"
-) -> DetectionExperiment:
-    """Data, detector, method, task and training loader for a detection config (seeded).
-
-    Args:
-        cfg: a :class:`DetectionRunConfig` or the nested dict of a YAML file (``task: detection``).
-        device: where the model and the batches go (``"auto"``: CUDA when available).
-
-    The model is ``create_model(model.name, num_classes=len(classes), image_size=data.image_size,
-    ...)`` with the training split's per-channel mean/std inside it when ``model.normalize``.
-
-    Example:
-        >>> exp = build_detection_experiment({"task": "detection", "data": {"train_n": 4}})  # doctest: +SKIP
-        >>> exp.method.name, len(exp.train)                                                   # doctest: +SKIP
-        ('detection', 4)
-    """
-    from aal.methods import create_method
-    from aal.models import create_model
-    from aal.utils.runtime import resolve_device, seed_everything
-
-    if not isinstance(cfg, DetectionRunConfig):
-        cfg = detection_config_from_dict(cfg)
-    seed_everything(cfg.seed)
-    if cfg.threads is not None:
-        torch.set_num_threads(cfg.threads)
-    dev = resolve_device(device)
-    d = cfg.data
-    classes = d.classes or DATASET_CLASSES[d.name]
-    read = dict(classes=classes, image_size=d.image_size, name=d.name)
-    train = load_voc(d.root, d.train_split, max_images=d.train_n, **read)
-    val = load_voc(d.root, d.val_split, max_images=d.val_n, **read) if d.val_split else None
-    test = load_voc(d.root, d.test_split, max_images=d.test_n, **read)
-    m = cfg.model
-    mean, std = train.channel_stats() if m.normalize else (None, None)
-    model = create_model(
-        m.name, num_classes=len(classes), mean=mean, std=std, attention=None if m.attention == "none" else m.attention,
-        channels_last=bool(m.channels_last), image_size=d.image_size, **dict(m.options),
-    ).to(dev)  # fmt: skip
-    method = create_method(cfg.method.name, **dict(cfg.method.params))
-    e = cfg.eval
-    task = DetectionTask(
-        eval_iou=e.iou_threshold, score_threshold=e.score_threshold, nms_threshold=e.nms_threshold, top_k=e.top_k
-    )
-    loader = DetectionLoader(
-        train, d.batch_size, shuffle=True, drop_last=len(train) >= 2 * d.batch_size, augment=d.augment, seed=cfg.seed,
-        device=dev, channels_last=bool(m.channels_last),
-    )  # fmt: skip
-    return DetectionExperiment(cfg, train, val, test, model, method, task, loader)
-
-
-def train_detection(
-    cfg: DetectionRunConfig | Mapping[str, Any],
-    run_dir: str | Path | None = None,
-    resume: bool = False,
-    log: Callable[[str], None] = print,
-    device: str | torch.device | None = "auto",
-) -> tuple[Path | None, dict[str, Any]]:
-    """Train with the :class:`~aal.engine.Trainer`, then evaluate on the clean test split; write ``results.json``.
-
-    Args:
-        cfg: as :func:`build_detection_experiment`.
-        run_dir: the run folder (``config.yaml``, ``metrics.jsonl``, ``checkpoints/last``,
-            ``results.json``); ``"auto"``: ``out_dir/name``, or ``out_dir/<method>-<dataset>-<time>``
-            without a ``name`` (as ``aal train``); ``None`` writes nothing. A new run needs a fresh
-            folder (:mod:`aal.engine.rundir`).
-        resume: continue the run holding ``run_dir`` (any path inside it) from its last
-            checkpoint, or from epoch 1 when it has none yet; its config must match the
-            checkpoint's but for :data:`aal.engine.rundir.RESUME_MAY_CHANGE`.
-        log: receives one-line messages (the epoch summaries when ``progress``).
-        device: as :func:`build_detection_experiment`.
-
-    Returns:
-        ``(run_dir, results)``: ``results["test"]`` is ``{"map50": ..., "ap50/<class>": ...}``;
-        also ``method``, ``dataset``, ``model``, ``image_size``, ``epochs``, ``seed``, image counts,
-        ``train_seconds``, ``eval_seconds``, ``history`` (the per-epoch records) and ``machine``.
-    """
-    from aal.engine.run import build_optimization, machine_description
-    from aal.engine.rundir import fit_or_resume, history_seconds, prepare_run_dir, run_guard, run_history
-    from aal.engine.trainer import Trainer
-
-    exp = build_detection_experiment(cfg, device)
-    cfg = exp.cfg
-    optimizer, scheduler = build_optimization(cfg, exp.model, steps_per_epoch=len(exp.loader))
-    run_dir, created = prepare_run_dir(cfg, run_dir, resume, log)  # after every check that needs no folder
-    with run_guard(run_dir, created):
-        trainer = Trainer(
-            exp.model, exp.method, exp.loader, optimizer, scheduler, epochs=cfg.epochs, run_dir=run_dir,
-            evaluate_fn=exp.epoch_eval(), eval_every=cfg.eval.every, checkpoint_every=cfg.checkpoint_every,
-            progress=cfg.progress, grad_clip=cfg.grad_clip, seed=cfg.seed, config=cfg.to_dict(),
-            log_fn=log if cfg.progress else None,
-        )  # fmt: skip
-        fit_or_resume(trainer, run_dir, resume, log)
-        history = run_history(run_dir, trainer)  # the whole run's epochs, across resumes
-        t0 = time.perf_counter()
-        test = exp.final_eval()
-        log("test " + "  ".join(f"{k} {v:.4f}" for k, v in test.items()))
-        results = {
-            "test": test,
-            "method": cfg.method.name,
-            "dataset": cfg.data.name,
-            "model": cfg.model.name,
-            "image_size": cfg.data.image_size,
-            "epochs": cfg.epochs,
-            "seed": cfg.seed,
-            "train_images": len(exp.train),
-            "test_images": len(exp.test),
-            "train_seconds": history_seconds(history, include_eval=True),
-            "eval_seconds": time.perf_counter() - t0,
-            "history": history,
-            "machine": machine_description(),
-        }
-        if run_dir is not None:
-            (run_dir / "results.json").write_text(json.dumps(_plain_json(results), indent=2))
-    return run_dir, results
-
-
 def is_detection_config(raw: Any) -> bool:
     """Whether a loaded YAML mapping (or a config object) describes a detection run (``task: detection``)."""
     if isinstance(raw, DetectionRunConfig):
@@ -599,68 +367,7 @@ def is_detection_config(raw: Any) -> bool:
     return isinstance(raw, Mapping) and raw.get("task") == "detection"
 
 
-def load_detection_run(path: str | Path, device: str | torch.device | None = "auto") -> DetectionExperiment:
-    """Rebuild a trained detection run (data, model with its weights, method, task) from its folder.
-
-    Args:
-        path: a run folder written by :func:`train_detection` (``config.yaml`` +
-            ``checkpoints/last``), or a checkpoint inside one.
-        device: as :func:`build_detection_experiment`.
-
-    Example:
-        >>> exp = load_detection_run("runs/detection_aal-bccd-20250101-000000")  # doctest: +SKIP
-        >>> exp.final_eval()["map50"]                                            # doctest: +SKIP
-    """
-    from aal.engine.checkpoint import load_model_weights
-    from aal.engine.run import find_run_files
-
-    cfg_path, ckpt = find_run_files(path)
-    exp = build_detection_experiment(load_detection_config(cfg_path), device)
-    load_model_weights(ckpt, exp.model)
-    exp.model.eval()
-    return exp
-
-
-def detection_grid_for_run(
-    exp: DetectionExperiment, *, n: int = 4, out_path: str | Path = "detection.png", seed: int = 0, **method_params: Any
-) -> Path:
-    """:func:`detection_grid` for a (trained) run: ``n`` test images drawn with ``seed``.
-
-    The run's own ``detection_aal`` method makes the selective attack when it was trained with
-    one; otherwise ``DetectionAAL(**method_params)`` (defaults: eps 2/255, kernel M^a o M^a).
-
-    Raises:
-        aal.config.ConfigError: the model has no attention layer (nothing to visualise).
-    """
-    from aal.config import ConfigError
-    from aal.methods.detection import DetectionAAL
-
-    if not detector_of(exp.model).has_attention:
-        raise ConfigError("aal viz needs a model with an attention layer; this run used model.attention=none")
-    if n < 1:
-        raise ConfigError(f"--n: must be >= 1, got {n}")
-    idx = torch.randperm(len(exp.test), generator=torch.Generator().manual_seed(seed))[:n]
-    split = exp.test.subset(idx)
-    method = exp.method if isinstance(exp.method, DetectionAAL) and not method_params else DetectionAAL(**method_params)
-    return detection_grid(
-        exp.model, split.images.float() / 255.0, split.targets, out_path, method=method, n=n, class_names=split.classes,
-        title=f"{exp.cfg.method.name} on {exp.cfg.data.name}",
-    )  # fmt: skip
-
-
-def _plain_json(v: Any) -> Any:
-    if isinstance(v, dict):
-        return {str(k): _plain_json(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [_plain_json(x) for x in v]
-    if isinstance(v, Tensor):
-        return v.item() if v.numel() == 1 else v.tolist()
-    return v
-
-
 __all__ = [
     "DATASET_CLASSES", "DetectionDataConfig", "DetectionEvalConfig", "DetectionExperiment", "DetectionRunConfig",
-    "DetectionTask", "build_detection_experiment", "detection_config_from_dict", "detection_grid",
-    "detection_grid_for_run", "detector_of", "is_detection_config", "load_detection_config", "load_detection_run",
-    "train_detection",
+    "DetectionTask", "detection_config_from_dict", "detector_of", "is_detection_config", "load_detection_config",
 ]  # fmt: skip

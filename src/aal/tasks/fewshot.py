@@ -40,9 +40,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-import time
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,6 +51,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from aal.attacks.base import LossFn, attack_mode
+from aal.registry import lookup
 from aal.data.fewshot import FEWSHOT_DATASETS, Episode, EpisodeLoader, EpisodeSampler, FewShotData, as_episode
 
 METRICS = ("euclidean", "cosine")
@@ -369,7 +368,7 @@ def fewshot_config(raw: Mapping[str, Any], validate: bool = True) -> FewShotRunC
     if not validate:
         return cfg
     from aal.attention import ATTENTION
-    from aal.methods import METHODS
+    METHODS = lookup("method")  # late lookup: the methods build on the tasks (see tests/test_layering.py)
     from aal.models import MODELS
 
     for key in ("epochs", "checkpoint_every", "threads"):
@@ -437,7 +436,7 @@ def load_fewshot_config(path: str | Path | None, overrides: Sequence[str] = (), 
 
 @dataclass
 class FewShotExperiment:
-    """Everything a few-shot run needs (see :func:`build_fewshot_experiment`)."""
+    """Everything a few-shot run needs (see :func:`aal.engine.task_runs.build_fewshot_experiment`)."""
 
     cfg: FewShotRunConfig
     data: FewShotData
@@ -484,136 +483,6 @@ class FewShotExperiment:
         return out
 
 
-def build_fewshot_experiment(
-    cfg: FewShotRunConfig | Mapping[str, Any],
-    data: FewShotData | None = None,
-    device: str | torch.device | None = "auto",
-) -> FewShotExperiment:
-    """Data, embedding model, episodic method and episode loader for a few-shot config (seeded).
-
-    Args:
-        cfg: a :class:`FewShotRunConfig` or a config dict (a loaded YAML with ``task: fewshot``).
-        data: an already loaded dataset (skips reading the files again, e.g. across seeds).
-        device: where the model and the episodes go (``"auto"``: CUDA when available).
-
-    The model is ``create_model(model.name, num_classes=0, ...)``: the embedding network, with
-    the dataset's meta-train mean/std inside it when ``model.normalize``.
-
-    Example:
-        >>> exp = build_fewshot_experiment({"task": "fewshot", "data": {"episodes": 2}})  # doctest: +SKIP
-        >>> len(exp.loader), exp.method.name                                             # doctest: +SKIP
-        (2, 'protonet')
-    """
-    from aal.methods import create_method
-    from aal.models import create_model
-    from aal.utils.runtime import resolve_device, seed_everything
-
-    cfg = cfg if isinstance(cfg, FewShotRunConfig) else fewshot_config(cfg)
-    seed_everything(cfg.seed)
-    if cfg.threads is not None:
-        torch.set_num_threads(cfg.threads)
-    d = cfg.data
-    if data is None:
-        data = FEWSHOT_DATASETS.get(d.name)(root=d.root, download=d.download, **dict(d.options))
-    m = cfg.model
-    mean, std = data.stats() if m.normalize else (None, None)
-    model = create_model(
-        m.name, num_classes=0, in_channels=data.in_channels, mean=mean, std=std,
-        attention=None if m.attention == "none" else m.attention, channels_last=bool(m.channels_last), **dict(m.options),
-    )  # fmt: skip
-    device = resolve_device(device)
-    model.to(device)
-    method = create_method(cfg.method.name, **dict(cfg.method.params))
-    sampler = EpisodeSampler(data.train, d.n_way, d.k_shot, d.n_query, seed=cfg.seed)
-    loader = EpisodeLoader(sampler, d.episodes, seed=cfg.seed, device=device)
-    return FewShotExperiment(cfg, data, model, method, loader)
-
-
-def train_fewshot(
-    cfg: FewShotRunConfig | Mapping[str, Any],
-    run_dir: str | Path | None = None,
-    data: FewShotData | None = None,
-    resume: bool = False,
-    log: Callable[[str], None] = print,
-    device: str | torch.device | None = "auto",
-) -> tuple[Path | None, dict[str, Any]]:
-    """Meta-train with the :class:`~aal.engine.Trainer`, then evaluate; write ``results.json``.
-
-    Args:
-        cfg: as :func:`build_fewshot_experiment`.
-        run_dir: the run folder (``config.yaml``, ``metrics.jsonl``, ``checkpoints/last``,
-            ``results.json``); ``"auto"``: ``out_dir/name``, or ``out_dir/<method>-<dataset>-<time>``
-            when the config has no ``name`` (as ``aal train``); ``None`` writes nothing. A new run needs a fresh
-            folder (:mod:`aal.engine.rundir`).
-        data: a loaded dataset to reuse.
-        resume: continue the run holding ``run_dir`` (any path inside it) from its last
-            checkpoint, or from epoch 1 when it has none yet; its config must match the
-            checkpoint's but for :data:`aal.engine.rundir.RESUME_MAY_CHANGE`.
-        log: receives one-line messages.
-        device: as :func:`build_fewshot_experiment`.
-
-    Returns:
-        ``(run_dir, results)`` where ``results["fewshot"]`` maps ``"5way1shot"`` etc. (and
-        ``"runs_20way1shot"`` for Omniglot's runs) to :func:`evaluate_fewshot`'s dicts.
-    """
-    from aal.engine import Trainer
-    from aal.engine.run import build_optimization, machine_description
-    from aal.engine.rundir import fit_or_resume, history_seconds, prepare_run_dir, run_guard, run_history
-
-    exp = build_fewshot_experiment(cfg, data, device)
-    cfg = exp.cfg
-    optimizer, scheduler = build_optimization(cfg, exp.model, steps_per_epoch=len(exp.loader))
-    run_dir, created = prepare_run_dir(cfg, run_dir, resume, log)  # after every check that needs no folder
-    with run_guard(run_dir, created):
-        trainer = Trainer(
-            exp.model, exp.method, exp.loader, optimizer, scheduler, epochs=cfg.epochs, run_dir=run_dir,
-            evaluate_fn=exp.epoch_eval_fn(), checkpoint_every=cfg.checkpoint_every, progress=cfg.progress,
-            grad_clip=cfg.grad_clip, seed=cfg.seed, config=cfg.to_dict(),
-        )  # fmt: skip
-        fit_or_resume(trainer, run_dir, resume, log)
-        history = run_history(run_dir, trainer)  # the whole run's epochs, across resumes
-        t0 = time.perf_counter()
-        results = exp.final_eval(progress=cfg.progress)
-        for key, r in results.items():
-            log(f"{key}: {100 * r['mean']:.2f} +- {100 * r['ci95']:.2f} % ({r['n']} episodes)")
-        payload = {
-            "fewshot": results,
-            "method": cfg.method.name,
-            "dataset": cfg.data.name,
-            "model": cfg.model.name,
-            "epochs": cfg.epochs,
-            "episodes_per_epoch": cfg.data.episodes,
-            "train_seconds": history_seconds(history, include_eval=True),
-            "eval_seconds": time.perf_counter() - t0,
-            "history": history,
-            "machine": machine_description(),
-        }
-        if run_dir is not None:
-            (run_dir / "results.json").write_text(json.dumps(payload, indent=2, default=float))
-    return run_dir, payload
-
-
-def load_fewshot_run(path: str | Path, device: str | torch.device | None = "auto") -> FewShotExperiment:
-    """The experiment of a few-shot run folder (its ``config.yaml``) with the trained weights loaded.
-
-    Example:
-        >>> exp = load_fewshot_run("runs/protonet-omniglot-20250101-000000")  # doctest: +SKIP
-        >>> exp.final_eval(episodes=600)                                      # doctest: +SKIP
-    """
-    from aal.config import read_yaml_file
-    from aal.engine.checkpoint import load_model_weights, resolve_checkpoint
-
-    p = Path(path)
-    folder = next((d for d in [p, *p.parents] if (d / "config.yaml").is_file()), None)
-    if folder is None:
-        raise FileNotFoundError(f"no config.yaml in {p} or its parents; pass a few-shot run folder")
-    raw = read_yaml_file(folder / "config.yaml")
-    exp = build_fewshot_experiment(fewshot_config(raw, validate=False), device=device)
-    load_model_weights(resolve_checkpoint(p), exp.model)
-    exp.model.eval()
-    return exp
-
-
 __all__ = [
     "ATTACK_LOSSES",
     "FewShotDataConfig",
@@ -622,13 +491,10 @@ __all__ = [
     "FewShotRunConfig",
     "FewShotTask",
     "METRICS",
-    "build_fewshot_experiment",
     "evaluate_fewshot",
     "fewshot_config",
     "is_fewshot_config",
     "load_fewshot_config",
-    "load_fewshot_run",
     "mean_ci95",
     "merge_config",
-    "train_fewshot",
 ]

@@ -25,7 +25,7 @@ faster-coco-eval) and computes COCO's 101-point interpolated AP, not VOC's; we i
 
 Example:
     >>> import torch
-    >>> from aal.eval.detection_metrics import DetectionMAP
+    >>> from aal.tasks.detection_metrics import DetectionMAP
     >>> metric = DetectionMAP(num_classes=2)
     >>> targets = [{"boxes": torch.tensor([[0., 0., 10., 10.]]), "labels": torch.tensor([0])}]
     >>> dets = [{"boxes": torch.tensor([[0., 0., 10., 10.]]), "scores": torch.tensor([0.9]), "labels": torch.tensor([0])}]
