@@ -35,97 +35,28 @@ import inspect
 import warnings
 from typing import Iterator
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from aal.attacks import PGD, fgsm_from_grad
-from aal.attention.associative import ALIGNS, COUPLINGS, AssocResult, associative_attention, top_fraction
-from aal.attention.kernels import KERNELS, apply_kernel
-from aal.methods.adversarial import (
-    ATTACK_MODES,
-    accuracy,
-    check_choice,
-    check_fraction,
-    check_int,
-    check_nonneg,
-    check_positive,
+from aal.attention.associative import AssocResult
+from aal.methods.adversarial import accuracy, check_choice, check_fraction
+from aal.methods.aal_core import (  # noqa: F401 (binarize_mask, control_mask: re-exported)
+    AAL_ATTACKS,
+    MASK_CONTROLS,
+    AALCore,
+    UsesAALCore,
+    binarize_mask,
+    control_mask,
+    map_diagnostics,
 )
 from aal.methods.base import METHODS, Batch, Method, Output, split_batch
 
-AAL_ATTACKS = ("fgsm", "pgd")
 ADV_ATTENTION = ("recompute", "fixed")
 SCHEDULES = ("joint", "clean_then_adv")
-MASK_CONTROLS = ("none", "shuffle", "uniform", "anti")
-"""Control budgets for ablations (see :func:`control_mask`)."""
-
-
-def binarize_mask(mask: Tensor, frac: float) -> Tensor:
-    """The top-``frac`` fraction of each image's budget set to 1, the rest to 0.
-
-    Args:
-        mask: (B,1,H,W) budget in [0,1].
-        frac: fraction in [0,1] of the pixels kept (``round(frac * H * W)`` per image; ties broken
-            by index as :func:`aal.attention.top_fraction`).
-
-    Returns:
-        a (B,1,H,W) float mask of zeros and ones with mean ``round(frac*H*W)/(H*W)`` per image.
-    """
-    return top_fraction(mask, frac).to(mask.dtype)
-
-
-def control_mask(mask: Tensor, control: str) -> Tensor:
-    """A control budget with the same per-image mean as ``mask`` but no (or a destroyed) location.
-
-    Args:
-        mask: (B,1,H,W) budget in [0,1] (``k(M^a)``).
-        control: ``"none"`` (``mask`` unchanged), ``"shuffle"`` (each image's H*W values are
-            permuted by an independent random permutation drawn from torch's global RNG: the same
-            values, hence the same mean and histogram, at random places), ``"uniform"`` (every
-            pixel gets the image's mean: the same mean budget, no selectivity) or ``"anti"``
-            (anti-selective: the same values placed in reverse rank order, so the largest budget
-            goes where ``mask`` is smallest; ties keep index order).
-
-    Returns:
-        a (B,1,H,W) mask in [0,1].
-
-    Example:
-        >>> m = torch.tensor([[[[0.0, 1.0], [0.5, 0.5]]]])
-        >>> control_mask(m, "uniform").flatten().tolist()
-        [0.5, 0.5, 0.5, 0.5]
-        >>> control_mask(m, "anti").flatten().tolist()
-        [1.0, 0.0, 0.5, 0.5]
-    """
-    if control == "none":
-        return mask
-    flat = mask.flatten(1)
-    if control == "uniform":
-        return flat.mean(1, keepdim=True).expand_as(flat).reshape(mask.shape).contiguous()
-    if control == "shuffle":
-        perm = torch.rand(flat.shape, device=mask.device).argsort(dim=1)
-        return flat.gather(1, perm).reshape(mask.shape)
-    if control == "anti":
-        # the pixel of rank r (ascending) receives the value of rank n-1-r
-        order = flat.argsort(dim=1, stable=True)
-        values = flat.gather(1, order.flip(1))
-        return torch.empty_like(flat).scatter_(1, order, values).reshape(mask.shape)
-    raise ValueError(f"mask_control must be one of {', '.join(MASK_CONTROLS)}; got {control!r}")
-
-
-class _FixedMap(nn.Module):
-    """``model`` with its attention map held at ``m`` (for the attack's forward passes)."""
-
-    def __init__(self, model: nn.Module, m: Tensor) -> None:
-        super().__init__()
-        self.model = model
-        self.m = m  # a plain attribute: neither a parameter nor a buffer
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.model(x, attention_map=self.m)
 
 
 @METHODS.register("aal")
-class AAL(Method):
+class AAL(UsesAALCore, Method):
     """Associative Adversarial Learning: adversarial training on attention-selective attacks.
 
     Paper: "Associative Adversarial Learning Based on Selective Attack" (seed 001), Sec. 3 and
@@ -233,28 +164,16 @@ class AAL(Method):
         mask_binarize: float | None = None,
         align: str = "receptive_field",
     ) -> None:
-        self.eps = check_nonneg("eps", eps)
-        self.align = check_choice("align", align, ALIGNS)
-        self.attack = check_choice("attack", attack, AAL_ATTACKS)
-        self.mask_control = check_choice("mask_control", mask_control, MASK_CONTROLS)
-        if mask_binarize is not None:
-            mask_binarize = check_fraction("mask_binarize", mask_binarize)
-            if mask_binarize == 0:
-                raise ValueError("mask_binarize must lie in (0, 1] (0 would never attack); use None to disable")
-        self.mask_binarize = mask_binarize
-        self.xi1, self.xi2, self.zeta, self.rho, self.coupling, self.kernel = check_association(
-            xi1, xi2, zeta, rho, coupling, kernel
-        )
-        # attack_steps: the PGD iteration count (not the optimizer updates of Method.updates)
-        self.rand_init, self.alpha, self.attack_steps, self.step_size = check_selective_attack(
-            self.attack, self.eps, rand_init, alpha, steps, step_size
-        )
+        # the settings of the AAL step itself (read as self.eps, self.kernel, ...: UsesAALCore)
+        self.core = AALCore(
+            eps, attack, xi1, xi2, zeta, coupling, rho, kernel, rand_init, alpha, steps, step_size, attack_mode,
+            mask_control, mask_binarize, align,
+        )  # fmt: skip
         self.adv_attention = check_choice("adv_attention", adv_attention, ADV_ATTENTION)
         self.clean_weight = check_fraction("clean_weight", clean_weight)
         self.schedule = check_choice("schedule", schedule, SCHEDULES)
         if self.schedule == "clean_then_adv" and self.clean_weight > 0:
             raise ValueError("clean_weight applies to schedule='joint' only: 'clean_then_adv' already takes a clean step")
-        self.attack_mode = check_choice("attack_mode", attack_mode, ATTACK_MODES)
         if self.adv_attention == "fixed" and self.schedule == "joint" and self.clean_weight == 0:
             warnings.warn(
                 "AAL with adv_attention='fixed', schedule='joint' and clean_weight=0: the attention layer gets no "
@@ -266,20 +185,12 @@ class AAL(Method):
 
     # ------------------------------------------------------------------------- pieces
     def associate(self, model: nn.Module, x: Tensor, y: Tensor) -> AssocResult:
-        """The associative attention of ``x`` (:func:`aal.attention.associative_attention`)."""
-        return associative_attention(
-            model, x, y, eps=self.eps, xi1=self.xi1, xi2=self.xi2, zeta=self.zeta, coupling=self.coupling,
-            rho=self.rho, mode=self.attack_mode, align=self.align,
-            # kernel "one" ignores the map: a model without attention is the FGSM/PGD-AT special case
-            require_attention=self.kernel != "one",
-        )  # fmt: skip
+        """The associative attention of ``x`` (:meth:`AALCore.associate`, cross-entropy)."""
+        return self.core.associate(model, x, y)
 
     def budget(self, res: AssocResult) -> Tensor:
         """The per-pixel budget ``k(M^a)`` (B,1,H,W) in [0,1] (binarized / controlled if asked)."""
-        mask = apply_kernel(self.kernel, res.m_a_input)
-        if self.mask_binarize is not None:
-            mask = binarize_mask(mask, self.mask_binarize)
-        return control_mask(mask, self.mask_control)
+        return self.core.budget(res)
 
     def _map(self, res: AssocResult) -> Tensor | None:
         """The ``attention_map`` override of the adversarial passes (None: recompute)."""
@@ -288,22 +199,12 @@ class AAL(Method):
 
     def perturb(self, model: nn.Module, x: Tensor, y: Tensor, res: AssocResult, mask: Tensor) -> Tensor:
         """The selectively attacked ``x'`` (B,C,H,W) in [0,1], detached, given M^a's budget ``mask``."""
-        if self.attack == "fgsm":
-            # one signed step with the clean gradient of the associative pass: no extra pass
-            # (the same threat-model calls as aal.attacks.FGSM, so kernel "one" reproduces it exactly)
-            return fgsm_from_grad(x, res.grad_x, self.eps, mask, self.rand_init, self.alpha)
-        override = self._map(res)
-        target = model if override is None else _FixedMap(model, override)
-        pgd = PGD(
-            self.eps, steps=self.attack_steps, step_size=self.step_size, rand_init=self.rand_init, mode=self.attack_mode
-        )
-        return pgd(target, x, y, mask=mask)
+        return self.core.perturb(model, x, y, res, mask, attention_map=self._map(res))
 
     def craft(self, model: nn.Module, x: Tensor, y: Tensor) -> tuple[Tensor, AssocResult, Tensor]:
         """``(x', associative result, mask k(M^a))`` for clean ``x`` (used by training and :mod:`aal.viz`)."""
-        res = self.associate(model, x, y)
-        mask = self.budget(res)
-        return self.perturb(model, x, y, res, mask), res, mask
+        x_adv, diag = self.core.craft(model, x, y, hold_map=self.adv_attention == "fixed")
+        return x_adv, diag.res, diag.mask
 
     def _map_logs(self, res: AssocResult, mask: Tensor) -> dict[str, float]:
         return map_diagnostics(res, mask, self.xi2)
@@ -347,63 +248,6 @@ class AAL(Method):
         loss_adv, logits_adv = self._adversarial(model, x_adv, y, res)
         logs = {"loss_adv": float(loss_adv.detach()), "acc_adv": accuracy(logits_adv, y), **self._map_logs(res, mask)}
         yield Output(loss_adv, logits_adv, logs)
-
-
-def map_diagnostics(res: AssocResult, mask: Tensor, xi2: float) -> dict[str, float]:
-    """The per-batch diagnostics of an AAL step (see :class:`AAL`'s "Logs").
-
-    ``mask_std`` and ``m_std`` are per-image standard deviations (over pixels) averaged over the
-    batch: a budget can have a mid-range mean and still be uniform within each image.
-    """
-    moved = res.trigger & (res.gamma != 0) if xi2 > 0 else torch.zeros_like(res.trigger)
-    return {
-        "mask_mean": float(mask.mean()),
-        "mask_std": float(mask.flatten(1).std(dim=1, unbiased=False).mean()),
-        "m_mean": float(res.m.mean()),
-        "m_std": float(res.m.flatten(1).std(dim=1, unbiased=False).mean()),
-        "m_a_mean": float(res.m_a.mean()),
-        "trigger_frac": float(res.trigger.float().mean()),
-        "backtracked_frac": float(moved.float().mean()),
-    }
-
-
-def check_association(
-    xi1: float, xi2: float, zeta: float, rho: float, coupling: str, kernel: str
-) -> tuple[float, float, float, float, str, str]:
-    """Validated associative-attention settings ``(xi1, xi2, zeta, rho, coupling, kernel)``.
-
-    Shared by every AAL method (classification, few-shot, detection); the kernel name is
-    returned lower-cased (the registry is case-insensitive).
-    """
-    if not isinstance(kernel, str) or kernel not in KERNELS:
-        raise ValueError(f"kernel must be one of {', '.join(KERNELS.names())} (case-insensitive); got {kernel!r}")
-    return (
-        check_nonneg("xi1", xi1), check_nonneg("xi2", xi2), check_fraction("zeta", zeta), check_fraction("rho", rho),
-        check_choice("coupling", coupling, COUPLINGS), kernel.lower(),
-    )  # fmt: skip
-
-
-def check_selective_attack(
-    attack: str, eps: float, rand_init: bool | None, alpha: float | None, steps: int | None, step_size: float | None
-) -> tuple[bool, float | None, int, float | None]:
-    """``(rand_init, alpha, attack_steps, step_size)`` of an AAL method's FGSM or PGD attack.
-
-    FGSM takes ``alpha`` (default ``1.25 * eps`` with a random start, else ``eps``) and one step;
-    PGD takes ``steps`` (default 10) and ``step_size`` (default ``2.5 * eps / steps``). Giving an
-    argument of the other attack raises ``ValueError``. ``rand_init=None``: on for PGD only.
-    """
-    rand_init = (attack == "pgd") if rand_init is None else bool(rand_init)
-    if attack == "fgsm":
-        for arg, value in (("steps", steps), ("step_size", step_size)):
-            if value is not None:
-                raise ValueError(f"{arg} applies to attack='pgd' only (got {arg}={value!r} with attack='fgsm')")
-        default_alpha = 1.25 * eps if rand_init else eps
-        return rand_init, default_alpha if alpha is None else check_nonneg("alpha", alpha), 1, None
-    if alpha is not None:
-        raise ValueError(f"alpha applies to attack='fgsm' only (use step_size for PGD); got alpha={alpha!r}")
-    attack_steps = 10 if steps is None else check_int("steps", steps)
-    default_step = 2.5 * eps / attack_steps
-    return rand_init, None, attack_steps, default_step if step_size is None else check_positive("step_size", step_size)
 
 
 def _preset(attack: str, registered: str, doc: str) -> type[AAL]:

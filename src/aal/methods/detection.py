@@ -23,7 +23,7 @@ Example:
     >>> out = create_method("detection_aal", eps=2 / 255)(model, (torch.rand(2, 3, 64, 64), targets))
     >>> out.loss.backward()
     >>> sorted(out.logs)
-    ['loss_adv', 'loss_adv_conf', 'loss_adv_loc', 'loss_clean', 'loss_clean_conf', 'loss_clean_loc', 'm_a_mean', 'm_mean', 'mask_mean', 'num_pos', 'trigger_frac']
+    ['backtracked_frac', 'loss_adv', 'loss_adv_conf', 'loss_adv_loc', 'loss_clean', 'loss_clean_conf', 'loss_clean_loc', 'm_a_mean', 'm_mean', 'm_std', 'mask_mean', 'mask_std', 'num_pos', 'trigger_frac']
 """
 
 from __future__ import annotations
@@ -32,11 +32,9 @@ from typing import Any, Sequence
 
 from torch import Tensor, nn
 
-from aal.attacks.gradient import fgsm_from_grad
-from aal.attention.associative import AssocResult, associative_attention
-from aal.attention.kernels import apply_kernel
-from aal.methods.aal import check_association
-from aal.methods.adversarial import ATTACK_MODES, check_choice, check_fraction, check_nonneg
+from aal.attention.associative import AssocResult
+from aal.methods.aal_core import AALCore, UsesAALCore, map_diagnostics
+from aal.methods.adversarial import check_fraction
 from aal.methods.base import METHODS, Batch, Method, Output
 from aal.tasks.detection import DetectionTask
 
@@ -97,7 +95,7 @@ class DetectionTraining(Method):
 
 
 @METHODS.register("detection_aal")
-class DetectionAAL(Method):
+class DetectionAAL(UsesAALCore, Method):
     """AAL for object detection (seed 001, Sec. 4.2, Table 4: "AAL+FGSM" with SSD).
 
     One step: the associative attention M^a of the clean images with ``G`` = the multibox loss
@@ -124,8 +122,11 @@ class DetectionAAL(Method):
         attack_mode: model mode while computing M^a and the perturbation (``"eval"`` default).
         iou_threshold, neg_pos_ratio, loc_weight: the multibox loss (see ``detection``).
 
-    Logs: ``loss_clean``, ``loss_adv`` (and their loc/conf parts), ``mask_mean`` (mean of
-    ``k(M^a)``), ``m_mean``, ``m_a_mean``, ``trigger_frac``, ``num_pos``.
+    Logs: ``loss_clean``, ``loss_adv`` (and their loc/conf parts), the map diagnostics of
+    :func:`aal.methods.aal_core.map_diagnostics` (``mask_mean``, ``mask_std``, ``m_mean``,
+    ``m_std``, ``m_a_mean``, ``trigger_frac``, ``backtracked_frac``) and ``num_pos``. The
+    associate -> budget -> FGSM step is :class:`aal.methods.aal_core.AALCore`; this class adds the
+    multibox loss and the clean/adversarial mix.
     """
 
     name = "detection_aal"
@@ -146,28 +147,22 @@ class DetectionAAL(Method):
         neg_pos_ratio: float = 3.0,
         loc_weight: float = 1.0,
     ) -> None:
-        self.eps = check_nonneg("eps", eps)
-        self.xi1, self.xi2, self.zeta, self.rho, self.coupling, self.kernel = check_association(
-            xi1, xi2, zeta, rho, coupling, kernel
-        )
+        # FGSM from the associative pass's gradient only (the paper's AAL+FGSM for detection), no controls
+        self.core = AALCore(
+            eps, "fgsm", xi1, xi2, zeta, coupling, rho, kernel, attack_mode=attack_mode, attacks=("fgsm",),
+            mask_controls=("none",),
+        )  # fmt: skip
         self.clean_weight = check_fraction("clean_weight", clean_weight)
-        self.attack_mode = check_choice("attack_mode", attack_mode, ATTACK_MODES)
         self.detection = DetectionTask(iou_threshold=iou_threshold, neg_pos_ratio=neg_pos_ratio, loc_weight=loc_weight)
 
     def associate(self, model: nn.Module, images: Tensor, targets: Sequence[dict[str, Tensor]]) -> AssocResult:
         """M^a of the clean images, with the per-image detection loss as the attacked loss."""
-        return associative_attention(
-            model, images, list(targets), eps=self.eps, xi1=self.xi1, xi2=self.xi2, zeta=self.zeta,
-            coupling=self.coupling, rho=self.rho, loss_fn=self.detection.attack_loss(model), mode=self.attack_mode,
-            require_attention=self.kernel != "one",
-        )  # fmt: skip
+        return self.core.associate(model, images, list(targets), self.detection.attack_loss(model))
 
     def craft(self, model: nn.Module, images: Tensor, targets: Sequence[dict[str, Tensor]]) -> tuple[Tensor, AssocResult, Tensor]:
         """``(x', associative result, budget k(M^a) (B,1,H,W))`` for clean ``images`` (also used by the figure)."""
-        res = self.associate(model, images, targets)
-        mask = apply_kernel(self.kernel, res.m_a_input)
-        # one signed step with the clean gradient of the associative pass (no extra pass)
-        return fgsm_from_grad(images, res.grad_x, self.eps, mask), res, mask
+        x_adv, diag = self.core.craft(model, images, list(targets), self.detection.attack_loss(model))
+        return x_adv, diag.res, diag.mask
 
     def __call__(self, model: nn.Module, batch: Batch) -> Output:
         images, targets = split_detection_batch(batch)
@@ -180,13 +175,7 @@ class DetectionAAL(Method):
             clean = self.detection.loss(model, model(images), matched)
             loss = self.clean_weight * clean.total() + (1.0 - self.clean_weight) * loss
             logs |= _loss_logs("clean", clean)
-        logs |= {
-            "mask_mean": float(mask.mean()),
-            "m_mean": float(res.m.mean()),
-            "m_a_mean": float(res.m_a.mean()),
-            "trigger_frac": float(res.trigger.float().mean()),
-            "num_pos": float(adv.num_pos.double().mean()),
-        }
+        logs |= {**map_diagnostics(res, mask, self.xi2), "num_pos": float(adv.num_pos.double().mean())}
         return Output(loss, None, logs)
 
 

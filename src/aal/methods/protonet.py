@@ -27,26 +27,23 @@ Example:
     >>> ep = Episode(torch.rand(5, 1, 28, 28), torch.arange(5), torch.rand(10, 1, 28, 28), torch.arange(5).repeat(2))
     >>> out = aal.methods.create_method("protonet_aal", eps=0.1)(model, ep)
     >>> out.logits.shape, sorted(out.logs)[:3]
-    (torch.Size([10, 5]), ['acc', 'loss_adv', 'm_a_mean'])
+    (torch.Size([10, 5]), ['acc', 'backtracked_frac', 'loss_adv'])
 """
 
 from __future__ import annotations
 
 from torch import Tensor, nn
 
-from aal.attacks import PGD
 from aal.attacks.base import LossFn
-from aal.attacks.gradient import fgsm_from_grad
-from aal.attention.associative import AssocResult, associative_attention
-from aal.attention.kernels import apply_kernel
+from aal.attention.associative import AssocResult
 from aal.data.fewshot import Episode, as_episode
-from aal.methods.aal import check_association, check_selective_attack, control_mask
-from aal.methods.adversarial import ATTACK_MODES, check_choice, check_fraction, check_nonneg, check_positive
+from aal.methods.aal_core import AAL_ATTACKS, MASK_CONTROLS, AALCore, UsesAALCore, map_diagnostics
+from aal.methods.adversarial import check_choice, check_fraction, check_positive
 from aal.methods.base import METHODS, Batch, Method, Output
 from aal.tasks.fewshot import ATTACK_LOSSES, METRICS, FewShotTask
 
-FEWSHOT_ATTACKS = ("fgsm", "pgd")
-FEWSHOT_MASK_CONTROLS = ("none", "shuffle", "uniform")
+FEWSHOT_ATTACKS = AAL_ATTACKS
+FEWSHOT_MASK_CONTROLS = tuple(c for c in MASK_CONTROLS if c != "anti")  # the controls few-shot AAL offers
 
 
 @METHODS.register("protonet")
@@ -76,7 +73,7 @@ class ProtoNet(Method):
 
 
 @METHODS.register("protonet_aal")
-class ProtoNetAAL(ProtoNet):
+class ProtoNetAAL(UsesAALCore, ProtoNet):
     """ProtoNet + AAL: meta-train on episodes whose support background is selectively attacked.
 
     Paper (seed 001, Sec. 4.3): "we selectively attack the background areas of images in the
@@ -110,9 +107,11 @@ class ProtoNetAAL(ProtoNet):
         mask_control: ``"none"``, ``"uniform"`` or ``"shuffle"``.
         metric, temperature: the prototypical head (:class:`ProtoNet`).
 
-    Logs: ``acc`` and ``loss_adv`` (queries vs attacked support), ``mask_mean`` (mean budget
-    ``k(M^a)``), ``m_mean``, ``m_a_mean``, ``trigger_frac``; ``loss_clean``/``acc_clean`` when
-    ``clean_weight > 0``.
+    Logs: ``acc`` and ``loss_adv`` (queries vs attacked support), the map diagnostics of
+    :func:`aal.methods.aal_core.map_diagnostics` (``mask_mean``, ``mask_std``, ``m_mean``,
+    ``m_std``, ``m_a_mean``, ``trigger_frac``, ``backtracked_frac``); ``loss_clean``/``acc_clean``
+    when ``clean_weight > 0``. The associate -> budget -> attack step is
+    :class:`aal.methods.aal_core.AALCore`; this class adds the episode's loss and the mix.
     """
 
     name = "protonet_aal"
@@ -141,53 +140,36 @@ class ProtoNetAAL(ProtoNet):
         check_choice("metric", metric, METRICS)
         check_choice("attack_loss", attack_loss, ATTACK_LOSSES)
         self.task = FewShotTask(metric, check_positive("temperature", temperature), attack_loss)
-        self.eps = check_nonneg("eps", eps)
-        self.attack = check_choice("attack", attack, FEWSHOT_ATTACKS)
-        self.xi1, self.xi2, self.zeta, self.rho, self.coupling, self.kernel = check_association(
-            xi1, xi2, zeta, rho, coupling, kernel
-        )
-        self.rand_init, self.alpha, self.attack_steps, self.step_size = check_selective_attack(
-            self.attack, self.eps, rand_init, alpha, steps, step_size
-        )
+        self.core = AALCore(
+            eps, attack, xi1, xi2, zeta, coupling, rho, kernel, rand_init, alpha, steps, step_size, attack_mode,
+            mask_control, attacks=FEWSHOT_ATTACKS, mask_controls=FEWSHOT_MASK_CONTROLS,
+        )  # fmt: skip
         self.clean_weight = check_fraction("clean_weight", clean_weight)
-        self.attack_mode = check_choice("attack_mode", attack_mode, ATTACK_MODES)
-        self.mask_control = check_choice("mask_control", mask_control, FEWSHOT_MASK_CONTROLS)
 
     # ------------------------------------------------------------------ pieces
     def associate(self, model: nn.Module, ep: Episode, loss_fn: LossFn | None = None) -> AssocResult:
         """M^a of the support images under the task's attack loss (``loss_fn``, built if not given)."""
         loss_fn = loss_fn or self.task.attack_loss_fn(model, ep, self.attack_mode)
-        return associative_attention(
-            model, ep.support_x, ep.support_y, eps=self.eps, xi1=self.xi1, xi2=self.xi2, zeta=self.zeta,
-            coupling=self.coupling, rho=self.rho, loss_fn=loss_fn, mode=self.attack_mode,
-            require_attention=self.kernel != "one",
-        )  # fmt: skip
+        return self.core.associate(model, ep.support_x, ep.support_y, loss_fn)
 
     def budget(self, res: AssocResult) -> Tensor:
         """The per-pixel budget ``k(M^a)`` (B_s,1,H,W) in [0,1] (after the control, if any)."""
-        return control_mask(apply_kernel(self.kernel, res.m_a_input), self.mask_control)
+        return self.core.budget(res)
 
     def perturb(
         self, model: nn.Module, ep: Episode, res: AssocResult, mask: Tensor, loss_fn: LossFn | None = None
     ) -> Tensor:
         """The selectively attacked support ``S'`` (B_s,C,H,W) in [0,1], detached."""
-        x = ep.support_x.detach()
-        if self.attack == "fgsm":  # one step from the associative pass's gradient: no extra pass
-            return fgsm_from_grad(x, res.grad_x, self.eps, mask, self.rand_init, self.alpha)
-        loss_fn = loss_fn or self.task.attack_loss_fn(model, ep, self.attack_mode)
-        pgd = PGD(
-            self.eps, steps=self.attack_steps, step_size=self.step_size, rand_init=self.rand_init,
-            mode=self.attack_mode, loss=loss_fn,
-        )  # fmt: skip
-        return pgd(model, x, ep.support_y, mask=mask)
+        if loss_fn is None and self.attack == "pgd":  # FGSM needs no loss: it steps on the associative gradient
+            loss_fn = self.task.attack_loss_fn(model, ep, self.attack_mode)
+        return self.core.perturb(model, ep.support_x, ep.support_y, res, mask, loss_fn)
 
     def craft(self, model: nn.Module, batch: Batch) -> tuple[Tensor, AssocResult, Tensor]:
         """``(S', associative result, budget k(M^a))`` for an episode (training and visualisation)."""
         ep = as_episode(batch)
         loss_fn = self.task.attack_loss_fn(model, ep, self.attack_mode)  # fixed query/prototype embeddings
-        res = self.associate(model, ep, loss_fn)
-        mask = self.budget(res)
-        return self.perturb(model, ep, res, mask, loss_fn), res, mask
+        s_adv, diag = self.core.craft(model, ep.support_x, ep.support_y, loss_fn)
+        return s_adv, diag.res, diag.mask
 
     # ------------------------------------------------------------------ the method
     def __call__(self, model: nn.Module, batch: Batch) -> Output:
@@ -198,10 +180,7 @@ class ProtoNetAAL(ProtoNet):
         logs = {
             "acc": self.task.accuracy(logits, ep.query_y),
             "loss_adv": float(loss_adv.detach()),
-            "mask_mean": float(mask.mean()),
-            "m_mean": float(res.m.mean()),
-            "m_a_mean": float(res.m_a.mean()),
-            "trigger_frac": float(res.trigger.float().mean()),
+            **map_diagnostics(res, mask, self.xi2),
         }
         loss = loss_adv
         if self.clean_weight > 0:

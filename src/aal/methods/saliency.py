@@ -42,7 +42,7 @@ from torch import Tensor, nn
 
 from aal.attacks.base import attack_mode, ce_loss
 from aal.attacks.gradient import fgsm_from_grad
-from aal.methods.aal import binarize_mask, control_mask
+from aal.methods.aal_core import binarize_mask, control_mask
 from aal.methods.adversarial import ATTACK_MODES, accuracy, check_choice, check_fraction, check_nonneg
 from aal.methods.base import METHODS, Batch, Method, Output, split_batch
 
