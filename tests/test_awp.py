@@ -166,7 +166,7 @@ def _run(run_dir, epochs, name="awp_pgd_at", **kw):
     batches = [(x[i : i + 8], y[i : i + 8]) for i in range(0, 24, 8)]
     model = net()
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
-    params = {"eps": 0.1, "steps": 2, "gamma": GAMMA, **kw}
+    params = {"eps": 0.1, "steps": 2, **({"gamma": GAMMA} if name.startswith("awp") else {}), **kw}
     return Trainer(model, create_method(name, **params), batches, opt, epochs=epochs, run_dir=run_dir,
                    progress=False, seed=0)
 
