@@ -1,6 +1,6 @@
 """The seed methods side by side on Fashion-MNIST at eps 0.1 (issue 5's evidence).
 
-PGD-AT, TRADES, MART, UIAT, SPAT, AAL+PGD and AToP (purifier + standard classifier), each for
+PGD-AT, TRADES, AT-AWP, TRADES-AWP, MART, UIAT, SPAT, AAL+PGD and AToP (purifier + standard classifier), each for
 ``--seeds``, with the same model (small_cnn with CBAM after the first conv, so that AAL's
 attention exists and every method trains the identical architecture; SPAT adds its cosine
 head, which is part of the method), the same data slice, epochs, optimiser and schedule: the
@@ -19,7 +19,7 @@ Every trained model is evaluated the same way:
 * PGD-20 and the AutoAttack-style suite (:func:`aal.eval.suite.run_suite`) on the first
   ``--suite-n`` test images: ``standard`` (APGD-CE -> APGD-T -> Square) for deterministic
   models, ``rand`` (APGD-CE -> APGD-DLR, AutoAttack's version for randomised defences) with EOT
-  over ``--eot-n`` draws per step for randomised ones (AToP), said in the table.
+  over ``--eot-n`` draws per step (default 20) for randomised ones (AToP), said in the table.
 
 Writes ``benchmarks/results/methods_compare.{json,md,png}``: every run (config, accuracies,
 seconds per epoch, suite stages and times) and the mean ± std over seeds per method.
@@ -43,6 +43,8 @@ from aal_compare import EPS, RESULTS, ROOT, common_overrides, grouped_bars, run_
 METHODS = {  # name -> (config file, label)
     "pgd_at": ("pgd_at.yaml", "PGD-AT (PGD-10)"),
     "trades": ("trades.yaml", "TRADES (beta 6)"),
+    "awp_pgd_at": ("awp_pgd_at.yaml", "AT-AWP (PGD-10, gamma 0.01)"),
+    "awp_trades": ("awp_trades.yaml", "TRADES-AWP (beta 6, gamma 0.005)"),
     "mart": ("mart.yaml", "MART (beta 6)"),
     "uiat": ("uiat.yaml", "UIAT (eps_inv 0.05, beta 1)"),
     "spat": ("spat.yaml", "SPAT (cosine head, beta 6)"),
@@ -187,7 +189,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--train-n", type=int, default=4000)
     p.add_argument("--eval-n", type=int, default=1000)
     p.add_argument("--suite-n", type=int, default=200)
-    p.add_argument("--eot-n", type=int, default=4, help="EOT draws per attack step for randomised models (AToP)")
+    p.add_argument("--eot-n", type=int, default=20,
+                   help="EOT draws per attack step for randomised models (AToP); default EOT-20")
     p.add_argument("--out-dir", default=str(ROOT / "benchmarks" / "out" / "methods_compare"))
     p.add_argument("--results", default=str(RESULTS))
     p.add_argument("--render-only", action="store_true", help="only rewrite the Markdown and plot from the JSON")

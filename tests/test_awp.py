@@ -202,9 +202,8 @@ def test_several_ascent_steps_stay_in_the_relative_ball():
         rel = (model.get_parameter(k).detach() - before[k]).norm() / before[k].norm()
         assert rel <= GAMMA * (1 + 1e-5) and rel > 0.5 * GAMMA, (k, float(rel))
     m.restore()
-    # one step of length gamma is the official single step: three steps of gamma / 3 along
-    # (nearly) the same direction land near it, not on it
-    single = method("awp_pgd_at")
+    assert all(torch.equal(p, before[k]) for k, p in model.named_parameters())
+    single = method("awp_pgd_at")  # the official single step of length gamma
     assert single.awp_step_size == GAMMA and single.awp_steps == 1
 
 

@@ -20,8 +20,16 @@ optimizer — built over trainable parameters — never sees it, and no gradient
   purifier and a fresh transform draw at every step — the threat model an honest evaluation
   uses;
 * ``"classifier"``: the frozen classifier ``f`` alone, as the public code does (FGSM at
-  8/255 there: ``steps=1, rand_init=False``); cheaper, but the purifier then only learns to
-  remove perturbations that transfer from the classifier.
+  8/255 there: ``steps=1, rand_init=False``; ``configs/fashion_mnist/atop_finetune_public.yaml``);
+  cheaper, but the purifier then only learns to remove perturbations that transfer from the
+  classifier. (In the public ``cifar-miss-gau-adv`` notebook the reconstruction target is also
+  overwritten by the FGSM image, ``batch_real = batch_adv``; not reproduced here.)
+
+The purifier is a small U-Net or auto-encoder trained with L1 (or MSE) only; the paper's
+DeepFill-v2 generator and its GAN loss are not reproduced (what that costs in robustness is not
+measured). RT3 (several transform draws combined) is a property of the model
+(:meth:`aal.models.purifier.PurifiedClassifier.purify`, ``mix``/``mix_mode``), so both stages and
+every evaluation see it.
 
 The attack is PGD on the CE (``steps``, ``step_size``, ``rand_init``), in ``attack_mode``.
 

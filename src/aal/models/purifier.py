@@ -63,6 +63,10 @@ from aal.models.base import Normalize
 from aal.models.layers import check_choice, make_normalize
 from aal.registry import Registry
 
+MIX_MODES = ("disjoint", "independent")
+"""How RT3 draws its ``mix`` transformed copies: one noise draw and non-overlapping masks (the
+paper's Fig. 2b), or independent (noise, mask) draws (the public code's "mix number")."""
+
 MASK_MODES = ("per_sample", "per_batch")
 """Block masks drawn independently per image (default) or one per batch (public AToP code)."""
 
@@ -73,6 +77,11 @@ tests skip them; ``tests/test_seed_methods.py`` tests them."""
 
 
 # ----------------------------------------------------------------------------- random transform
+def _check_4d(x: Tensor) -> None:
+    if x.dim() != 4:
+        raise ValueError(f"RandomTransform expects images (B,C,H,W), got shape {tuple(x.shape)}")
+
+
 class RandomTransform(nn.Module):
     """AToP's random transform ``t``: Gaussian noise, then random block masks.
 
@@ -145,27 +154,67 @@ class RandomTransform(nn.Module):
 
     def holes(self, shape: Sequence[int], device: torch.device, dtype: torch.dtype, generator: torch.Generator | None = None) -> Tensor:
         """A random hole mask (B,1,H,W) in {0,1} for images of ``shape`` (B,C,H,W)."""
+        return self.disjoint_holes(shape, 1, device, dtype, generator)[0]
+
+    def disjoint_holes(
+        self, shape: Sequence[int], k: int, device: torch.device, dtype: torch.dtype, generator: torch.Generator | None = None
+    ) -> Tensor:
+        """``k`` hole masks (k,B,1,H,W) that never overlap, each with ``floor(missing_rate * n_blocks)`` blocks.
+
+        One random order of the blocks is drawn (per sample or per batch, ``mask_mode``); mask
+        ``i`` holds its ``i``-th chunk, so ``k = 1`` is exactly :meth:`holes`. Needs
+        ``k * missing_rate <= 1``.
+        """
         b, _, h, w = shape
         gh, gw = math.ceil(h / self.block_size), math.ceil(w / self.block_size)
         n = gh * gw
-        k = int(self.missing_rate * n)
+        m = int(self.missing_rate * n)
+        if k * m > n:
+            raise ValueError(f"{k} non-overlapping masks of {m} blocks do not fit in {n} blocks (lower mix or missing_rate)")
         rows = b if self.mask_mode == "per_sample" else 1
-        if k == 0:
-            return torch.zeros(b, 1, h, w, device=device, dtype=dtype)
-        scores = torch.rand(rows, n, generator=generator, device=device)
-        idx = scores.argsort(dim=1)[:, :k]
-        grid = torch.zeros(rows, n, device=device, dtype=dtype).scatter_(1, idx, 1.0).view(rows, 1, gh, gw)
-        grid = grid.repeat_interleave(self.block_size, 2).repeat_interleave(self.block_size, 3)[..., :h, :w]
-        return grid.expand(b, 1, h, w).contiguous()
+        if m == 0:
+            return torch.zeros(k, b, 1, h, w, device=device, dtype=dtype)
+        order = torch.rand(rows, n, generator=generator, device=device).argsort(dim=1)
+        masks = []
+        for i in range(k):
+            grid = torch.zeros(rows, n, device=device, dtype=dtype).scatter_(1, order[:, i * m : (i + 1) * m], 1.0)
+            grid = grid.view(rows, 1, gh, gw).repeat_interleave(self.block_size, 2).repeat_interleave(self.block_size, 3)
+            masks.append(grid[..., :h, :w].expand(b, 1, h, w))
+        return torch.stack(masks).contiguous()
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        if x.dim() != 4:
-            raise ValueError(f"RandomTransform expects images (B,C,H,W), got shape {tuple(x.shape)}")
-        g = self._generator(x.device)
+    def _noisy(self, x: Tensor, g: torch.Generator | None) -> Tensor:
         if self.noise_sigma > 0:
             x = x + self.noise_sigma * torch.randn(x.shape, generator=g, device=x.device, dtype=x.dtype)
             if self.clip:
                 x = x.clamp(0.0, 1.0)
+        return x
+
+    def sample(self, x: Tensor, k: int = 1, mix_mode: str = "disjoint") -> tuple[Tensor, Tensor]:
+        """``k`` transformed copies of ``x`` (k,B,C,H,W) and their hole masks (k,B,1,H,W) (RT3).
+
+        ``mix_mode="disjoint"``: one noise draw and ``k`` non-overlapping masks (the paper's
+        Fig. 2b: "the noisy image is covered randomly by N non-overlapping masks");
+        ``"independent"``: ``k`` independent (noise, mask) draws (the public code's "mix number"
+        notebook). With ``k = 1`` both are :meth:`forward` exactly (same random draws, in order).
+        """
+        _check_4d(x)
+        check_choice("mix_mode", mix_mode, MIX_MODES)
+        g = self._generator(x.device)
+        if mix_mode == "disjoint":
+            noisy = self._noisy(x, g).unsqueeze(0)
+            holes = self.disjoint_holes(x.shape, k, x.device, x.dtype, g)
+        else:
+            noisy_draws, hole_draws = [], []
+            for _ in range(k):  # noise then mask per draw: the order forward() draws them in
+                noisy_draws.append(self._noisy(x, g))
+                hole_draws.append(self.holes(x.shape, x.device, x.dtype, g))
+            noisy, holes = torch.stack(noisy_draws), torch.stack(hole_draws)
+        return noisy * (1.0 - holes) + self.fill * holes, holes
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        _check_4d(x)
+        g = self._generator(x.device)
+        x = self._noisy(x, g)
         holes = self.holes(x.shape, x.device, x.dtype, g)
         return x * (1.0 - holes) + self.fill * holes, holes
 
@@ -376,11 +425,24 @@ class PurifiedClassifier(nn.Module):
     """
 
     def __init__(
-        self, classifier: nn.Module, purifier: nn.Module, transform: nn.Module | None = None, freeze_classifier: bool = True
+        self,
+        classifier: nn.Module,
+        purifier: nn.Module,
+        transform: nn.Module | None = None,
+        freeze_classifier: bool = True,
+        mix: int = 1,
+        mix_mode: str = "disjoint",
     ) -> None:
         super().__init__()
         self.classifier, self.purifier, self.transform = classifier, purifier, transform
         self.freeze_classifier = bool(freeze_classifier)
+        if isinstance(mix, bool) or int(mix) != mix or mix < 1:
+            raise ValueError(f"mix must be an integer >= 1, got {mix!r}")
+        self.mix, self.mix_mode = int(mix), check_choice("mix_mode", mix_mode, MIX_MODES)
+        if self.mix > 1 and not hasattr(transform, "sample"):
+            raise ValueError("mix > 1 (RT3) needs a transform with sample(x, k, mix_mode), e.g. RandomTransform")
+        if self.mix_mode == "disjoint" and self.mix * getattr(transform, "missing_rate", 0.0) > 1:
+            raise ValueError(f"mix={self.mix} non-overlapping masks of missing_rate {transform.missing_rate} exceed the image")
         self.num_classes = getattr(classifier, "num_classes", None)
         if self.freeze_classifier:
             classifier.requires_grad_(False)
@@ -393,11 +455,31 @@ class PurifiedClassifier(nn.Module):
         return self
 
     def purify(self, x: Tensor) -> Tensor:
-        """``purifier(transform(x))``: purified images (B,C,H,W) in [0,1]."""
+        """Purified images (B,C,H,W) in [0,1]: ``purifier(transform(x))`` (RT2), or RT3 with ``mix > 1``.
+
+        RT3 (``mix = k`` transformed copies ``t_i(x)`` with holes ``m_i``, see
+        :meth:`RandomTransform.sample`), combined by ``mix_mode``:
+
+        * ``"disjoint"`` (paper, Fig. 2b): one noise draw, ``k`` non-overlapping masks, each copy
+          purified; every pixel is taken from the copy that hid it, "the completed pixels are
+          combined": ``sum_i m_i * g(t_i(x)) + (1 - sum_i m_i) * mean_i g(t_i(x))`` (the second
+          term covers pixels no mask hid, when ``k * missing_rate < 1``). Costs ``k`` purifier passes.
+        * ``"independent"`` (public code's "mix number" notebook): ``k`` independent (noise,
+          mask) draws averaged at the input, one purifier pass: ``g(mean_i t_i(x), mean_i m_i)``.
+
+        ``mix = 1`` is RT2 exactly in both modes (same draws, same arithmetic).
+        """
         if self.transform is None:
             return self.purifier(x, torch.zeros_like(x[:, :1]))
-        x_t, holes = self.transform(x)
-        return self.purifier(x_t, holes)
+        if not hasattr(self.transform, "sample"):  # a custom transform: one draw (RT2)
+            x_t, holes = self.transform(x)
+            return self.purifier(x_t, holes)
+        x_t, holes = self.transform.sample(x, self.mix, self.mix_mode)
+        if self.mix_mode == "independent":
+            return self.purifier(x_t.mean(0), holes.mean(0))
+        k, b = x_t.shape[:2]
+        out = self.purifier(x_t.flatten(0, 1), holes.flatten(0, 1)).unflatten(0, (k, b))
+        return (holes * out).sum(0) + (1.0 - holes.sum(0)) * out.mean(0)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.classifier(self.purify(x))
@@ -425,6 +507,8 @@ def build_atop_model(
     mask_mode: str = "per_sample",
     clip: bool = True,
     transform_seed: int | None = None,
+    mix: int = 1,
+    mix_mode: str = "disjoint",
 ) -> PurifiedClassifier:
     """Build the AToP defence ``classifier(purifier(transform(x)))`` with a frozen classifier.
 
@@ -438,6 +522,8 @@ def build_atop_model(
             the ``atop_pretrain`` stage); only its ``purifier.*`` weights are taken.
         noise_sigma, missing_rate, block_size, fill, mask_mode, clip, transform_seed: the
             :class:`RandomTransform`.
+        mix, mix_mode: RT3 (``mix`` transformed copies, see :meth:`PurifiedClassifier.purify`);
+            ``mix=1`` is RT2.
 
     Returns:
         a :class:`PurifiedClassifier` (train mode; the classifier frozen, in eval mode).
@@ -463,7 +549,7 @@ def build_atop_model(
     elif purifier_options:
         raise ValueError("purifier_options only apply to a purifier given by name")
     transform = RandomTransform(noise_sigma, missing_rate, block_size, fill, mask_mode, clip, transform_seed)
-    model = PurifiedClassifier(classifier, purifier, transform, freeze_classifier=True)
+    model = PurifiedClassifier(classifier, purifier, transform, freeze_classifier=True, mix=mix, mix_mode=mix_mode)
     if purifier_run:
         stage1 = copy.deepcopy(model)
         RUN_READERS.create("weights", purifier_run, stage1)  # strict: the stage-1 run must be this same pipeline
@@ -491,6 +577,8 @@ def atop(
     mask_mode: str = "per_sample",
     clip: bool = True,
     transform_seed: int | None = None,
+    mix: int = 1,
+    mix_mode: str = "disjoint",
 ) -> PurifiedClassifier:
     """AToP defence: frozen classifier behind a purifier and a random transform (seed 002).
 
@@ -509,6 +597,8 @@ def atop(
             the fine-tuning stage.
         noise_sigma, missing_rate, block_size, fill, mask_mode, clip, transform_seed: the
             random transform (:class:`RandomTransform`).
+        mix, mix_mode: RT3, ``mix`` transformed copies combined by ``mix_mode``
+            (:meth:`PurifiedClassifier.purify`); ``mix=1`` (default) is RT2.
     """
     from aal.models import create_model
 
@@ -530,11 +620,12 @@ def atop(
     return build_atop_model(
         clf, purifier, num_classes=num_classes, in_channels=in_channels, purifier_options={"width": purifier_width},
         purifier_run=purifier_run or None, noise_sigma=noise_sigma, missing_rate=missing_rate, block_size=block_size,
-        fill=fill, mask_mode=mask_mode, clip=clip, transform_seed=transform_seed,
+        fill=fill, mask_mode=mask_mode, clip=clip, transform_seed=transform_seed, mix=mix, mix_mode=mix_mode,
     )
 
 
 __all__ = [
+    "MIX_MODES",
     "MASK_MODES",
     "PIPELINE_MODELS",
     "PurifiedClassifier",
