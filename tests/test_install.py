@@ -5,7 +5,7 @@ evaluation suite with (``tests/test_apgd.py``, ``tests/test_attacks.py``). Those
 without it, so on a machine set up by ``scripts/install.sh`` (what CI runs) its absence must be
 an error, not a row of silent skips. It is installed with ``pip install --no-deps`` because its
 metadata asks for torchvision, which does not work with this torch build: importing it must not
-import torchvision.
+load torchvision as well.
 """
 
 from __future__ import annotations
