@@ -224,6 +224,7 @@ def load_record(dataset: str, arm: str, seed: int, run_dir: Path | None = None) 
         "train_seconds": res.get("train_seconds"), "epochs": len(epochs),
         "per_epoch": {k: [e["logs"].get(k) for e in epochs] for k in DIAG if k in last},
         "train_acc": [e.get("train_acc") for e in epochs],
+        "epoch_eval": [e.get("eval") or {} for e in epochs],
         "last_epoch": {k: last[k] for k in DIAG if k in last},
         "suite": json.loads(suite.read_text()) if suite.exists() else None,
         "machine": res.get("machine"),
@@ -389,10 +390,58 @@ def report() -> str:
         lines.append("")
         doc[dataset] = {"runs": [recs[k] for k in sorted(recs)], "comparisons": comps}
     RESULTS.mkdir(parents=True, exist_ok=True)
+    for dataset, recs in sorted(all_recs.items()):
+        png = plot(dataset, recs)
+        lines.insert(lines.index(f"## {DATASETS[dataset].label}") + 2,
+                     f"![per-epoch diagnostics and accuracy]({png.name}) (`{png.name}`: budget mean and per-image std "
+                     "per epoch with the degeneracy thresholds, per-epoch robust accuracy, final clean vs PGD-20 per seed)\n")
     (RESULTS / "aal_study.json").write_text(json.dumps(doc, indent=1))
     text = "\n".join(lines)
     (RESULTS / "aal_study.md").write_text(text)
     return text
+
+
+def plot(dataset: str, recs: dict, out_dir: Path = RESULTS) -> Path:
+    """One figure per dataset: what the map did per epoch (mean k and per-image std of k, with the
+    degeneracy thresholds), the per-epoch robust accuracy on the epoch-evaluation images, and the
+    final clean vs PGD-20 accuracy of every run (one marker per seed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(1, 4, figsize=(19, 4.2))
+    arms = [a for a in ARMS if any(k[0] == a for k in recs)]
+    colors = {a: plt.cm.tab20(i % 20) for i, a in enumerate(arms)}
+    for a in arms:
+        rs = [recs[k] for k in sorted(recs) if k[0] == a]
+        for j, r in enumerate(rs):
+            lab = a if j == 0 else None
+            ep = range(1, r["epochs"] + 1)
+            for panel, key in ((0, "mask_mean"), (1, "mask_std")):
+                vals = r["per_epoch"].get(key)
+                if vals and any(v is not None for v in vals):
+                    ax[panel].plot(ep, vals, "-o", ms=3, color=colors[a], label=lab)
+            rob = [next((v for k, v in e.items() if k.startswith("test_pgd")), None) for e in r["epoch_eval"]]
+            if any(v is not None for v in rob):
+                ax[2].plot(ep, [None if v is None else 100 * v for v in rob], "-o", ms=3, color=colors[a], label=lab)
+            ax[3].scatter(100 * r["accuracy"]["clean"], 100 * r["accuracy"]["pgd20"], color=colors[a], label=lab, s=25)
+    ax[0].axhspan(*K_RANGE, color="0.9", zorder=0)
+    ax[1].axhline(K_STD_MIN, color="0.5", ls="--")
+    for a_, t, yl in ((ax[0], "mean budget k (shaded: rule's range)", "mean k"),
+                      (ax[1], "per-image std of k (dashed: rule's minimum)", "std k"),
+                      (ax[2], "robust accuracy per epoch (epoch-eval images)", "PGD-10 %"),
+                      (ax[3], "final, full test set (one marker per seed)", "PGD-20 %")):
+        a_.set_title(t, fontsize=9)
+        a_.set_ylabel(yl)
+        a_.set_xlabel("clean %" if a_ is ax[3] else "epoch")
+    ax[3].legend(fontsize=6, loc="best")
+    fig.suptitle(f"AAL study, {DATASETS[dataset].label}", fontsize=10)
+    fig.tight_layout()
+    out = out_dir / f"aal_study_{dataset}.png"
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
 
 
 @contextlib.contextmanager

@@ -48,3 +48,19 @@ def test_run_key_follows_the_resolved_config():
 def test_flat_controls_are_not_flagged():
     assert aal_study.degenerate(_rec("aal_fgsm_uniform", k=0.38, std=0.0)) is None  # flat by design
     assert "map degenerate" in aal_study.degenerate(_rec("aal_fgsm_shuffle", k=0.38, std=0.0))
+
+
+def test_plot_draws_every_run(tmp_path):
+    """The report's figure: one per dataset, written where asked, drawn from runs with and without map diagnostics."""
+    pytest.importorskip("matplotlib")
+
+    def run(arm, seed, diag=True):
+        per_epoch = {"mask_mean": [0.3, 0.28], "mask_std": [0.2, 0.19]} if diag else {}
+        return {"arm": arm, "seed": seed, "epochs": 2, "per_epoch": per_epoch,
+                "epoch_eval": [{"test_clean": 0.6, "test_pgd10": 0.3}, {"test_clean": 0.7, "test_pgd10": 0.35}],
+                "accuracy": {"clean": 0.7 + seed / 100, "pgd20": 0.3}}
+
+    recs = {("fgsm_at", 0): run("fgsm_at", 0, diag=False), ("aal_fgsm", 0): run("aal_fgsm", 0),
+            ("aal_fgsm", 1): run("aal_fgsm", 1)}
+    out = aal_study.plot("fashion_mnist", recs, out_dir=tmp_path)
+    assert out == tmp_path / "aal_study_fashion_mnist.png" and out.stat().st_size > 10_000

@@ -299,3 +299,47 @@ def test_torchrun_cli_matches_one_process(tmp_path):
     assert_same_training(w1, w2, build_experiment(cfg).model.state_dict())
     res1, res2 = json.loads((r1 / "results.json").read_text()), json.loads((r2 / "results.json").read_text())
     assert res1["eval"]["accuracy"] == res2["eval"]["accuracy"] and res2["eval"]["n"] == 100
+
+
+def _gloo_threads() -> list[str]:
+    """Names of this process's threads that belong to gloo (Linux: /proc/self/task/*/comm)."""
+    names = []
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            names.append(Path(f"/proc/self/task/{tid}/comm").read_text().strip())
+        except OSError:  # the thread ended while we listed
+            continue
+    return sorted(n for n in names if "gloo" in n)
+
+
+def teardown_worker(rank, world, port, out_dir):
+    """One rank: join through the environment as torchrun sets it, train a DDP step, shut down,
+    then record which gloo threads are still alive (they must all be gone)."""
+    torch.set_num_threads(1)
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    ctx = D.init_distributed("cpu")
+    during = _gloo_threads()
+    model = D.wrap_model(torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2)))
+    model(torch.randn(8, 4)).sum().backward()
+    del model
+    D.shutdown(ctx)
+    torch.save({"during": during, "after": _gloo_threads()}, Path(out_dir) / f"threads{rank}.pt")
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs Linux /proc to list threads")
+def test_shutdown_joins_gloo_threads(tmp_path):
+    """Issue 15 item 9: after a DDP model has trained, ``shutdown`` must leave no gloo thread
+    running. Before the fix the group outlived ``destroy_process_group`` (DDP's constructor
+    imported ``torch._dynamo`` while the group existed, which kept references to it), its threads
+    ran into interpreter exit and a rank sometimes died with SIGABRT after a finished run."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.start_processes(teardown_worker, args=(2, port, str(tmp_path)), nprocs=2, start_method="spawn")
+    for rank in (0, 1):
+        t = torch.load(tmp_path / f"threads{rank}.pt")
+        assert t["during"], "no gloo thread seen while the group existed: the check would prove nothing"
+        assert t["after"] == [], f"rank {rank}: gloo threads outlived shutdown: {t['after']}"
