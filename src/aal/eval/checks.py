@@ -58,6 +58,7 @@ from torch import Tensor, nn
 from aal.attacks import FGSM, PGD
 from aal.eval.eot import EOTWrapper, randomness
 from aal.eval.evaluator import _as_tensors, evaluate
+from aal.utils.modes import eval_mode
 
 STATUSES = ("pass", "warn", "fail", "skip")
 _RANK = {"skip": 0, "pass": 1, "warn": 2, "fail": 3}
@@ -296,11 +297,9 @@ def run_checks(
     d = x_f[0].numel()
     unbounded = 1.0 if norm == "linf" else math.sqrt(d)
 
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
     results: list[CheckResult] = []
     fork_devices = [device] if device.type == "cuda" else []
-    try:
+    with eval_mode(model):
         with torch.random.fork_rng(devices=fork_devices):
             torch.manual_seed(seed)
             probe = x_f[: min(total, 64)].to(device)
@@ -388,9 +387,6 @@ def run_checks(
                     r = _weaker(name, "pgd", "square", strongest(), cache["square"], tol)
                     r.numbers["square_queries"] = square_queries
                     results.append(r)
-    finally:
-        for m, training in modes:
-            m.training = training
     return CheckReport(results, total, float(eps), norm, tol, time.perf_counter() - t_start, eot_n if use_eot else None)
 
 

@@ -40,6 +40,7 @@ from tqdm.auto import tqdm
 
 from aal.attacks import check_images, from_spec
 from aal.utils.distributed import all_reduce_, get_rank, shard_indices
+from aal.utils.modes import eval_mode
 
 AttackFn = Callable[[nn.Module, Tensor, Tensor], Tensor]
 AttackSpec = str | AttackFn | tuple[str, AttackFn]
@@ -206,9 +207,7 @@ def evaluate(
         parts = list(idx.split(batch_size))
         return tqdm(parts, desc=desc, unit="batch", leave=False, disable=True if not progress else None)
 
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
+    with eval_mode(model):
         accuracy: dict[str, float] = {}
         seconds: dict[str, float] = {}
         correct: dict[str, Tensor] = {}
@@ -248,9 +247,6 @@ def evaluate(
                 accuracy[name] = c.float().mean().item() if total else 0.0
             t = all_reduce_(torch.tensor([seconds[k] for k in seconds], dtype=torch.float64), "max")
             seconds = dict(zip(seconds, t.tolist()))  # the slowest rank's wall time
-    finally:
-        for m, training in modes:
-            m.training = training
     return EvalResult(accuracy, total, float(eps), seconds, cumulative, correct)
 
 

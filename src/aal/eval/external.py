@@ -38,6 +38,7 @@ import torch
 from torch import Tensor, nn
 
 from aal.eval.suite import SuiteResult, run_suite
+from aal.utils.modes import eval_mode
 
 
 class ExternalModelError(ValueError):
@@ -149,14 +150,8 @@ def check_outputs(model: nn.Module, x: Tensor, num_classes: int | None) -> None:
     Raises:
         ExternalModelError: another shape or type (with the shape expected).
     """
-    was = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        with torch.no_grad():
-            out = model(x)
-    finally:
-        for m, training in was:
-            m.training = training
+    with eval_mode(model), torch.no_grad():
+        out = model(x)
     want = f"({x.shape[0]}, {num_classes})" if num_classes else f"({x.shape[0]}, C)"
     if not isinstance(out, Tensor):
         raise ExternalModelError(f"the model returned a {type(out).__name__} for a batch {tuple(x.shape)}; "

@@ -83,6 +83,7 @@ from tqdm.auto import tqdm
 
 from aal.eval.eot import EOTWrapper, randomness
 from aal.eval.evaluator import _as_tensors
+from aal.utils.modes import eval_mode
 
 AttackFn = Callable[[nn.Module, Tensor, Tensor], Tensor]
 
@@ -468,10 +469,8 @@ def run_suite(
         return xb, y_all[idx].to(device)
 
     path = Path(state_path) if state_path is not None else None
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
     fork_devices = [device] if device.type == "cuda" else []
-    try:
+    with eval_mode(model):
         with torch.random.fork_rng(devices=fork_devices):
             torch.manual_seed(seed)
             probe = batch(torch.arange(min(total, 64)))[0] if total else None
@@ -570,9 +569,6 @@ def run_suite(
                 "label": label,
             }
             save()
-    finally:
-        for m, training in modes:
-            m.training = training
     return SuiteResult(
         suite=suite_name, accuracy=accuracy, n=total, eps=float(eps), norm=norm, seconds=seconds, attacked=attacked,
         randomized=bool(rnd["randomized"]), eot_n=eot_n if use_eot else None, notes=notes, resumed=resumed,
