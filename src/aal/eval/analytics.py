@@ -31,7 +31,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import Tensor, nn
 
-from aal.eval.evaluator import _as_tensors
+from aal.eval.evaluator import _as_tensors, model_device
 from aal.utils.modes import eval_mode
 
 
@@ -124,9 +124,7 @@ def predict_under_attack(
     modes are restored.
     """
     x_all, y_all, is_uint8 = _as_tensors(data, n)
-    if device is None:
-        p = next(model.parameters(), None)
-        device = p.device if p is not None else torch.device("cpu")
+    device = model_device(model, device)
     clean = torch.empty(len(y_all), dtype=torch.long)
     adv = torch.empty(len(y_all), dtype=torch.long)
     with eval_mode(model):

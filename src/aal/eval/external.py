@@ -37,6 +37,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
+from aal.eval.evaluator import model_device
 from aal.eval.suite import SuiteResult, run_suite
 from aal.utils.modes import eval_mode
 
@@ -234,11 +235,7 @@ def benchmark(
     x = split[0] if isinstance(split, (tuple, list)) else split.images
     probe = x[: min(len(x), 2)]
     probe = probe.float().div(255) if probe.dtype == torch.uint8 else probe.float()
-    if device is not None:
-        probe = probe.to(device)
-    else:
-        p = next(model.parameters(), None)
-        probe = probe.to(p.device) if p is not None else probe
+    probe = probe.to(model_device(model, device))
     check_outputs(model, probe, num_classes)
     result = run_suite(model, split, suite, eps=eps, norm=threat, n=n, batch_size=batch_size, seed=seed,
                        progress=progress, state_path=state_path, device=device, eot=eot, eot_n=eot_n)
