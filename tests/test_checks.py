@@ -184,3 +184,35 @@ def test_report_objects_and_errors():
         run_checks(model, data, eps=0.0)
     with pytest.raises(ValueError, match="steps"):
         run_checks(model, data, eps=0.1, steps=(5, 5))
+
+
+def test_check_registry_contract():
+    """Every check is a registered ``check_<name>(ctx)`` returning its own named CheckResult, in table order."""
+    import aal.eval.checks as checks
+    from aal.eval.checks import CHECK_FUNCTIONS, CheckContext, register_check
+
+    assert list(CHECKS) == ["deterministic", "logits", "gradients", "single_vs_iterative", "steps_restarts",
+                            "eps_growth", "noise_vs_attack", "whitebox_vs_blackbox"]  # the module doc's table
+    assert list(CHECK_FUNCTIONS) == list(CHECKS)
+    for name in CHECKS:
+        assert f"\n{name} " in checks.__doc__, name  # every check is documented in the table
+        assert CHECK_FUNCTIONS[name].__name__ == f"check_{name}" and CHECK_FUNCTIONS[name].__doc__
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 4)).eval()
+    x, y = torch.rand(24, 1, 4, 4), torch.randint(0, 4, (24,))
+    ctx = CheckContext(model=model, attack_model=model, x=x, y=y, eps=0.1, norm="linf", tol=0.05, batch_size=8, seed=0,
+                       progress=False, device=torch.device("cpu"),
+                       randomness={"randomized": False, "max_output_diff": 0.0, "prediction_flips": 0, "passes": 2},
+                       eot_n=None, steps=(2, 4), restarts=2, sweep_steps=2, square_queries=10, noise_draws=2)
+    for name in CHECKS:
+        r = CHECK_FUNCTIONS[name](ctx)
+        assert isinstance(r, CheckResult) and r.name == name and r.status in ("pass", "warn", "fail", "skip"), name
+        json.dumps(r.to_dict())  # JSON-able numbers
+    assert {"clean", "pgd2", "pgd4", "pgd4x2", "fgsm", "noise"} <= set(ctx.cache)  # shared results, run once
+    with pytest.raises(ValueError, match="check_<name>"):
+        register_check(lambda ctx: None)
+    with pytest.raises(ValueError, match="already registered"):
+        def check_logits(ctx):  # noqa: F811 - a second check of an existing name
+            return None
+        register_check(check_logits)
+    assert list(CHECK_FUNCTIONS) == list(CHECKS)  # refused registrations leave the registry as it was

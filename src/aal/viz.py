@@ -34,6 +34,7 @@ from aal.attacks.base import attack_mode
 from aal.config import ConfigError
 from aal.methods.detection import DetectionAAL
 from aal.tasks.detection import DetectionExperiment, DetectionTask, Targets, detector_of
+from aal.utils.modes import eval_mode
 
 COLUMNS = ("image", "x' (selective)", "M on x", "M on x'", "M^a", "k(M^a)", "|x' - x|")
 
@@ -195,12 +196,8 @@ def detection_grid(
     pert = (x_adv - x).abs().amax(1, keepdim=True)
     dets = None
     if show_detections:
-        was = model.training
-        model.eval()
-        try:
+        with eval_mode(model):
             dets = DetectionTask(score_threshold=score_threshold, top_k=max_detections).detect(model, x)
-        finally:
-            model.train(was)
     columns = ["image + GT", "x' (selective)", "M", "M^a", "k(M^a)", "|x' - x|"] + (["detections"] if dets else [])
     ncols = len(columns)
     fig = Figure(figsize=(1.7 * ncols + 0.9, 1.7 * n + (0.5 if title else 0.3)), dpi=dpi)

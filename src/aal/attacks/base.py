@@ -34,11 +34,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from aal.utils.modes import eval_mode
+
 LossFn = Callable[[Tensor, Tensor], Tensor]
 """``loss_fn(outputs, y) -> (B,)`` per-sample loss the attack ascends (or descends)."""
 
 
 # ----------------------------------------------------------------------------- model context
+_MODES: dict[str, bool | None] = {"eval": False, "train": True, "keep": None}
+"""``attack_mode``'s mode names -> :func:`aal.utils.modes.eval_mode`'s ``training`` argument."""
+
+
 @contextlib.contextmanager
 def attack_mode(model: nn.Module, mode: str = "eval") -> Iterator[nn.Module]:
     """Run an attack on ``model``: set its mode, switch parameter gradients off, restore after.
@@ -51,21 +57,10 @@ def attack_mode(model: nn.Module, mode: str = "eval") -> Iterator[nn.Module]:
     The ``requires_grad`` flag of every parameter and the ``training`` flag of every submodule
     are restored exactly, even if the attack raises.
     """
-    if mode not in ("eval", "train", "keep"):
+    if mode not in _MODES:
         raise ValueError(f"mode must be 'eval', 'train' or 'keep', got {mode!r}")
-    modes = [(m, m.training) for m in model.modules()]
-    flags = [(p, p.requires_grad) for p in model.parameters()]
-    try:
-        if mode != "keep":
-            model.train(mode == "train")
-        for p, _ in flags:
-            p.requires_grad_(False)
+    with eval_mode(model, training=_MODES[mode], freeze=True):
         yield model
-    finally:
-        for p, flag in flags:
-            p.requires_grad_(flag)
-        for m, training in modes:
-            m.training = training
 
 
 # ----------------------------------------------------------------------------- losses

@@ -31,7 +31,8 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import Tensor, nn
 
-from aal.eval.evaluator import _as_tensors
+from aal.eval.evaluator import _as_tensors, model_device
+from aal.utils.modes import eval_mode
 
 
 def per_class_accuracy(correct: Tensor, labels: Tensor, num_classes: int) -> Tensor:
@@ -123,14 +124,10 @@ def predict_under_attack(
     modes are restored.
     """
     x_all, y_all, is_uint8 = _as_tensors(data, n)
-    if device is None:
-        p = next(model.parameters(), None)
-        device = p.device if p is not None else torch.device("cpu")
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
+    device = model_device(model, device)
     clean = torch.empty(len(y_all), dtype=torch.long)
     adv = torch.empty(len(y_all), dtype=torch.long)
-    try:
+    with eval_mode(model):
         for idx in torch.arange(len(y_all)).split(batch_size):
             xb = x_all[idx].to(device)
             xb = xb.float().div_(255) if is_uint8 else xb.float()
@@ -141,9 +138,6 @@ def predict_under_attack(
             if attack is not None and bool(ok.any()):
                 pa[ok] = _predict(model, attack(model, xb[ok], yb[ok]))
             clean[idx], adv[idx] = pc.cpu(), pa.cpu()
-    finally:
-        for m, training in modes:
-            m.training = training
     return y_all.clone(), clean, adv
 
 

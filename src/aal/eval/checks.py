@@ -55,22 +55,15 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import Tensor, nn
 
-from aal.attacks import FGSM, PGD
+from aal.attacks import ATTACKS, FGSM, PGD
+from aal.attacks.base import THREATS, attack_mode, ce_loss
 from aal.eval.eot import EOTWrapper, randomness
-from aal.eval.evaluator import _as_tensors, evaluate
+from aal.eval.evaluator import EvalResult, _as_tensors, evaluate, model_device
+from aal.eval.suite import Stage, build_attack
+from aal.utils.modes import eval_mode
 
 STATUSES = ("pass", "warn", "fail", "skip")
 _RANK = {"skip": 0, "pass": 1, "warn": 2, "fail": 3}
-CHECKS = (
-    "deterministic",
-    "logits",
-    "gradients",
-    "single_vs_iterative",
-    "steps_restarts",
-    "eps_growth",
-    "noise_vs_attack",
-    "whitebox_vs_blackbox",
-)
 
 
 @dataclass
@@ -223,7 +216,238 @@ def _weaker(name: str, strong_name: str, weak_name: str, strong: Tensor, weak: T
     return CheckResult(name, "pass", f"{strong_name} {_pct(a_s)} <= {weak_name} {_pct(a_w)} (only {weak_name} breaks {extra})", numbers)
 
 
+# ----------------------------------------------------------------------------- the context
+@dataclass
+class CheckContext:
+    """What every check reads: the model, the data, the budget, the settings, shared attack results.
+
+    Built once by :func:`run_checks` (with the model in eval mode and the RNG seeded); the checks
+    share :meth:`robust_under`'s cache, so an attack two checks compare against (the PGD runs)
+    runs once.
+
+    Attributes:
+        model: the classifier; robustness is judged on it.
+        attack_model: what the attacks see (an EOT wrapper of a randomised model, else ``model``).
+        x: float images in [0,1] (N,C,H,W), on the CPU.
+        y: labels (N,).
+        eps, norm, tol, batch_size, seed, progress, device: as :func:`run_checks`.
+        randomness: :func:`aal.eval.eot.randomness` of the model on the first points.
+        eot_n: EOT draws the attacks use, ``None`` without EOT.
+        steps, restarts, eps_factors, sweep_steps, square_queries, noise_draws: as :func:`run_checks`.
+        cache: per-point robust flags by attack key (``"clean"`` included), filled on demand.
+    """
+
+    model: nn.Module
+    attack_model: nn.Module
+    x: Tensor
+    y: Tensor
+    eps: float
+    norm: str
+    tol: float
+    batch_size: int
+    seed: int
+    progress: bool
+    device: torch.device
+    randomness: dict[str, Any]
+    eot_n: int | None
+    steps: tuple[int, int] = (10, 50)
+    restarts: int = 3
+    eps_factors: Sequence[float] = (0.5, 1.0, 2.0, 4.0, 8.0)
+    sweep_steps: int = 20
+    square_queries: int = 1000
+    noise_draws: int = 10
+    cache: dict[str, Tensor] = field(default_factory=dict, repr=False)
+
+    def evaluate(self, named: list[tuple[str, Callable[..., Tensor]]]) -> EvalResult:
+        """:func:`aal.eval.evaluate` of ``named`` attacks: they attack ``attack_model``, ``model`` judges."""
+
+        def wrap(attack: Callable[..., Tensor]) -> Callable[..., Tensor]:
+            return lambda _m, xb, yb: attack(self.attack_model, xb, yb)
+
+        return evaluate(self.model, (self.x, self.y), attacks=[(k, wrap(a)) for k, a in named],
+                        batch_size=self.batch_size, seed=self.seed, progress=self.progress, device=self.device)
+
+    def robust_under(self, named: list[tuple[str, Callable[..., Tensor]]]) -> dict[str, Tensor]:
+        """Per-point robust flags under each of ``named`` (and ``"clean"``), each attack run once."""
+        todo = [(k, a) for k, a in named if k not in self.cache]
+        if todo:
+            self.cache.update({k: v for k, v in self.evaluate(todo).correct.items() if k != "robust"})
+        return {k: self.cache[k] for k in ["clean", *(k for k, _ in named)]}
+
+    def pgd_runs(self) -> list[tuple[str, Callable[..., Tensor]]]:
+        """PGD-a, PGD-b and PGD-b with restarts (``steps = (a, b)``), seeded."""
+        a, b = self.steps
+        return [
+            (f"pgd{a}", PGD(self.eps, steps=a, norm=self.norm, seed=self.seed)),
+            (f"pgd{b}", PGD(self.eps, steps=b, norm=self.norm, seed=self.seed)),
+            (f"pgd{b}x{self.restarts}", PGD(self.eps, steps=b, restarts=self.restarts, norm=self.norm, seed=self.seed)),
+        ]
+
+    def strongest(self) -> Tensor:
+        """Per-point flags robust under every PGD run (the per-sample worst case)."""
+        flags = self.robust_under(self.pgd_runs())
+        out = flags["clean"].clone()
+        for k, _ in self.pgd_runs():
+            out &= flags[k]
+        return out
+
+
 # ----------------------------------------------------------------------------- the checks
+CheckFn = Callable[[CheckContext], CheckResult]
+CHECK_FUNCTIONS: dict[str, CheckFn] = {}
+"""The checks by name, in the order they run (and :data:`CHECKS` lists them)."""
+
+
+def register_check(fn: CheckFn) -> CheckFn:
+    """Register ``check_<name>(ctx) -> CheckResult`` under ``<name>`` (AutoAttack's ``checks.py`` layout).
+
+    Raises:
+        ValueError: a function not named ``check_*``, or a name already registered.
+    """
+    if not fn.__name__.startswith("check_"):
+        raise ValueError(f"a check must be named check_<name>, got {fn.__name__!r}")
+    name = fn.__name__[len("check_"):]
+    if name in CHECK_FUNCTIONS:
+        raise ValueError(f"check {name!r} is already registered")
+    CHECK_FUNCTIONS[name] = fn
+    return fn
+
+
+@register_check
+def check_deterministic(ctx: CheckContext) -> CheckResult:
+    """Two forward passes agree; else warn (attacks then use EOT automatically)."""
+    rnd = ctx.randomness
+    nums = {k: v for k, v in rnd.items() if k != "randomized"}
+    if rnd["randomized"]:
+        how = f"attacks use EOT over {ctx.eot_n} draws" if ctx.eot_n else "EOT is off: numbers are overestimates"
+        return CheckResult("deterministic", "warn", f"outputs vary across {rnd['passes']} passes "
+                           f"({rnd['prediction_flips']} predictions flip, max diff {rnd['max_output_diff']:.3g}); {how}", nums)
+    return CheckResult("deterministic", "pass", f"{rnd['passes']} passes agree (max output diff {rnd['max_output_diff']:.2g})", nums)
+
+
+@register_check
+@torch.no_grad()
+def check_logits(ctx: CheckContext) -> CheckResult:
+    """Outputs are logits, not probabilities (rows summing to 1) or scaled probabilities (one constant sum)."""
+    outs = torch.cat([ctx.model(xb.to(ctx.device)).float().cpu() for xb in ctx.x[:1024].split(ctx.batch_size)])
+    sums = outs.sum(1)
+    lo, hi = float(outs.min()), float(outs.max())
+    s_mean, s_std = float(sums.mean()), float(sums.std()) if len(sums) > 1 else 0.0
+    nums = {"min": lo, "max": hi, "row_sum_mean": s_mean, "row_sum_std": s_std}
+    if not math.isfinite(lo) or not math.isfinite(hi):
+        return CheckResult("logits", "fail", "outputs contain inf/NaN", nums)
+    if lo >= -1e-5 and hi <= 1 + 1e-5 and bool(((sums - 1).abs() < 1e-4).all()):
+        return CheckResult("logits", "warn", "outputs are probabilities (rows sum to 1, all in [0,1]): attack the logits", nums)
+    if lo >= 0 and s_mean > 0 and bool(((sums - s_mean).abs() <= 1e-4 * abs(s_mean)).all()):
+        return CheckResult("logits", "warn", f"outputs are >= 0 and every row sums to {s_mean:.4g}: scaled probabilities, "
+                           "not logits (saturating softmax)", nums)
+    return CheckResult("logits", "pass", f"logits in [{lo:.3g}, {hi:.3g}], row sums vary ({s_mean:.3g} +- {s_std:.3g})", nums)
+
+
+@register_check
+def check_gradients(ctx: CheckContext) -> CheckResult:
+    """Input gradients of the CE and the margin at x and at a random point of the ball: finite and non-zero."""
+    threat = THREATS[ctx.norm](ctx.eps)
+    g = torch.Generator(device=ctx.device).manual_seed(ctx.seed)
+    zero = {"ce": 0, "margin": 0}
+    mean_abs = {"ce": 0.0, "margin": 0.0}
+    nonfinite = 0
+    with attack_mode(ctx.attack_model), torch.enable_grad():
+        for xb, yb in zip(ctx.x.split(ctx.batch_size), ctx.y.split(ctx.batch_size)):
+            xb, yb = xb.to(ctx.device), yb.to(ctx.device)
+            for xs in (xb, threat.apply(xb, threat.box(xb, threat.init(xb, g), None), None)):
+                for key, loss_fn in (("ce", ce_loss), ("margin", margin_loss)):
+                    xi = xs.detach().clone().requires_grad_(True)
+                    (grad,) = torch.autograd.grad(loss_fn(ctx.attack_model(xi), yb).sum(), xi)
+                    flat = grad.flatten(1)
+                    finite = torch.isfinite(flat).all(1)
+                    nonfinite += int((~finite).sum())
+                    zero[key] += int(((flat.abs().sum(1) == 0) & finite).sum())
+                    mean_abs[key] += float(flat[finite].abs().mean(1).sum()) if bool(finite.any()) else 0.0
+    points = 2 * len(ctx.x)  # clean + random start
+    frac = {k: v / points for k, v in zero.items()}
+    nums = {
+        "points": points, "nonfinite": nonfinite, "zero_frac_ce": frac["ce"], "zero_frac_margin": frac["margin"],
+        "mean_abs_grad_ce": mean_abs["ce"] / points, "mean_abs_grad_margin": mean_abs["margin"] / points,
+    }
+    msg = f"zero gradients: CE {_pct(frac['ce'])}, margin {_pct(frac['margin'])} of {points} points; non-finite: {nonfinite}"
+    worst = max(frac.values())
+    if nonfinite:
+        return CheckResult("gradients", "fail", msg, nums)
+    if worst > 0.1:
+        return CheckResult("gradients", "fail", msg + " (vanishing/shattered gradients)", nums)
+    return CheckResult("gradients", "warn" if worst > 0 else "pass", msg, nums)
+
+
+@register_check
+def check_single_vs_iterative(ctx: CheckContext) -> CheckResult:
+    """FGSM must not beat the strongest PGD run."""
+    fgsm = ctx.robust_under([("fgsm", FGSM(ctx.eps, norm=ctx.norm))])["fgsm"]
+    return _weaker("single_vs_iterative", "pgd", "fgsm", ctx.strongest(), fgsm, ctx.tol)
+
+
+@register_check
+def check_steps_restarts(ctx: CheckContext) -> CheckResult:
+    """Accuracy must not rise with more PGD steps or restarts; a still-falling one has not converged."""
+    runs = ctx.pgd_runs()
+    flags = ctx.robust_under(runs)
+    labels = [k for k, _ in runs]
+    accs = [flags[k].float().mean().item() for k in labels]
+    nums = {f"acc_{k}": v for k, v in zip(labels, accs)}
+    trail = ", ".join(f"{k} {_pct(v)}" for k, v in zip(labels, accs))
+    if any(accs[i + 1] > accs[i] + ctx.tol for i in range(2)):
+        return CheckResult("steps_restarts", "fail", f"accuracy rises with more steps/restarts ({trail})", nums)
+    if accs[0] - accs[2] > max(0.05, ctx.tol):
+        return CheckResult("steps_restarts", "warn", f"more steps/restarts still lower accuracy by "
+                           f"{100 * (accs[0] - accs[2]):.1f} pp ({trail}): not converged", nums)
+    return CheckResult("steps_restarts", "pass", trail, nums)
+
+
+@register_check
+def check_eps_growth(ctx: CheckContext) -> CheckResult:
+    """Accuracy must fall with eps and reach ~0 at an unbounded eps."""
+    unbounded = 1.0 if ctx.norm == "linf" else math.sqrt(ctx.x[0].numel())  # the image cube's L-inf / L2 diameter
+    budgets = sorted({min(float(f) * ctx.eps, unbounded) for f in ctx.eps_factors if f > 0})
+    budgets = [e for e in budgets if e < unbounded] + [unbounded]
+    named = [(f"eps={e:.4g}", PGD(e, steps=ctx.sweep_steps, norm=ctx.norm, seed=ctx.seed)) for e in budgets]
+    res = ctx.evaluate(named)
+    accs = [res.accuracy[k] for k, _ in named]
+    nums = {"eps": budgets, "accuracy": accs, "steps": ctx.sweep_steps, "clean": res.accuracy["clean"]}
+    trail = ", ".join(f"{e:.3g}: {_pct(a)}" for e, a in zip(budgets, accs))
+    if any(accs[i + 1] > accs[i] + ctx.tol for i in range(len(accs) - 1)):
+        return CheckResult("eps_growth", "fail", f"accuracy rises with eps ({trail})", nums)
+    left = f"unbounded eps={unbounded:.3g} leaves {_pct(accs[-1])} accuracy ({trail})"
+    if accs[-1] > 0.1:
+        return CheckResult("eps_growth", "fail", left, nums)
+    if accs[-1] > ctx.tol:
+        return CheckResult("eps_growth", "warn", left, nums)
+    return CheckResult("eps_growth", "pass", trail, nums)
+
+
+@register_check
+def check_noise_vs_attack(ctx: CheckContext) -> CheckResult:
+    """Random noise on the ball's surface must not beat the strongest PGD run."""
+    noise = ctx.robust_under([("noise", RandomNoise(ctx.eps, ctx.norm, draws=ctx.noise_draws, seed=ctx.seed))])["noise"]
+    return _weaker("noise_vs_attack", "pgd", "noise", ctx.strongest(), noise, ctx.tol)
+
+
+@register_check
+def check_whitebox_vs_blackbox(ctx: CheckContext) -> CheckResult:
+    """The score-based Square attack must not beat the strongest PGD run; skipped without a ``square`` attack."""
+    if "square" not in ATTACKS:
+        return CheckResult("whitebox_vs_blackbox", "skip", "no 'square' attack registered", {})
+    sq = build_attack(Stage("square", "square", {"queries": ctx.square_queries}), ctx.eps, ctx.norm, ctx.seed)
+    square = ctx.robust_under([("square", sq)])["square"]
+    r = _weaker("whitebox_vs_blackbox", "pgd", "square", ctx.strongest(), square, ctx.tol)
+    r.numbers["square_queries"] = ctx.square_queries
+    return r
+
+
+CHECKS: tuple[str, ...] = tuple(CHECK_FUNCTIONS)
+"""The checks' names, in the order they run."""
+
+
+# ----------------------------------------------------------------------------- the driver
 def run_checks(
     model: nn.Module,
     data: Any,
@@ -287,187 +511,31 @@ def run_checks(
     if total == 0:
         raise ValueError("no data to check")
     tol = max(0.01, 2.0 / total) if tol is None else float(tol)
-    if device is None:
-        p = next(model.parameters(), None)
-        device = p.device if p is not None else torch.device("cpu")
-    device = torch.device(device)
+    device = model_device(model, device)
     x_f = x_all.float().div(255) if is_uint8 else x_all.float()
-    data_f = (x_f, y_all)
-    d = x_f[0].numel()
-    unbounded = 1.0 if norm == "linf" else math.sqrt(d)
-
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    results: list[CheckResult] = []
     fork_devices = [device] if device.type == "cuda" else []
-    try:
-        with torch.random.fork_rng(devices=fork_devices):
-            torch.manual_seed(seed)
-            probe = x_f[: min(total, 64)].to(device)
-            rnd = randomness(model, probe, n=5)
-            use_eot = bool(rnd["randomized"]) if eot == "auto" else bool(eot)
-            attack_model: nn.Module = EOTWrapper(model, n=eot_n) if use_eot else model
-
-            def wrap(attack: Callable[..., Tensor]) -> Callable[..., Tensor]:
-                # attacks see the EOT model; evaluate() judges the points on the model itself
-                return lambda _m, xb, yb: attack(attack_model, xb, yb)
-
-            def robust_under(named: list[tuple[str, Callable[..., Tensor]]]) -> dict[str, Tensor]:
-                res = evaluate(model, data_f, attacks=[(k, wrap(a)) for k, a in named], batch_size=batch_size,
-                               seed=seed, progress=progress, device=device)
-                return res.correct
-
-            cache: dict[str, Tensor] = {}
-
-            def get(keys_attacks: list[tuple[str, Callable[..., Tensor]]]) -> None:
-                todo = [(k, a) for k, a in keys_attacks if k not in cache]
-                if todo:
-                    cache.update({k: v for k, v in robust_under(todo).items() if k != "robust"})
-
-            a, b = steps
-            pgd_runs = [
-                (f"pgd{a}", PGD(eps, steps=a, norm=norm, seed=seed)),
-                (f"pgd{b}", PGD(eps, steps=b, norm=norm, seed=seed)),
-                (f"pgd{b}x{restarts}", PGD(eps, steps=b, restarts=restarts, norm=norm, seed=seed)),
-            ]
-
-            def strongest() -> Tensor:
-                get(pgd_runs)
-                out = cache["clean"].clone()
-                for k, _ in pgd_runs:
-                    out &= cache[k]
-                return out
-
-            for name in CHECKS:
-                if name not in wanted:
-                    continue
-                if name == "deterministic":
-                    nums = {k: v for k, v in rnd.items() if k != "randomized"}
-                    if rnd["randomized"]:
-                        how = f"attacks use EOT over {eot_n} draws" if use_eot else "EOT is off: numbers are overestimates"
-                        results.append(CheckResult(name, "warn", f"outputs vary across {rnd['passes']} passes "
-                                                   f"({rnd['prediction_flips']} predictions flip, max diff {rnd['max_output_diff']:.3g}); {how}", nums))
-                    else:
-                        results.append(CheckResult(name, "pass", f"{rnd['passes']} passes agree (max output diff {rnd['max_output_diff']:.2g})", nums))
-                elif name == "logits":
-                    results.append(_check_logits(model, x_f, batch_size, device))
-                elif name == "gradients":
-                    results.append(_check_gradients(attack_model, x_f, y_all, eps, norm, batch_size, device, seed))
-                elif name == "single_vs_iterative":
-                    get([("fgsm", FGSM(eps, norm=norm))])
-                    results.append(_weaker(name, "pgd", "fgsm", strongest(), cache["fgsm"], tol))
-                elif name == "steps_restarts":
-                    get(pgd_runs)
-                    accs = [cache[k].float().mean().item() for k, _ in pgd_runs]
-                    labels = [k for k, _ in pgd_runs]
-                    nums = {f"acc_{k}": v for k, v in zip(labels, accs)}
-                    rises = [(labels[i], labels[i + 1]) for i in range(2) if accs[i + 1] > accs[i] + tol]
-                    trail = ", ".join(f"{k} {_pct(v)}" for k, v in zip(labels, accs))
-                    if rises:
-                        results.append(CheckResult(name, "fail", f"accuracy rises with more steps/restarts ({trail})", nums))
-                    elif accs[0] - accs[2] > max(0.05, tol):
-                        results.append(CheckResult(name, "warn", f"more steps/restarts still lower accuracy by "
-                                                   f"{100 * (accs[0] - accs[2]):.1f} pp ({trail}): not converged", nums))
-                    else:
-                        results.append(CheckResult(name, "pass", trail, nums))
-                elif name == "eps_growth":
-                    results.append(_check_eps_growth(model, data_f, wrap, eps, norm, eps_factors, unbounded, sweep_steps,
-                                                     batch_size, seed, progress, device, tol))
-                elif name == "noise_vs_attack":
-                    get([("noise", RandomNoise(eps, norm, draws=noise_draws, seed=seed))])
-                    results.append(_weaker(name, "pgd", "noise", strongest(), cache["noise"], tol))
-                elif name == "whitebox_vs_blackbox":
-                    from aal.attacks import ATTACKS
-                    from aal.eval.suite import Stage, build_attack
-
-                    if "square" not in ATTACKS:
-                        results.append(CheckResult(name, "skip", "no 'square' attack registered", {}))
-                        continue
-                    sq = build_attack(Stage("square", "square", {"queries": square_queries}), eps, norm, seed)
-                    get([("square", sq)])
-                    r = _weaker(name, "pgd", "square", strongest(), cache["square"], tol)
-                    r.numbers["square_queries"] = square_queries
-                    results.append(r)
-    finally:
-        for m, training in modes:
-            m.training = training
-    return CheckReport(results, total, float(eps), norm, tol, time.perf_counter() - t_start, eot_n if use_eot else None)
+    with eval_mode(model), torch.random.fork_rng(devices=fork_devices):
+        torch.manual_seed(seed)
+        rnd = randomness(model, x_f[: min(total, 64)].to(device), n=5)
+        use_eot = bool(rnd["randomized"]) if eot == "auto" else bool(eot)
+        ctx = CheckContext(
+            model=model, attack_model=EOTWrapper(model, n=eot_n) if use_eot else model, x=x_f, y=y_all, eps=float(eps),
+            norm=norm, tol=tol, batch_size=batch_size, seed=seed, progress=progress, device=device, randomness=rnd,
+            eot_n=eot_n if use_eot else None, steps=(steps[0], steps[1]), restarts=restarts, eps_factors=eps_factors,
+            sweep_steps=sweep_steps, square_queries=square_queries, noise_draws=noise_draws,
+        )
+        results = [CHECK_FUNCTIONS[name](ctx) for name in CHECKS if name in wanted]
+    return CheckReport(results, total, float(eps), norm, tol, time.perf_counter() - t_start, ctx.eot_n)
 
 
-@torch.no_grad()
-def _check_logits(model: nn.Module, x: Tensor, batch_size: int, device: torch.device) -> CheckResult:
-    outs = torch.cat([model(xb.to(device)).float().cpu() for xb in x[:1024].split(batch_size)])
-    sums = outs.sum(1)
-    lo, hi = float(outs.min()), float(outs.max())
-    s_mean, s_std = float(sums.mean()), float(sums.std()) if len(sums) > 1 else 0.0
-    nums = {"min": lo, "max": hi, "row_sum_mean": s_mean, "row_sum_std": s_std}
-    if not math.isfinite(lo) or not math.isfinite(hi):
-        return CheckResult("logits", "fail", "outputs contain inf/NaN", nums)
-    if lo >= -1e-5 and hi <= 1 + 1e-5 and bool(((sums - 1).abs() < 1e-4).all()):
-        return CheckResult("logits", "warn", "outputs are probabilities (rows sum to 1, all in [0,1]): attack the logits", nums)
-    if lo >= 0 and s_mean > 0 and bool(((sums - s_mean).abs() <= 1e-4 * abs(s_mean)).all()):
-        return CheckResult("logits", "warn", f"outputs are >= 0 and every row sums to {s_mean:.4g}: scaled probabilities, "
-                           "not logits (saturating softmax)", nums)
-    return CheckResult("logits", "pass", f"logits in [{lo:.3g}, {hi:.3g}], row sums vary ({s_mean:.3g} +- {s_std:.3g})", nums)
-
-
-def _check_gradients(model: nn.Module, x: Tensor, y: Tensor, eps: float, norm: str, batch_size: int,
-                     device: torch.device, seed: int) -> CheckResult:
-    from aal.attacks.base import THREATS, attack_mode, ce_loss
-
-    threat = THREATS[norm](eps)
-    g = torch.Generator(device=device).manual_seed(seed)
-    zero = {"ce": 0, "margin": 0}
-    nonfinite = 0
-    count = 0
-    mean_abs = {"ce": 0.0, "margin": 0.0}
-    with attack_mode(model), torch.enable_grad():
-        for xb, yb in zip(x.split(batch_size), y.split(batch_size)):
-            xb, yb = xb.to(device), yb.to(device)
-            starts = [xb, threat.apply(xb, threat.box(xb, threat.init(xb, g), None), None)]
-            for xs in starts:
-                for key, loss_fn in (("ce", ce_loss), ("margin", margin_loss)):
-                    xi = xs.detach().clone().requires_grad_(True)
-                    (grad,) = torch.autograd.grad(loss_fn(model(xi), yb).sum(), xi)
-                    flat = grad.flatten(1)
-                    finite = torch.isfinite(flat).all(1)
-                    nonfinite += int((~finite).sum())
-                    zero[key] += int(((flat.abs().sum(1) == 0) & finite).sum())
-                    mean_abs[key] += float(flat[finite].abs().mean(1).sum()) if bool(finite.any()) else 0.0
-            count += len(xb)
-    points = 2 * count  # clean + random start
-    frac = {k: v / points for k, v in zero.items()}
-    nums = {
-        "points": points, "nonfinite": nonfinite, "zero_frac_ce": frac["ce"], "zero_frac_margin": frac["margin"],
-        "mean_abs_grad_ce": mean_abs["ce"] / points, "mean_abs_grad_margin": mean_abs["margin"] / points,
-    }
-    msg = f"zero gradients: CE {_pct(frac['ce'])}, margin {_pct(frac['margin'])} of {points} points; non-finite: {nonfinite}"
-    worst = max(frac.values())
-    if nonfinite:
-        return CheckResult("gradients", "fail", msg, nums)
-    if worst > 0.1:
-        return CheckResult("gradients", "fail", msg + " (vanishing/shattered gradients)", nums)
-    if worst > 0:
-        return CheckResult("gradients", "warn", msg, nums)
-    return CheckResult("gradients", "pass", msg, nums)
-
-
-def _check_eps_growth(model, data_f, wrap, eps, norm, factors, unbounded, steps, batch_size, seed, progress, device, tol) -> CheckResult:
-    budgets = sorted({min(float(f) * eps, unbounded) for f in factors if f > 0})
-    budgets = [e for e in budgets if e < unbounded] + [unbounded]
-    named = [(f"eps={e:.4g}", wrap(PGD(e, steps=steps, norm=norm, seed=seed))) for e in budgets]
-    res = evaluate(model, data_f, attacks=named, batch_size=batch_size, seed=seed, progress=progress, device=device)
-    accs = [res.accuracy[k] for k, _ in named]
-    nums = {"eps": budgets, "accuracy": accs, "steps": steps, "clean": res.accuracy["clean"]}
-    trail = ", ".join(f"{e:.3g}: {_pct(a)}" for e, a in zip(budgets, accs))
-    rises = [budgets[i + 1] for i in range(len(accs) - 1) if accs[i + 1] > accs[i] + tol]
-    if rises:
-        return CheckResult("eps_growth", "fail", f"accuracy rises with eps ({trail})", nums)
-    if accs[-1] > 0.1:
-        return CheckResult("eps_growth", "fail", f"unbounded eps={unbounded:.3g} leaves {_pct(accs[-1])} accuracy ({trail})", nums)
-    if accs[-1] > tol:
-        return CheckResult("eps_growth", "warn", f"unbounded eps={unbounded:.3g} leaves {_pct(accs[-1])} accuracy ({trail})", nums)
-    return CheckResult("eps_growth", "pass", trail, nums)
-
-
-__all__ = ["CHECKS", "CheckReport", "CheckResult", "RandomNoise", "margin_loss", "run_checks"]
+__all__ = [
+    "CHECKS",
+    "CHECK_FUNCTIONS",
+    "CheckContext",
+    "CheckReport",
+    "CheckResult",
+    "RandomNoise",
+    "margin_loss",
+    "register_check",
+    "run_checks",
+]

@@ -45,6 +45,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from aal.utils.modes import eval_mode
+
 
 def _normalised(out: Tensor) -> Tensor:
     flat = out.detach().float().flatten(1)
@@ -69,13 +71,8 @@ def randomness(model: nn.Module, x: Tensor, n: int = 3, atol: float = 1e-4) -> d
     """
     if n < 2:
         raise ValueError(f"n must be >= 2 passes, got {n}")
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
+    with eval_mode(model):
         outs = [model(x) for _ in range(n)]
-    finally:
-        for m, training in modes:
-            m.training = training
     normed = [_normalised(o) for o in outs]
     max_diff = max(float((normed[i] - normed[0]).norm(dim=1).max()) for i in range(1, n)) if len(x) else 0.0
     preds = torch.stack([o.argmax(1) for o in outs]) if outs[0].dim() == 2 else None

@@ -30,16 +30,16 @@ Example:
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 import torch
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from aal.attacks import check_images, from_spec
+from aal.eval.survivors import attack_survivors, clean_pass, fetcher
 from aal.utils.distributed import all_reduce_, get_rank, shard_indices
+from aal.utils.modes import eval_mode
 
 AttackFn = Callable[[nn.Module, Tensor, Tensor], Tensor]
 AttackSpec = str | AttackFn | tuple[str, AttackFn]
@@ -108,6 +108,19 @@ def _as_tensors(data: Any, n: int | None) -> tuple[Tensor, Tensor, bool]:
     if not x.is_floating_point():
         raise TypeError(f"images must be float in [0,1] or uint8, got {x.dtype}")
     return x, y.long(), False
+
+
+def model_device(model: nn.Module, device: str | torch.device | None = None) -> torch.device:
+    """``device`` if given, else where the model's parameters live (the CPU for a parameter-free model)."""
+    if device is None:
+        p = next(model.parameters(), None)
+        device = p.device if p is not None else torch.device("cpu")
+    return torch.device(device)
+
+
+def _fraction(flags: Tensor) -> float:
+    """Fraction of True flags; 0 for no points (an empty evaluation has no accuracy to report)."""
+    return flags.float().mean().item() if len(flags) else 0.0
 
 
 def _named_attacks(attacks: Sequence[AttackSpec], eps: float, seed: int) -> list[tuple[str, AttackFn | None]]:
@@ -188,69 +201,30 @@ def evaluate(
     # once, on all points: uint8 images are in range by construction (only their channels are checked)
     check_images(x_all[:1].float().div(255) if is_uint8 else x_all, model, "images")
     named = _named_attacks(attacks, eps, seed)
-    if device is None:
-        p = next(model.parameters(), None)
-        device = p.device if p is not None else torch.device("cpu")
-    device = torch.device(device)
+    device = model_device(model, device)
     total = len(y_all)
     world = torch.distributed.get_world_size() if distributed and torch.distributed.is_initialized() else 1
     if world > 1:
         progress = progress and get_rank() == 0
 
-    def batch(idx: Tensor) -> tuple[Tensor, Tensor]:
-        xb = x_all[idx].to(device, non_blocking=True)
-        xb = xb.float().div_(255) if is_uint8 else xb.float()
-        return xb, y_all[idx].to(device)
-
-    def chunks(idx: Tensor, desc: str):
-        parts = list(idx.split(batch_size))
-        return tqdm(parts, desc=desc, unit="batch", leave=False, disable=True if not progress else None)
-
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        accuracy: dict[str, float] = {}
-        seconds: dict[str, float] = {}
-        correct: dict[str, Tensor] = {}
-        t0 = time.perf_counter()
-        clean = torch.zeros(total, dtype=torch.bool)
-        with torch.no_grad():
-            # distributed: this rank's shard only; the others' points stay False until the reduce
-            # below, so every attack pool (derived from `clean`) is this rank's shard too
-            for idx in chunks(torch.arange(total) if world == 1 else shard_indices(total), "clean"):
-                xb, yb = batch(idx)
-                clean[idx] = (model(xb).argmax(1) == yb).cpu()
-        seconds["clean"], correct["clean"] = time.perf_counter() - t0, clean
-        accuracy["clean"] = clean.float().mean().item() if total else 0.0
-        robust = clean.clone()
-        for name, attack in named:
-            if attack is None:
-                continue
-            t0 = time.perf_counter()
-            survived = clean.clone()
-            # points already misclassified need no attack: they count as wrong
-            pool = (robust if cumulative else clean).nonzero().flatten()
-            if cumulative:
-                survived &= robust
-            for idx in chunks(pool, name):
-                xb, yb = batch(idx)
-                x_adv = attack(model, xb, yb)
-                with torch.no_grad():
-                    survived[idx] = (model(x_adv).argmax(1) == yb).cpu()
-            seconds[name], correct[name] = time.perf_counter() - t0, survived
-            accuracy[name] = survived.float().mean().item() if total else 0.0
-            robust &= survived
-        if len(accuracy) > 1:
-            accuracy["robust"], correct["robust"] = (robust.float().mean().item() if total else 0.0), robust
-        if world > 1:  # the shards are disjoint: a logical or of the per-point results is their union
-            for name, c in correct.items():
-                all_reduce_(c, "max")
-                accuracy[name] = c.float().mean().item() if total else 0.0
-            t = all_reduce_(torch.tensor([seconds[k] for k in seconds], dtype=torch.float64), "max")
-            seconds = dict(zip(seconds, t.tolist()))  # the slowest rank's wall time
-    finally:
-        for m, training in modes:
-            m.training = training
+    batch = fetcher(x_all, y_all, is_uint8, device)
+    with eval_mode(model):
+        # distributed: this rank's shard only; the others' points stay wrong until the reduce
+        # below, so every attack pool (derived from the clean flags) is this rank's shard too
+        state = clean_pass(model, batch, y_all, torch.arange(total) if world == 1 else shard_indices(total),
+                           batch_size, progress)
+        attacks_run = [(name, fn) for name, fn in named if fn is not None]
+        attack_survivors(model, batch, attacks_run, state, batch_size, cumulative=cumulative, progress=progress)
+    seconds = {"clean": state.clean_seconds, **{k: r.seconds for k, r in state.stages.items()}}
+    correct = {"clean": state.clean, **{k: r.robust for k, r in state.stages.items()}}
+    if attacks_run:
+        correct["robust"] = state.robust
+    if world > 1:  # the shards are disjoint: a logical or of the per-point results is their union
+        for c in correct.values():
+            all_reduce_(c, "max")
+        t = all_reduce_(torch.tensor(list(seconds.values()), dtype=torch.float64), "max")
+        seconds = dict(zip(seconds, t.tolist()))  # the slowest rank's wall time
+    accuracy = {k: _fraction(c) for k, c in correct.items()}
     return EvalResult(accuracy, total, float(eps), seconds, cumulative, correct)
 
 

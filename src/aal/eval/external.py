@@ -37,7 +37,9 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
+from aal.eval.evaluator import model_device
 from aal.eval.suite import SuiteResult, run_suite
+from aal.utils.modes import eval_mode
 
 
 class ExternalModelError(ValueError):
@@ -149,14 +151,8 @@ def check_outputs(model: nn.Module, x: Tensor, num_classes: int | None) -> None:
     Raises:
         ExternalModelError: another shape or type (with the shape expected).
     """
-    was = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        with torch.no_grad():
-            out = model(x)
-    finally:
-        for m, training in was:
-            m.training = training
+    with eval_mode(model), torch.no_grad():
+        out = model(x)
     want = f"({x.shape[0]}, {num_classes})" if num_classes else f"({x.shape[0]}, C)"
     if not isinstance(out, Tensor):
         raise ExternalModelError(f"the model returned a {type(out).__name__} for a batch {tuple(x.shape)}; "
@@ -239,11 +235,7 @@ def benchmark(
     x = split[0] if isinstance(split, (tuple, list)) else split.images
     probe = x[: min(len(x), 2)]
     probe = probe.float().div(255) if probe.dtype == torch.uint8 else probe.float()
-    if device is not None:
-        probe = probe.to(device)
-    else:
-        p = next(model.parameters(), None)
-        probe = probe.to(p.device) if p is not None else probe
+    probe = probe.to(model_device(model, device))
     check_outputs(model, probe, num_classes)
     result = run_suite(model, split, suite, eps=eps, norm=threat, n=n, batch_size=batch_size, seed=seed,
                        progress=progress, state_path=state_path, device=device, eot=eot, eot_n=eot_n)

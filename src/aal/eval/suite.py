@@ -72,17 +72,17 @@ import hashlib
 import inspect
 import json
 import os
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from aal.eval.eot import EOTWrapper, randomness
-from aal.eval.evaluator import _as_tensors
+from aal.eval.evaluator import _as_tensors, _fraction, model_device
+from aal.eval.survivors import PendingStage, StageRecord, SurvivorState, attack_survivors, clean_pass, fetcher
+from aal.utils.modes import eval_mode
 
 AttackFn = Callable[[nn.Module, Tensor, Tensor], Tensor]
 
@@ -347,6 +347,34 @@ def _unbits(s: str, n: int) -> Tensor:
     return torch.tensor([c == "1" for c in s], dtype=torch.bool)
 
 
+def _store(state: dict[str, Any], st: SurvivorState) -> None:
+    """Write ``st`` into the JSON state ``state`` (the format of :data:`STATE_FORMAT`)."""
+    state.update(clean=_bits(st.clean), robust=_bits(st.robust), pred=st.pred.tolist(), clean_seconds=st.clean_seconds)
+    for name, rec in st.stages.items():
+        if name not in state["stages"]:  # finished stages never change: encoded once
+            state["stages"][name] = {"seconds": rec.seconds, "attacked": rec.attacked, "robust": _bits(rec.robust)}
+    cur = st.current
+    state["current"] = None if cur is None else {
+        "stage": cur.stage, "pending": _bits(cur.todo), "attacked": cur.attacked, "seconds": cur.seconds,
+    }
+
+
+def _restore(state: dict[str, Any], total: int) -> SurvivorState:
+    """The :class:`SurvivorState` a JSON state (with its clean pass done) holds."""
+    stages = {
+        name: StageRecord(float(rec["seconds"]), int(rec["attacked"]), _unbits(rec["robust"], total))
+        for name, rec in state["stages"].items()
+    }
+    cur = state["current"]
+    current = None if cur is None else PendingStage(
+        cur["stage"], _unbits(cur["pending"], total), int(cur["attacked"]), float(cur["seconds"]))
+    return SurvivorState(
+        clean=_unbits(state["clean"], total), robust=_unbits(state["robust"], total),
+        pred=torch.tensor(state["pred"], dtype=torch.long), clean_seconds=float(state["clean_seconds"]),
+        stages=stages, current=current,
+    )
+
+
 def _digest(tensors: Sequence[Tensor]) -> str:
     h = hashlib.sha1()
     for t in tensors:
@@ -437,6 +465,61 @@ def run_suite(
         raise ValueError(f"eot must be True, False or 'auto', got {eot!r}")
     suite_name, stages, notes = resolve_suite(suite)
     options = dict(options or {})
+    built, spec = _build_stages(stages, options, eps, norm, seed)
+    x_all, y_all, is_uint8 = _as_tensors(data, n)
+    total = len(y_all)
+    device = model_device(model, device)
+    batch = fetcher(x_all, y_all, is_uint8, device)
+    path = Path(state_path) if state_path is not None else None
+    fork_devices = [device] if device.type == "cuda" else []
+    with eval_mode(model), torch.random.fork_rng(devices=fork_devices):
+        torch.manual_seed(seed)
+        rnd = randomness(model, batch(torch.arange(min(total, 64)))[0]) if total else {"randomized": False}
+        use_eot = bool(rnd["randomized"]) if eot == "auto" else bool(eot)
+        attack_model: nn.Module = EOTWrapper(model, n=eot_n) if use_eot else model
+        if use_eot:
+            notes.append(f"randomised model detected: attacks use EOT over {eot_n} draws; robustness judged on single draws")
+        elif rnd["randomized"]:
+            notes.append("randomised model detected but EOT switched off: robust accuracy is likely overestimated")
+        fingerprint = {
+            "suite": suite_name, "stages": spec, "eps": float(eps), "norm": norm, "n": total, "seed": int(seed),
+            "eot_n": eot_n if use_eot else None,
+            "data": _digest([x_all, y_all]), "model": model_digest(model),
+        }
+        state, resumed = _open_state(path, fingerprint, y_all, notes)
+
+        def save(st: SurvivorState) -> None:
+            _store(state, st)
+            if path is not None:
+                _write_json(path, state)
+
+        if state["clean"] is None:  # one draw for randomised models
+            save(clean_pass(model, batch, y_all, torch.arange(total), batch_size))
+        st = attack_survivors(model, batch, built, _restore(state, total), batch_size, attack_model=attack_model,
+                              check=lambda name, x_adv, x: _check_budget(name, x_adv, x, eps, norm),
+                              progress=progress, on_update=save)
+        seconds = {"clean": st.clean_seconds, **{k: st.stages[k].seconds for k, _ in built}}
+        attacked = {k: st.stages[k].attacked for k, _ in built}
+        correct = {"clean": st.clean, **{k: st.stages[k].robust for k, _ in built}, "robust": st.robust.clone()}
+        accuracy = {k: _fraction(c) for k, c in correct.items()}
+        label = suite_label(suite_name, options, eot_n if use_eot else None)
+        state["finished"] = True
+        state["result"] = {
+            "accuracy": accuracy, "seconds": seconds, "attacked": attacked, "randomized": bool(rnd["randomized"]),
+            "label": label,
+        }
+        save(st)
+    return SuiteResult(
+        suite=suite_name, accuracy=accuracy, n=total, eps=float(eps), norm=norm, seconds=seconds, attacked=attacked,
+        randomized=bool(rnd["randomized"]), eot_n=eot_n if use_eot else None, notes=notes, resumed=resumed,
+        correct=correct, pred=st.pred, labels=y_all.clone(),
+        label=label,
+    )
+
+
+def _build_stages(stages: list[Stage | tuple[str, AttackFn]], options: dict[str, Mapping[str, Any]], eps: float,
+                  norm: str, seed: int) -> tuple[list[tuple[str, AttackFn]], list[dict[str, Any]]]:
+    """``(name, attack)`` per stage (with the ``options`` overrides) and the stages' fingerprint spec."""
     stage_names = [s.name if isinstance(s, Stage) else s[0] for s in stages]
     unknown = set(options) - set(stage_names)
     if unknown:
@@ -454,131 +537,23 @@ def run_suite(
         if isinstance(s, Stage) else {"name": s[0], "attack": repr(type(s[1]).__name__)}
         for s in stages
     ]
+    return built, spec
 
-    x_all, y_all, is_uint8 = _as_tensors(data, n)
-    total = len(y_all)
-    if device is None:
-        p = next(model.parameters(), None)
-        device = p.device if p is not None else torch.device("cpu")
-    device = torch.device(device)
 
-    def batch(idx: Tensor) -> tuple[Tensor, Tensor]:
-        xb = x_all[idx].to(device)
-        xb = xb.float().div_(255) if is_uint8 else xb.float()
-        return xb, y_all[idx].to(device)
-
-    path = Path(state_path) if state_path is not None else None
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    fork_devices = [device] if device.type == "cuda" else []
-    try:
-        with torch.random.fork_rng(devices=fork_devices):
-            torch.manual_seed(seed)
-            probe = batch(torch.arange(min(total, 64)))[0] if total else None
-            rnd = randomness(model, probe) if probe is not None else {"randomized": False}
-            use_eot = bool(rnd["randomized"]) if eot == "auto" else bool(eot)
-            attack_model: nn.Module = EOTWrapper(model, n=eot_n) if use_eot else model
-            if use_eot:
-                notes.append(f"randomised model detected: attacks use EOT over {eot_n} draws; robustness judged on single draws")
-            elif rnd["randomized"]:
-                notes.append("randomised model detected but EOT switched off: robust accuracy is likely overestimated")
-
-            fingerprint = {
-                "suite": suite_name, "stages": spec, "eps": float(eps), "norm": norm, "n": total, "seed": int(seed),
-                "eot_n": eot_n if use_eot else None,
-                "data": _digest([x_all, y_all]), "model": model_digest(model),
-            }
-            fingerprint = json.loads(json.dumps(fingerprint))  # tuples -> lists, as read back from the file
-            state = _load_state(path, fingerprint)
-            if state is not None and state["fingerprint"] != fingerprint:
-                notes.append(_upgrade_state(state, fingerprint, y_all, path))
-            resumed = state is not None and (state.get("clean") is not None)
-            if state is None:
-                state = {"format": STATE_FORMAT, "fingerprint": fingerprint, "clean": None, "stages": {}, "current": None}
-            if resumed:
-                notes.append(f"resumed from {path}")
-
-            def save() -> None:
-                if path is not None:
-                    _write_json(path, state)
-
-            seconds: dict[str, float] = {}
-            attacked: dict[str, int] = {}
-            correct: dict[str, Tensor] = {}
-            accuracy: dict[str, float] = {}
-
-            # clean pass (one draw for randomised models)
-            if state["clean"] is None:
-                t0 = time.perf_counter()
-                clean = torch.zeros(total, dtype=torch.bool)
-                pred = torch.zeros(total, dtype=torch.long)
-                with torch.no_grad():
-                    for idx in torch.arange(total).split(batch_size):
-                        xb, yb = batch(idx)
-                        p_ = model(xb).argmax(1).cpu()
-                        pred[idx], clean[idx] = p_, p_ == y_all[idx]
-                state.update(clean=_bits(clean), robust=_bits(clean), pred=pred.tolist(), clean_seconds=time.perf_counter() - t0)
-                save()
-            clean = _unbits(state["clean"], total)
-            robust = _unbits(state["robust"], total)
-            pred = torch.tensor(state["pred"], dtype=torch.long)
-            seconds["clean"], correct["clean"] = float(state["clean_seconds"]), clean
-            accuracy["clean"] = clean.float().mean().item() if total else 0.0
-
-            for name, attack in built:
-                done = state["stages"].get(name)
-                if done is not None:
-                    seconds[name], attacked[name] = float(done["seconds"]), int(done["attacked"])
-                    correct[name] = _unbits(done["robust"], total)
-                    accuracy[name] = correct[name].float().mean().item() if total else 0.0
-                    continue
-                cur = state["current"]
-                if cur is None or cur["stage"] != name:
-                    cur = {"stage": name, "pending": _bits(robust), "attacked": int(robust.sum()), "seconds": 0.0}
-                    state["current"] = cur
-                pending = _unbits(cur["pending"], total)
-                todo = pending.nonzero().flatten()
-                bar = tqdm(total=int(cur["attacked"]), initial=int(cur["attacked"]) - len(todo), desc=name, unit="img",
-                           leave=False, disable=True if not progress else None)
-                for idx in todo.split(batch_size):
-                    t0 = time.perf_counter()
-                    xb, yb = batch(idx)
-                    x_adv = attack(attack_model, xb, yb)
-                    _check_budget(name, x_adv, xb, eps, norm)
-                    with torch.no_grad():
-                        p_ = model(x_adv).argmax(1).cpu()
-                    broken = p_ != y_all[idx]
-                    robust[idx[broken]] = False
-                    pred[idx[broken]] = p_[broken]
-                    pending[idx] = False
-                    cur["seconds"] += time.perf_counter() - t0
-                    cur["pending"] = _bits(pending)
-                    state.update(robust=_bits(robust), pred=pred.tolist())
-                    save()
-                    bar.update(len(idx))
-                bar.close()
-                state["stages"][name] = {"seconds": cur["seconds"], "attacked": cur["attacked"], "robust": _bits(robust)}
-                state["current"] = None
-                save()
-                seconds[name], attacked[name], correct[name] = float(cur["seconds"]), int(cur["attacked"]), robust.clone()
-                accuracy[name] = robust.float().mean().item() if total else 0.0
-            accuracy["robust"], correct["robust"] = (robust.float().mean().item() if total else 0.0), robust.clone()
-            state["finished"] = True
-            label = suite_label(suite_name, options, eot_n if use_eot else None)
-            state["result"] = {
-                "accuracy": accuracy, "seconds": seconds, "attacked": attacked, "randomized": bool(rnd["randomized"]),
-                "label": label,
-            }
-            save()
-    finally:
-        for m, training in modes:
-            m.training = training
-    return SuiteResult(
-        suite=suite_name, accuracy=accuracy, n=total, eps=float(eps), norm=norm, seconds=seconds, attacked=attacked,
-        randomized=bool(rnd["randomized"]), eot_n=eot_n if use_eot else None, notes=notes, resumed=resumed,
-        correct=correct, pred=pred, labels=y_all.clone(),
-        label=label,
-    )
+def _open_state(path: Path | None, fingerprint: dict[str, Any], labels: Tensor,
+                notes: list[str]) -> tuple[dict[str, Any], bool]:
+    """The JSON state to continue (from ``path``, upgraded if an older suite wrote it) or a fresh one,
+    and whether finished work was loaded; says so in ``notes``."""
+    fingerprint = json.loads(json.dumps(fingerprint))  # tuples -> lists, as read back from the file
+    state = _load_state(path, fingerprint)
+    if state is not None and state["fingerprint"] != fingerprint:
+        notes.append(_upgrade_state(state, fingerprint, labels, path))
+    resumed = state is not None and (state.get("clean") is not None)
+    if state is None:
+        state = {"format": STATE_FORMAT, "fingerprint": fingerprint, "clean": None, "stages": {}, "current": None}
+    if resumed:
+        notes.append(f"resumed from {path}")
+    return state, resumed
 
 
 def _check_budget(name: str, x_adv: Tensor, x: Tensor, eps: float, norm: str) -> None:

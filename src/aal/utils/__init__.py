@@ -1,4 +1,4 @@
-"""Small process-level helpers: seeding, RNG snapshots, malloc tuning, threads, ranks.
+"""Small process-level helpers: seeding, RNG snapshots, malloc tuning, threads, ranks, model modes.
 
 Example:
     >>> from aal.utils import seed_everything
@@ -6,6 +6,7 @@ Example:
     0
 """
 
+from aal.utils.modes import eval_mode
 from aal.utils.runtime import (
     configure_threads,
     get_rng_state,
@@ -20,6 +21,7 @@ from aal.utils.runtime import (
 
 __all__ = [
     "configure_threads",
+    "eval_mode",
     "get_rng_state",
     "is_main_process",
     "malloc_tuned",
