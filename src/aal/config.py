@@ -28,6 +28,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import inspect
 import re
 import reprlib
@@ -364,6 +365,9 @@ class RunConfig:
             a ``cuda`` run uses nccl and one GPU per process.
         checkpoint_every: save a checkpoint every this many epochs (and at the end).
         grad_clip: clip the gradient norm (``None``: off).
+        logger: experiment tracking besides ``metrics.jsonl`` (always written): ``none``
+            (default) or ``tensorboard`` (event files in ``RUN/tensorboard/``, needs the
+            ``tensorboard`` package: ``pip install "aal[tensorboard]"``); see :mod:`aal.engine.tracking`.
     """
 
     seed: int = 0
@@ -376,6 +380,7 @@ class RunConfig:
     device: str = "cpu"
     checkpoint_every: int = 1
     grad_clip: float | None = None
+    logger: str = "none"
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     method: MethodConfig = field(default_factory=MethodConfig)
@@ -557,6 +562,25 @@ def _positive(value: float | int | None, key: str, allow_zero: bool = False) -> 
         raise ConfigError(f"{key}: must be {'>= 0' if allow_zero else '> 0'}, got {value}")
 
 
+LOGGERS = ("none", "tensorboard")
+"""Values of a run config's ``logger`` key (:mod:`aal.engine.tracking` implements them)."""
+
+
+def check_logger(name: Any) -> None:
+    """Refuse an unknown ``logger`` value, and ``tensorboard`` when its package is missing.
+
+    Checked with the rest of the config, before any data is read or folder made.
+
+    Raises:
+        ConfigError: naming the key (and, for a missing package, how to install it).
+    """
+    if name not in LOGGERS:
+        raise ConfigError(f"logger: must be one of {', '.join(LOGGERS)}; got {short(name)}")
+    if name == "tensorboard" and importlib.util.find_spec("tensorboard") is None:
+        raise ConfigError('logger: tensorboard needs the tensorboard package, which is not installed '
+                          '(pip install "aal[tensorboard]", or pip install tensorboard)')
+
+
 def validate_config(cfg: RunConfig) -> RunConfig:
     """Check names against the registries and values for sanity; build the method as a dry run.
 
@@ -571,6 +595,7 @@ def validate_config(cfg: RunConfig) -> RunConfig:
     _positive(cfg.checkpoint_every, "checkpoint_every")
     _positive(cfg.threads, "threads")
     _positive(cfg.grad_clip, "grad_clip")
+    check_logger(cfg.logger)
     if not re.fullmatch(r"cpu|auto|cuda(:\d+)?", str(cfg.device)):
         raise ConfigError(f"device: must be cpu, cuda, cuda:N or auto; got {str(cfg.device)[:80]!r}")
     d = cfg.data
