@@ -337,6 +337,15 @@ class EvalConfig:
         epoch_attacks: attacks run at the end of every epoch on the validation data.
         epoch_n: number of validation (or test, if no validation split) images used per epoch.
         seed: seed of the attacks' random starts.
+        suite: after training, ``aal train`` also runs this evaluation suite (:mod:`aal.eval.suite`:
+            ``standard`` is AutoAttack's standard version, ``fast``, ``rand``) at ``eps`` (L-inf) on
+            the first ``suite_n`` test images, resumable, with its state in ``RUN/eval/`` (the file
+            ``aal eval RUN --suite ...`` uses); ``none`` (default): no suite.
+        suite_n: test images of that suite (``None``: all).
+        report: after training (and the suite), ``aal train`` writes the Markdown report of the run
+            into ``RUN/report/`` (``aal report``: tables, plots, and the attention figure for AAL
+            runs) and prints its path.
+        report_n: test images of the report's own PGD measurements.
     """
 
     attacks: tuple[str, ...] = ("clean", "fgsm", "pgd20")
@@ -346,6 +355,14 @@ class EvalConfig:
     epoch_attacks: tuple[str, ...] = ("clean", "pgd10")
     epoch_n: int = 1000
     seed: int = 0
+    suite: str = "none"
+    suite_n: int | None = 1000
+    report: bool = False
+    report_n: int = 500
+
+
+SUITE_NAMES = ("none", "fast", "standard", "rand")
+"""Values of ``eval.suite``: ``none`` or a suite of :data:`aal.eval.suite.SUITES` (a test keeps them equal)."""
 
 
 @dataclass(frozen=True)
@@ -648,6 +665,10 @@ def validate_config(cfg: RunConfig) -> RunConfig:
     _positive(e.n, "eval.n")
     _positive(e.batch_size, "eval.batch_size")
     _positive(e.epoch_n, "eval.epoch_n", allow_zero=True)
+    if e.suite not in SUITE_NAMES:
+        raise ConfigError(f"eval.suite: must be one of {', '.join(SUITE_NAMES)}; got {short(e.suite)}")
+    _positive(e.suite_n, "eval.suite_n")
+    _positive(e.report_n, "eval.report_n")
     for key, specs in (("eval.attacks", e.attacks), ("eval.epoch_attacks", e.epoch_attacks)):
         for spec in specs:
             if spec == "clean":
