@@ -134,9 +134,15 @@ def cmd_train(args: argparse.Namespace) -> int:
 def _finish_run(run_dir, progress: bool) -> None:
     """``eval.suite`` and ``eval.report`` of a trained run (:func:`aal.engine.report.finish_run`)."""
     from aal.engine.report import finish_run
+    from aal.engine.rundir import RunInterrupted
     from aal.viz import report_figures
 
-    path = finish_run(run_dir, figures=report_figures, progress=progress and sys.stderr.isatty(), log=print)
+    try:
+        path = finish_run(run_dir, figures=report_figures, progress=progress and sys.stderr.isatty(), log=print)
+    except RunInterrupted:
+        raise
+    except KeyboardInterrupt as err:  # `aal train --resume RUN` finishes it: the suite resumes from its state file
+        raise RunInterrupted(run_dir) from err
     if path is not None:
         files = sorted(p.name for p in path.parent.glob("*.png"))
         print(f"report: {path}  (plots: {', '.join(files)})")
