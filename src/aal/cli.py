@@ -127,7 +127,25 @@ def cmd_train(args: argparse.Namespace) -> int:
     if is_main_rank():  # under torchrun every process returns here: print once
         print(result.table())
         print(f"run folder: {run_dir}")
+        _finish_run(run_dir, cfg.progress)
     return 0
+
+
+def _finish_run(run_dir, progress: bool) -> None:
+    """``eval.suite`` and ``eval.report`` of a trained run (:func:`aal.engine.report.finish_run`)."""
+    from aal.engine.report import finish_run
+    from aal.engine.rundir import RunInterrupted
+    from aal.viz import report_figures
+
+    try:
+        path = finish_run(run_dir, figures=report_figures, progress=progress and sys.stderr.isatty(), log=print)
+    except RunInterrupted:
+        raise
+    except KeyboardInterrupt as err:  # `aal train --resume RUN` finishes it: the suite resumes from its state file
+        raise RunInterrupted(run_dir) from err
+    if path is not None:
+        files = sorted(p.name for p in path.parent.glob("*.png"))
+        print(f"report: {path}  (plots: {', '.join(files)})")
 
 
 def _load_for_eval(args: argparse.Namespace):
@@ -277,6 +295,7 @@ def _cmd_eval_suite(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from aal.attacks import ATTACKS
+    from aal.engine.report import suite_state_path
     from aal.engine.run import find_run_files
     from aal.eval.suite import SUITES, SuiteStateError, run_suite
 
@@ -293,8 +312,7 @@ def _cmd_eval_suite(args: argparse.Namespace) -> int:
     if args.state is not None:
         state = Path(args.state)
     else:
-        run_dir = find_run_files(args.run)[0].parent
-        state = run_dir / "eval" / f"suite-{suite}-{args.norm}-eps{eps:.6g}-n{args.n or 'all'}-seed{args.seed}.json"
+        state = suite_state_path(find_run_files(args.run)[0].parent, suite, args.norm, eps, args.n, args.seed)
     if args.fresh and state.exists():
         state.unlink()
     eot = {"auto": "auto", "on": True, "off": False}[args.eot]
@@ -333,6 +351,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from aal.config import parse_float
     from aal.engine.report import make_report
+    from aal.viz import report_figures
 
     if args.n is not None and args.n <= 0:
         raise ConfigError(f"--n: must be > 0, got {args.n}")
@@ -345,7 +364,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     quiet = args.quiet or not sys.stderr.isatty()
     path = make_report(
         args.runs, args.out, n=args.n, eps=eps, seed=args.seed, batch_size=args.batch_size, checks=args.checks,
-        log=None if quiet else (lambda m: print(m, file=sys.stderr)),
+        log=None if quiet else (lambda m: print(m, file=sys.stderr)), figures=report_figures,
     )
     print(f"wrote {path}")
     return 0

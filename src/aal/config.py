@@ -28,6 +28,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import inspect
 import re
 import reprlib
@@ -336,6 +337,15 @@ class EvalConfig:
         epoch_attacks: attacks run at the end of every epoch on the validation data.
         epoch_n: number of validation (or test, if no validation split) images used per epoch.
         seed: seed of the attacks' random starts.
+        suite: after training, ``aal train`` also runs this evaluation suite (:mod:`aal.eval.suite`:
+            ``standard`` is AutoAttack's standard version, ``fast``, ``rand``) at ``eps`` (L-inf) on
+            the first ``suite_n`` test images, resumable, with its state in ``RUN/eval/`` (the file
+            ``aal eval RUN --suite ...`` uses); ``none`` (default): no suite.
+        suite_n: test images of that suite (``None``: all).
+        report: after training (and the suite), ``aal train`` writes the Markdown report of the run
+            into ``RUN/report/`` (``aal report``: tables, plots, and the attention figure for AAL
+            runs) and prints its path.
+        report_n: test images of the report's own PGD measurements.
     """
 
     attacks: tuple[str, ...] = ("clean", "fgsm", "pgd20")
@@ -345,6 +355,14 @@ class EvalConfig:
     epoch_attacks: tuple[str, ...] = ("clean", "pgd10")
     epoch_n: int = 1000
     seed: int = 0
+    suite: str = "none"
+    suite_n: int | None = 1000
+    report: bool = False
+    report_n: int = 500
+
+
+SUITE_NAMES = ("none", "fast", "standard", "rand")
+"""Values of ``eval.suite``: ``none`` or a suite of :data:`aal.eval.suite.SUITES` (a test keeps them equal)."""
 
 
 @dataclass(frozen=True)
@@ -364,6 +382,9 @@ class RunConfig:
             a ``cuda`` run uses nccl and one GPU per process.
         checkpoint_every: save a checkpoint every this many epochs (and at the end).
         grad_clip: clip the gradient norm (``None``: off).
+        logger: experiment tracking besides ``metrics.jsonl`` (always written): ``none``
+            (default) or ``tensorboard`` (event files in ``RUN/tensorboard/``, needs the
+            ``tensorboard`` package: ``pip install "aal[tensorboard]"``); see :mod:`aal.engine.tracking`.
     """
 
     seed: int = 0
@@ -376,6 +397,7 @@ class RunConfig:
     device: str = "cpu"
     checkpoint_every: int = 1
     grad_clip: float | None = None
+    logger: str = "none"
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     method: MethodConfig = field(default_factory=MethodConfig)
@@ -557,6 +579,25 @@ def _positive(value: float | int | None, key: str, allow_zero: bool = False) -> 
         raise ConfigError(f"{key}: must be {'>= 0' if allow_zero else '> 0'}, got {value}")
 
 
+LOGGERS = ("none", "tensorboard")
+"""Values of a run config's ``logger`` key (:mod:`aal.engine.tracking` implements them)."""
+
+
+def check_logger(name: Any) -> None:
+    """Refuse an unknown ``logger`` value, and ``tensorboard`` when its package is missing.
+
+    Checked with the rest of the config, before any data is read or folder made.
+
+    Raises:
+        ConfigError: naming the key (and, for a missing package, how to install it).
+    """
+    if name not in LOGGERS:
+        raise ConfigError(f"logger: must be one of {', '.join(LOGGERS)}; got {short(name)}")
+    if name == "tensorboard" and importlib.util.find_spec("tensorboard") is None:
+        raise ConfigError('logger: tensorboard needs the tensorboard package, which is not installed '
+                          '(pip install "aal[tensorboard]", or pip install tensorboard)')
+
+
 def validate_config(cfg: RunConfig) -> RunConfig:
     """Check names against the registries and values for sanity; build the method as a dry run.
 
@@ -571,6 +612,7 @@ def validate_config(cfg: RunConfig) -> RunConfig:
     _positive(cfg.checkpoint_every, "checkpoint_every")
     _positive(cfg.threads, "threads")
     _positive(cfg.grad_clip, "grad_clip")
+    check_logger(cfg.logger)
     if not re.fullmatch(r"cpu|auto|cuda(:\d+)?", str(cfg.device)):
         raise ConfigError(f"device: must be cpu, cuda, cuda:N or auto; got {str(cfg.device)[:80]!r}")
     d = cfg.data
@@ -623,6 +665,10 @@ def validate_config(cfg: RunConfig) -> RunConfig:
     _positive(e.n, "eval.n")
     _positive(e.batch_size, "eval.batch_size")
     _positive(e.epoch_n, "eval.epoch_n", allow_zero=True)
+    if e.suite not in SUITE_NAMES:
+        raise ConfigError(f"eval.suite: must be one of {', '.join(SUITE_NAMES)}; got {short(e.suite)}")
+    _positive(e.suite_n, "eval.suite_n")
+    _positive(e.report_n, "eval.report_n")
     for key, specs in (("eval.attacks", e.attacks), ("eval.epoch_attacks", e.epoch_attacks)):
         for spec in specs:
             if spec == "clean":

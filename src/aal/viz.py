@@ -273,7 +273,8 @@ def detection_grid_for_run(
     )  # fmt: skip
 
 
-__all__ = ["COLUMNS", "attention_grid", "detection_grid", "detection_grid_for_run", "finish_grid", "map_styles"]
+__all__ = ["COLUMNS", "attention_grid", "attention_grid_for_run", "detection_grid", "detection_grid_for_run", "finish_grid",
+           "map_styles", "report_figures"]
 
 
 def attention_grid_for_run(cfg: Any, model: nn.Module, bundle: Any, *, n: int = 8, out_path: str | Path = "attention.png",
@@ -308,3 +309,23 @@ def attention_grid_for_run(cfg: Any, model: nn.Module, bundle: Any, *, n: int = 
         model, x, y, eps=cfg.eval.eps, out_path=out_path, n=n, method=method,
         title=f"{cfg.method.name} on {cfg.data.name}",
     )
+
+
+def report_figures(cfg: Any, model: nn.Module, bundle: Any, out_dir: str | Path, name: str) -> dict[str, str]:
+    """The figures ``aal report`` and ``aal train`` (``eval.report``) add to a run's report.
+
+    For a run trained with an AAL method on an attention model: :func:`attention_grid_for_run`
+    on 8 test images (seed 0), written to ``out_dir/attention_<name>.png``. Other runs: none.
+
+    Returns:
+        ``{caption: file name in out_dir}`` (the ``figures`` hook of :func:`aal.engine.report.make_report`).
+    """
+    from aal.engine.run import build_method
+    from aal.methods.aal import AAL
+
+    if not isinstance(build_method(cfg), AAL) or not getattr(model, "has_attention", False):
+        return {}
+    path = attention_grid_for_run(cfg, model, bundle, n=8, out_path=Path(out_dir) / f"attention_{name}.png")
+    caption = ("AAL's attention on 8 test images: image, selective adversarial x', clean map M, M on x', "
+               "associative map M^a, budget k(M^a), |x' - x|")
+    return {caption: path.name}

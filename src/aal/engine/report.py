@@ -2,6 +2,9 @@
 
 Run folders belong to the engine, so the function that reads them lives here; the measurements,
 plots and Markdown come from :mod:`aal.eval.report` (see its module doc for what is written).
+:func:`finish_run` is the end of ``aal train`` when the config asks for it (``eval.suite``,
+``eval.report``): the evaluation suite into the run's ``eval/`` folder, then the report into its
+``report/`` folder.
 
 Example:
     >>> from aal.engine.report import make_report
@@ -16,8 +19,11 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from torch import nn
+
 from aal.engine.run import find_run_files, load_run, machine_description
 from aal.eval.checks import run_checks
+from aal.eval.suite import run_suite
 from aal.eval.report import _suite_results, _unique_names, plot_curves, plot_per_class, render_markdown, robustness_curves
 
 
@@ -34,6 +40,7 @@ def make_report(
     attack_steps: int = 20,
     checks: bool = False,
     log: Callable[[str], None] | None = None,
+    figures: Callable[[Any, nn.Module, Any, Path, str], dict[str, str]] | None = None,
 ) -> Path:
     """Write ``report.md``, ``report.json`` and the PNG plots for ``runs`` into ``out_dir``.
 
@@ -49,6 +56,9 @@ def make_report(
         attack_steps: PGD steps of the eps curve and the per-class analytics.
         checks: also run the gradient-masking checks on each run (slower).
         log: progress messages (e.g. ``print``).
+        figures: ``figures(cfg, model, bundle, out_dir, name) -> {caption: file name in out_dir}``,
+            called for each run with its trained model; the figures it writes are shown in the
+            report (the command line draws AAL's attention figure with it, :func:`aal.viz.report_figures`).
 
     Returns:
         the path of ``report.md``.
@@ -83,6 +93,8 @@ def make_report(
             "suites": _suite_results(run_dir),
             "computed": computed,
         }
+        if figures is not None:
+            entry["figures"] = figures(cfg, model, bundle, out, name)
         if checks:
             say(f"[{name}] gradient-masking checks")
             entry["checks"] = run_checks(model, bundle.test, eps=run_eps, n=n, batch_size=batch_size, seed=seed).to_dict()
@@ -110,4 +122,52 @@ def make_report(
     return out / "report.md"
 
 
-__all__ = ["make_report"]
+def suite_state_path(run_dir: str | Path, suite: str, norm: str, eps: float, n: int | None, seed: int) -> Path:
+    """Where a run's suite keeps its resumable state: ``RUN/eval/suite-<suite>-<norm>-eps<eps>-n<n>-seed<seed>.json``.
+
+    ``aal eval RUN --suite`` and :func:`finish_run` use the same file, so either resumes or reuses
+    the other's work, and the report lists every finished one.
+    """
+    return Path(run_dir) / "eval" / f"suite-{suite}-{norm}-eps{eps:.6g}-n{n or 'all'}-seed{seed}.json"
+
+
+def finish_run(
+    run_dir: str | Path,
+    *,
+    figures: Callable[[Any, nn.Module, Any, Path, str], dict[str, str]] | None = None,
+    progress: bool = False,
+    log: Callable[[str], None] = print,
+) -> Path | None:
+    """The end of a training run as its config asks: ``eval.suite`` then ``eval.report``.
+
+    1. ``eval.suite`` (unless ``none``) at ``eval.eps``, L-inf, on the first ``eval.suite_n`` test
+       images, seeded with ``eval.seed``; resumable from :func:`suite_state_path` (an interrupted
+       suite continues where it stopped when the command is run again). Its table is logged.
+    2. ``eval.report``: :func:`make_report` of the run into ``RUN/report/`` (PGD measurements on
+       the first ``eval.report_n`` test images), which also lists the suite's result.
+
+    Args:
+        run_dir: a finished classification run folder.
+        figures: passed to :func:`make_report`.
+        progress: progress bars of the suite.
+        log: receives the suite's table and progress lines.
+
+    Returns:
+        the path of ``report.md``, or ``None`` when the config asks for no report.
+    """
+    run = find_run_files(run_dir)[0].parent
+    cfg, model, bundle = load_run(run)
+    e = cfg.eval
+    if e.suite != "none":
+        state = suite_state_path(run, e.suite, "linf", e.eps, e.suite_n, e.seed)
+        result = run_suite(model, bundle.test, e.suite, eps=e.eps, n=e.suite_n, batch_size=e.batch_size, seed=e.seed,
+                           progress=progress, state_path=state)
+        log(result.table())
+        log(f"suite state: {state}")
+    if not e.report:
+        return None
+    return make_report([run], run / "report", n=e.report_n, seed=e.seed, batch_size=e.batch_size, figures=figures,
+                       log=log if progress else None)
+
+
+__all__ = ["finish_run", "make_report", "suite_state_path"]

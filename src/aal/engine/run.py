@@ -42,6 +42,7 @@ from aal.engine.rundir import (
     run_guard,
     run_history,
 )
+from aal.engine.tracking import preview_batch
 from aal.engine.trainer import Trainer
 from aal.eval import EvalResult, evaluate
 from aal.methods import Method, create_method
@@ -241,6 +242,7 @@ def _train_run(cfg: RunConfig, resume: str | Path | None, log: Callable[[str], N
             exp.model, exp.method, exp.loader, optimizer, scheduler, epochs=cfg.epochs, run_dir=run_dir,
             evaluate_fn=make_epoch_eval(cfg, exp.bundle), checkpoint_every=cfg.checkpoint_every,
             progress=cfg.progress, grad_clip=cfg.grad_clip, seed=cfg.seed, config=cfg.to_dict(),
+            logger=cfg.logger, preview=preview_batch(exp.bundle.test),
         )
         fit_or_resume(trainer, run_dir, resume is not None, log)
         t0 = time.perf_counter()

@@ -113,7 +113,7 @@ def train_fewshot(
         trainer = Trainer(
             exp.model, exp.method, exp.loader, optimizer, scheduler, epochs=cfg.epochs, run_dir=run_dir,
             evaluate_fn=exp.epoch_eval_fn(), checkpoint_every=cfg.checkpoint_every, progress=cfg.progress,
-            grad_clip=cfg.grad_clip, seed=cfg.seed, config=cfg.to_dict(),
+            grad_clip=cfg.grad_clip, seed=cfg.seed, config=cfg.to_dict(), logger=cfg.logger,
         )  # fmt: skip
         fit_or_resume(trainer, run_dir, resume, log)
         history = run_history(run_dir, trainer)  # the whole run's epochs, across resumes
@@ -238,7 +238,7 @@ def train_detection(
         trainer = Trainer(
             exp.model, exp.method, exp.loader, optimizer, scheduler, epochs=cfg.epochs, run_dir=run_dir,
             evaluate_fn=exp.epoch_eval(), eval_every=cfg.eval.every, checkpoint_every=cfg.checkpoint_every,
-            progress=cfg.progress, grad_clip=cfg.grad_clip, seed=cfg.seed, config=cfg.to_dict(),
+            progress=cfg.progress, grad_clip=cfg.grad_clip, seed=cfg.seed, config=cfg.to_dict(), logger=cfg.logger,
             log_fn=log if cfg.progress else None,
         )  # fmt: skip
         fit_or_resume(trainer, run_dir, resume, log)

@@ -7,7 +7,8 @@ per-method branches: a method is anything ``(model, batch) -> Output(loss, logit
 
 At the end of each epoch the trainer runs ``evaluate_fn(model)`` (with the global RNG state
 saved and restored around it, so evaluating or not never changes the training trajectory),
-appends one JSON line to ``RUN/metrics.jsonl`` and atomically saves ``RUN/checkpoints/last``
+appends one JSON line to ``RUN/metrics.jsonl`` (mirrored to TensorBoard with ``logger="tensorboard"``,
+:mod:`aal.engine.tracking`) and atomically saves ``RUN/checkpoints/last``
 (model, optimizer, scheduler, method state, RNG states). Resuming from it reproduces the
 uninterrupted run bit for bit on CPU, because the data order depends only on
 ``(loader seed, epoch)`` and all other randomness comes from the restored global RNGs.
@@ -40,8 +41,10 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from aal.config import check_logger
 from aal.engine import distributed as dist_utils
 from aal.engine.checkpoint import load_checkpoint, resolve_checkpoint, save_checkpoint
+from aal.engine.tracking import MetricsLogger, create_logger
 from aal.utils.runtime import get_rng_state, is_main_process, seed_everything, set_rng_state, world_size
 
 
@@ -137,6 +140,13 @@ class Trainer:
             :mod:`aal.engine.distributed`.
         find_unused_parameters: passed to DDP (default True: a method may leave parameters out
             of a step's loss, e.g. AAL with ``adv_attention="fixed"``).
+        logger: experiment tracking besides ``metrics.jsonl``: ``"none"``/``None`` (default),
+            ``"tensorboard"`` (event files in ``RUN/tensorboard/``; needs ``run_dir``), or a
+            :class:`~aal.engine.tracking.MetricsLogger`. Called after each epoch's line is
+            written, on the main process, with the RNG state saved and restored; closed when
+            :meth:`fit` returns or fails.
+        preview: ``(x, y)`` images whose attention maps the ``"tensorboard"`` logger draws
+            each epoch for AAL methods (:func:`aal.engine.tracking.preview_batch`).
 
     Distributed (one Trainer per process, e.g. under ``torchrun``): the method gets a
     :class:`~aal.engine.distributed.DDPModel` (training forwards through DDP, attack forwards on
@@ -165,6 +175,8 @@ class Trainer:
         log_fn: Callable[[str], None] | None = None,
         distributed: bool | None = None,
         find_unused_parameters: bool = True,
+        logger: str | MetricsLogger | None = None,
+        preview: tuple[Tensor, Tensor] | None = None,
     ) -> None:
         if int(epochs) < 1 or int(eval_every) < 1 or int(checkpoint_every) < 1:
             raise ValueError(
@@ -182,6 +194,10 @@ class Trainer:
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.evaluate_fn, self.progress, self.grad_clip = evaluate_fn, progress, grad_clip
         self.seed, self.config, self.log_fn = seed, config, log_fn
+        if isinstance(logger, str):
+            check_logger(logger)  # a typo fails here, not after the first epoch
+        self.logger, self.preview = logger, preview
+        self._tracker: MetricsLogger | None = None  # opened at the first record, closed by fit()
         self.start_epoch = 0  # the next epoch to run; set by resume()
         self.step = 0  # optimizer steps taken so far
         self.history: list[dict[str, Any]] = []
@@ -211,6 +227,14 @@ class Trainer:
             FloatingPointError: the epoch's mean training loss is not finite (logged first; the
                 last checkpoint is left as it was).
         """
+        try:
+            return self._fit(start_epoch)
+        finally:  # the tracking logger's files are complete even when training fails
+            if self._tracker is not None:
+                tracker, self._tracker = self._tracker, None
+                tracker.close()
+
+    def _fit(self, start_epoch: int | None) -> list[dict[str, Any]]:
         start = self.start_epoch if start_epoch is None else int(start_epoch)
         if start == 0 and not self._resumed and self.seed is not None:
             seed_everything(dist_utils.rank_seed(self.seed))  # per-rank streams; rank 0 (or one process): the seed
@@ -337,11 +361,30 @@ class Trainer:
                     os.fsync(f.fileno())
             except OSError as err:  # full disk, read-only folder: say which file, in one line
                 raise OSError(err.errno, f"cannot write {self.metrics_path}: {err.strerror or err}") from None
+        self._track(record)
         line = self.summary(record)
         if self.log_fn is not None:
             self.log_fn(line)
         elif self.progress:
             tqdm.write(line)
+
+    def _track(self, record: dict[str, Any]) -> None:
+        """Hand the record to the tracking logger (opened at the first record)."""
+        if self.logger is None or self.logger == "none":
+            return
+        if self._tracker is None:
+            if isinstance(self.logger, str):
+                if self.run_dir is None:
+                    raise ValueError(f"logger={self.logger!r} writes into the run folder: give the Trainer a run_dir")
+                self._tracker = create_logger(self.logger, self.run_dir, self.preview)
+            else:
+                self._tracker = self.logger
+        # the maps of an AAL preview run the method's association: keep the training RNG streams
+        rng = get_rng_state()
+        try:
+            self._tracker.log_epoch(record, self.model, self.method)
+        finally:
+            set_rng_state(rng)
 
     def summary(self, r: dict[str, Any]) -> str:
         """One human-readable line for an epoch record."""

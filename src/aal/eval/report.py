@@ -10,6 +10,7 @@
     DIR/acc_vs_eps.png         PGD accuracy vs eps (eps x eps_factors)
     DIR/acc_vs_steps.png       PGD accuracy vs attack steps, at the run's eps
     DIR/per_class_robust.png   per-class accuracy under PGD at the run's eps (clean as markers)
+    DIR/attention_<run>.png    for AAL runs (from the command line): the attention figure of ``aal viz``
 
 What the report measures itself is kept cheap: PGD (seeded, random start) on the first ``n``
 test images (default 500), at each run's own ``eval.eps`` unless ``eps`` is given. With
@@ -269,6 +270,15 @@ def render_markdown(payload: dict[str, Any]) -> str:
     lines.append(f"![accuracy vs steps]({payload['plots']['acc_vs_steps']})")
     lines.append(f"![per-class robust accuracy]({payload['plots']['per_class_robust']})")
     lines.append("")
+    if any(r.get("figures") for r in runs):
+        lines.append("## Figures")
+        lines.append("")
+        for r in runs:
+            for caption, file in (r.get("figures") or {}).items():
+                lines.append(f"**{r['name']}**: {caption}")
+                lines.append("")
+                lines.append(f"![{r['name']}: {caption}]({file})")
+                lines.append("")
 
     # --- per-class
     lines.append("## Per-class accuracy under attack")

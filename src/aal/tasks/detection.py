@@ -237,6 +237,7 @@ class DetectionRunConfig:
     threads: int | None = None
     checkpoint_every: int = 1
     grad_clip: float | None = None
+    logger: str = "none"
     data: DetectionDataConfig = field(default_factory=DetectionDataConfig)
     model: Any = None
     method: Any = None
@@ -256,7 +257,8 @@ def detection_config_from_dict(raw: Mapping[str, Any]) -> DetectionRunConfig:
     Raises:
         aal.config.ConfigError: unknown keys or names, or impossible values (the message names the key).
     """
-    from aal.config import ConfigError, MethodConfig, ModelConfig, OptimConfig, ScheduleConfig, _build_section, check_kwargs, clip, coerce, short
+    from aal.config import (ConfigError, MethodConfig, ModelConfig, OptimConfig, ScheduleConfig, _build_section, check_kwargs,
+                            check_logger, clip, coerce, short)
     METHODS = lookup("method")  # late lookup: the methods build on the tasks (see tests/test_layering.py)
     from aal.models import MODELS
 
@@ -285,6 +287,7 @@ def detection_config_from_dict(raw: Mapping[str, Any]) -> DetectionRunConfig:
         raise ConfigError(f"task: a detection config must say task: detection, got {short(cfg.task)}")
     if cfg.epochs < 1:
         raise ConfigError(f"epochs: must be > 0, got {cfg.epochs}")
+    check_logger(cfg.logger)
     d = cfg.data
     if d.classes is None and d.name not in DATASET_CLASSES:
         raise ConfigError(f"data.classes: dataset {short(d.name)} has no default class list (known: {', '.join(DATASET_CLASSES)})")

@@ -316,6 +316,7 @@ class FewShotRunConfig:
     threads: int | None = None
     checkpoint_every: int = 1
     grad_clip: float | None = None
+    logger: str = "none"
     data: FewShotDataConfig = field(default_factory=FewShotDataConfig)
     model: Any = None
     method: Any = None
@@ -342,7 +343,8 @@ def fewshot_config(raw: Mapping[str, Any], validate: bool = True) -> FewShotRunC
         aal.config.ConfigError: unknown keys or names, impossible values, a non-episodic method
             (the message names the key).
     """
-    from aal.config import ConfigError, MethodConfig, ModelConfig, OptimConfig, ScheduleConfig, _build_section, check_kwargs, clip, coerce, short
+    from aal.config import (ConfigError, MethodConfig, ModelConfig, OptimConfig, ScheduleConfig, _build_section, check_kwargs,
+                            check_logger, clip, coerce, short)
 
     if not isinstance(raw, Mapping):
         raise ConfigError(f"a config must be a mapping at the top level, got {type(raw).__name__}")
@@ -375,6 +377,7 @@ def fewshot_config(raw: Mapping[str, Any], validate: bool = True) -> FewShotRunC
         v = getattr(cfg, key)
         if v is not None and v < 1:
             raise ConfigError(f"{key}: must be > 0, got {v}")
+    check_logger(cfg.logger)
     d, e = cfg.data, cfg.eval
     if d.name not in FEWSHOT_DATASETS:
         raise ConfigError(f"data.name: unknown few-shot dataset {short(d.name)} (known: {', '.join(FEWSHOT_DATASETS.names())})")
