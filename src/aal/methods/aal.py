@@ -48,7 +48,7 @@ from aal.methods.aal_core import (  # noqa: F401 (binarize_mask, control_mask: r
     control_mask,
     map_diagnostics,
 )
-from aal.methods.base import METHODS, Batch, Method, Output, split_batch
+from aal.methods.base import METHODS, Batch, Method, Output, compose_signature, split_batch
 
 ADV_ATTENTION = ("recompute", "fixed")
 SCHEDULES = ("joint", "clean_then_adv")
@@ -239,10 +239,7 @@ def _preset(attack: str, registered: str, doc: str) -> type[AAL]:
     body = {"__init__": __init__, "name": registered, "__doc__": doc, "__module__": __name__,
             "core_fixed": {"attack": attack}}  # fmt: skip
     cls = type(f"AAL{attack.upper()}", (AAL,), body)
-    # its signature: AAL's own arguments, then the core's settings without the fixed attack
-    own = [p for n, p in inspect.signature(AAL.__init__).parameters.items() if n != "attack"]
-    cls.__init__.__signature__ = inspect.Signature(own)
-    cls.__init__.__annotations__ = {k: v for k, v in AAL.__init__.__annotations__.items() if k != "attack"}
+    compose_signature(cls.__init__, AAL.__init__, exclude=("attack",))  # AAL's arguments without the fixed attack
     return METHODS.register(registered)(cls)
 
 

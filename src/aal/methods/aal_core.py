@@ -34,6 +34,7 @@ from aal.attacks.base import LossFn, ce_loss
 from aal.attention.associative import ALIGNS, COUPLINGS, AssocResult, associative_attention, top_fraction
 from aal.attention.kernels import KERNELS, apply_kernel
 from aal.methods.adversarial import ATTACK_MODES, check_choice, check_fraction, check_int, check_nonneg, check_positive
+from aal.methods.base import compose_signature
 
 AAL_ATTACKS = ("fgsm", "pgd")
 """The attacks an AAL method can run inside the budget."""
@@ -331,19 +332,8 @@ class UsesAALCore:
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         init = cls.__dict__.get("__init__")
-        if init is None:
-            return
-        sig = inspect.signature(init)
-        if not any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values()):
-            return  # an __init__ that spells its arguments out is left as written
-        own = [p for p in sig.parameters.values() if p.kind is not p.VAR_KEYWORD]
-        core = [
-            p.replace(kind=p.KEYWORD_ONLY, default=cls.core_defaults.get(n, p.default))
-            for n, p in core_settings().items() if n not in cls.core_fixed and n not in sig.parameters
-        ]  # fmt: skip
-        init.__signature__ = sig.replace(parameters=[*own, *core])
-        hints = AALCore.__init__.__annotations__
-        init.__annotations__ = {**{p.name: hints[p.name] for p in core if p.name in hints}, **init.__annotations__}
+        if init is not None and inspect.getfullargspec(init).varkw:
+            compose_signature(init, AALCore.__init__, cls.core_defaults, exclude=(*CHOICE_ARGS, *cls.core_fixed))
 
     def make_core(self, settings: dict[str, Any]) -> AALCore:
         """The :class:`AALCore` of ``settings`` (the ``**core`` of ``__init__``) on this method's defaults.
