@@ -45,6 +45,23 @@ class Output:
     logs: dict[str, float] = field(default_factory=dict)
 
 
+def mean_output(outs: list[Output]) -> Output:
+    """One :class:`Output` for several sub-steps taken as one step: the mean loss and logs.
+
+    Used for a meta-batch of episodes: the gradient of the mean loss is the mean of the
+    episodes' gradients, which is what DDP computes when each process takes one of them.
+    Logits are concatenated when every sub-step has logits of the same width (else ``None``).
+    """
+    if len(outs) == 1:
+        return outs[0]
+    loss = torch.stack([o.loss for o in outs]).mean()
+    logits = None
+    if all(o.logits is not None for o in outs) and len({o.logits.shape[1:] for o in outs}) == 1:
+        logits = torch.cat([o.logits for o in outs])
+    keys = [k for k in outs[0].logs if all(k in o.logs for o in outs)]
+    return Output(loss, logits, {k: sum(float(o.logs[k]) for o in outs) / len(outs) for k in keys})
+
+
 class Method:
     """Base class of training methods. Subclasses implement :meth:`__call__`.
 

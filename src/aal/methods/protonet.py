@@ -38,10 +38,10 @@ from torch import Tensor, nn
 
 from aal.attacks.base import LossFn
 from aal.attention.associative import AssocResult
-from aal.data.fewshot import Episode, as_episode
+from aal.data.fewshot import Episode, as_episode, episodes_of
 from aal.methods.aal_core import AAL_ATTACKS, MASK_CONTROLS, UsesAALCore, map_diagnostics
 from aal.methods.adversarial import check_choice, check_fraction, check_positive
-from aal.methods.base import METHODS, Batch, Method, Output
+from aal.methods.base import METHODS, Batch, Method, Output, mean_output
 from aal.tasks.fewshot import ATTACK_LOSSES, METRICS, FewShotTask
 
 FEWSHOT_ATTACKS = AAL_ATTACKS
@@ -63,12 +63,16 @@ class ProtoNet(Method):
     name = "protonet"
     batch_type = "episode"  # the trainer feeds Episodes, not (x, y)
 
+    def __call__(self, model: nn.Module, batch: Batch) -> Output:
+        # a step is one episode, or a meta-batch of them (EpisodeBatch): the mean of their losses
+        return mean_output([self.episode_step(model, ep) for ep in episodes_of(batch)])
+
     def __init__(self, metric: str = "euclidean", temperature: float = 1.0) -> None:
         check_choice("metric", metric, METRICS)
         self.task = FewShotTask(metric=metric, temperature=check_positive("temperature", temperature))
 
-    def __call__(self, model: nn.Module, batch: Batch) -> Output:
-        ep = as_episode(batch)
+    def episode_step(self, model: nn.Module, ep: Episode) -> Output:
+        """The prototypical loss of one episode's queries (clean support)."""
         logits = self.task.forward(model, ep)
         loss = self.task.loss(logits, ep.query_y)
         return Output(loss, logits, {"acc": self.task.accuracy(logits, ep.query_y), "loss_clean": float(loss.detach())})
@@ -160,8 +164,8 @@ class ProtoNetAAL(UsesAALCore, ProtoNet):
         return s_adv, diag.res, diag.mask
 
     # ------------------------------------------------------------------ the method
-    def __call__(self, model: nn.Module, batch: Batch) -> Output:
-        ep = as_episode(batch)
+    def episode_step(self, model: nn.Module, ep: Episode) -> Output:
+        """One episode's step: the queries' loss against prototypes of the selectively attacked support."""
         s_adv, res, mask = self.craft(model, ep)
         logits = self.task.forward(model, ep, support_x=s_adv)
         loss_adv = self.task.loss(logits, ep.query_y)
