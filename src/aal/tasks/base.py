@@ -117,7 +117,7 @@ class RunTask:
 
     def is_config(self, raw: Any) -> bool:
         """Whether ``raw`` (a config object or a loaded YAML mapping) is one of this task's configs."""
-        if isinstance(raw, self.config_type):
+        if type(raw) is self.config_type:  # exactly: another task's config may subclass this one's
             return True
         return isinstance(raw, Mapping) and raw.get("task", DEFAULT_TASK) == self.name
 
@@ -174,9 +174,12 @@ def task_of_config(cfg: Any) -> RunTask:
     Raises:
         ConfigError: an unknown ``task`` value.
     """
-    for name in TASKS.names():
-        if isinstance(cfg, TASKS.get(name).config_type):  # type: ignore[attr-defined]
-            return TASKS.get(name)  # type: ignore[return-value]
+    tasks: list[RunTask] = [TASKS.get(n) for n in TASKS.names()]  # type: ignore[misc]
+    # the exact config class first: a task's config may subclass another's (e.g. of RunConfig)
+    for match in (lambda t: type(cfg) is t.config_type, lambda t: isinstance(cfg, t.config_type)):
+        found = [t for t in tasks if match(t)]
+        if found:
+            return found[0]
     if cfg is None or isinstance(cfg, (str, os.PathLike)):
         if cfg is None or not Path(cfg).is_file():
             return task_named(DEFAULT_TASK)
