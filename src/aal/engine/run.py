@@ -9,7 +9,8 @@ A run folder holds::
     config.yaml          the resolved config (re-loadable: ``aal train RUN/config.yaml``)
     metrics.jsonl        one JSON line per epoch, written as training goes
     checkpoints/last/    model + optimizer + scheduler + method state + RNG (safetensors + JSON)
-    results.json         the final evaluation (clean / robust accuracy per attack)
+    results.json         the final evaluation (the task's fields: clean / robust accuracy per
+                         attack, few-shot accuracy +- CI, mAP) and the whole run's history
 
 Example:
     >>> from aal.config import load_config

@@ -29,7 +29,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 from torch import nn
 
-from aal.config import ConfigError, parse_overrides, read_yaml_file, short
+from aal.config import ConfigError, _merge, parse_overrides, read_yaml_file, short
 from aal.registry import Registry
 
 DEFAULT_TASK = "classification"
@@ -135,13 +135,6 @@ class RunTask:
                 raise ConfigError(f"{path}: a config must be a mapping at the top level")
             raw = loaded
         return self.config_from_dict(_merge(raw, parse_overrides(overrides)), validate=validate)
-
-
-def _merge(base: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for k, v in new.items():
-        out[k] = _merge(out[k], v) if isinstance(v, Mapping) and isinstance(out.get(k), Mapping) else v
-    return out
 
 
 TASKS: Registry[RunTask] = Registry("task")

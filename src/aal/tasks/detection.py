@@ -310,17 +310,9 @@ def detection_config_from_dict(raw: Mapping[str, Any]) -> DetectionRunConfig:
 
 
 def load_detection_config(path: str | Path | None, overrides: Sequence[str] = ()) -> DetectionRunConfig:
-    """Load a detection YAML config and apply ``key=value`` overrides (e.g. ``data.image_size=300``)."""
-    from aal.config import ConfigError, _merge, parse_overrides, read_yaml_file
-
-    raw: dict[str, Any] = {}
-    if path is not None:
-        p = Path(path)
-        loaded = read_yaml_file(p) or {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{p}: a config must be a mapping at the top level")
-        raw = loaded
-    return detection_config_from_dict(_merge(raw, parse_overrides(overrides)))
+    """Load a detection YAML config and apply ``key=value`` overrides (e.g. ``data.image_size=300``);
+    :meth:`aal.tasks.base.RunTask.load_config` of :data:`DETECTION`."""
+    return DETECTION.load_config(path, overrides)
 
 
 @dataclass

@@ -396,24 +396,15 @@ def fewshot_config(raw: Mapping[str, Any], validate: bool = True) -> FewShotRunC
 
 def merge_config(base: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, Any]:
     """``base`` updated recursively with ``new`` (nested mappings merged, other values replaced)."""
-    out = dict(base)
-    for k, v in new.items():
-        out[k] = merge_config(out[k], v) if isinstance(v, Mapping) and isinstance(out.get(k), Mapping) else v
-    return out
+    from aal.config import _merge
+
+    return _merge(dict(base), new)
 
 
 def load_fewshot_config(path: str | Path | None, overrides: Sequence[str] = (), validate: bool = True) -> FewShotRunConfig:
-    """Read a few-shot YAML config and apply ``key=value`` overrides (e.g. ``data.k_shot=1``)."""
-    from aal.config import ConfigError, parse_overrides, read_yaml_file
-
-    raw: dict[str, Any] = {"task": "fewshot"}
-    if path is not None:
-        p = Path(path)
-        loaded = read_yaml_file(p) or {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{p}: a config must be a mapping at the top level")
-        raw = loaded
-    return fewshot_config(merge_config(raw, parse_overrides(overrides)), validate=validate)
+    """Read a few-shot YAML config and apply ``key=value`` overrides (e.g. ``data.k_shot=1``);
+    :meth:`aal.tasks.base.RunTask.load_config` of :data:`FEWSHOT`."""
+    return FEWSHOT.load_config(path, overrides, validate=validate)
 
 
 @dataclass
