@@ -34,10 +34,12 @@ QUICK_S = 45
 
 # ----------------------------------------------------------------------------- helpers
 def _snapshot(root: Path) -> dict[str, tuple[int, int]]:
-    """``{relative path: (size, mtime_ns)}`` of the files under ``root`` (caches and .git aside)."""
+    """``{relative path: (size, mtime_ns)}`` of the files under ``root`` (caches, .git and the
+    benchmarks' scratch folder aside: a benchmark or study running next to the tests writes there)."""
     out = {}
+    scratch = root / "benchmarks" / "out"
     for d, dirs, files in os.walk(root):
-        dirs[:] = [x for x in dirs if x not in (".git", "__pycache__", ".pytest_cache")]
+        dirs[:] = [x for x in dirs if x not in (".git", "__pycache__", ".pytest_cache") and Path(d) / x != scratch]
         for f in files:
             p = Path(d) / f
             try:
