@@ -50,7 +50,7 @@ from aal.engine.tracking import preview_batch
 from aal.engine.trainer import Trainer
 from aal.eval import EvalResult
 from aal.models.purifier import RUN_READERS
-from aal.tasks.base import RunTask, task_of_config
+from aal.tasks.base import TASKS, RunTask, task_of_config
 from aal.tasks.classification import (  # noqa: F401 (re-exported: their home before the task registry)
     Experiment,
     build_method,
@@ -160,7 +160,8 @@ def run_task(
     """
     task = task_of_config(cfg)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not task.distributed:
-        raise ConfigError(f"torchrun: {task.name} runs train in one process (DDP is supported for classification only)")
+        ddp = ", ".join(n for n in TASKS.names() if TASKS.get(n).distributed)
+        raise ConfigError(f"torchrun: {task.name} runs train in one process (DDP is supported for: {ddp})")
     tune_malloc(malloc_tune and cfg.malloc_tune and os.environ.get("AAL_NO_MALLOC_TUNE", "") not in ("1", "true", "yes"))
     name = task.device_of(cfg) if device is None else device
     dev = name if isinstance(name, torch.device) else resolve_device(name, bind=False)

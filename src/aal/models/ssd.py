@@ -66,6 +66,7 @@ from torch import Tensor, nn
 
 from aal.models.base import AttentionNet
 from aal.models.layers import init_weights
+from aal.utils.distributed import all_reduce_, get_world_size
 
 VARIANCES = (0.1, 0.2)
 """SSD's box-coding variances (centre, size)."""
@@ -343,8 +344,18 @@ class MultiBoxLossOutput:
         return (self.conf + self.loc_weight * self.loc) / self.num_pos.clamp_min(1).to(self.loc.dtype)
 
     def total(self) -> Tensor:
-        """SSD's batch loss ``(sum conf + a sum loc) / N`` with N the positives of the batch (0 if N = 0)."""
-        n = self.num_pos.sum().clamp_min(1).to(self.loc.dtype)
+        """SSD's batch loss ``(sum conf + a sum loc) / N`` with N the positives of the batch (0 if N = 0).
+
+        Under DDP (a process group of W > 1 processes, gradients on), N is the mean of the
+        processes' positives (an all-reduce): DDP averages the gradients over processes, so the
+        update is that of SSD's loss over the *global* batch, not a mean of per-process losses
+        each normalised by its own positives. Every process calls it in the same step.
+        """
+        n = self.num_pos.sum()
+        world = get_world_size()
+        if world > 1 and torch.is_grad_enabled():
+            n = all_reduce_(n.detach().clone()).to(self.loc.dtype) / world
+        n = n.clamp_min(1).to(self.loc.dtype)
         return (self.conf.sum() + self.loc_weight * self.loc.sum()) / n
 
 

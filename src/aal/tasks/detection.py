@@ -37,11 +37,13 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from aal.config import RunConfigBase
+from aal.config import ConfigError, RunConfigBase
 from aal.registry import lookup
 from aal.data.voc import BCCD_CLASSES, DETECTION_AUGMENTATIONS, VOC_CLASSES, DetectionLoader, DetectionSplit, load_voc
 from aal.models import create_model
 from aal.tasks.base import RunTask, TaskExperiment, register_task
+from aal.utils.distributed import get_rank, get_world_size, per_process_batch
+from aal.utils.modes import eval_mode
 from aal.utils.runtime import resolve_device, seed_everything
 from aal.tasks.detection_metrics import DetectionMAP, DetectionMetrics
 from aal.models.ssd import SSD, MultiBoxLossOutput, match_targets, multibox_loss, postprocess
@@ -159,15 +161,11 @@ class DetectionTask:
             class_names = class_names or data.classes
             data = DetectionLoader(data, batch_size, device=next(model.parameters()).device)
         metric = DetectionMAP(det.num_classes, self.eval_iou, class_names)
-        was_training = model.training
-        model.eval()
-        try:
+        with eval_mode(model):  # every submodule's mode restored after, even on an error
             for images, targets in data:
                 if transform is not None:
                     images = transform(images, targets)
                 metric.update(self.detect(model, images), targets)
-        finally:
-            model.train(was_training)
         return metric.compute()
 
 
@@ -392,9 +390,14 @@ def build_detection_experiment(
     task = DetectionTask(
         eval_iou=e.iou_threshold, score_threshold=e.score_threshold, nms_threshold=e.nms_threshold, top_k=e.top_k
     )
+    world = get_world_size()
+    try:  # data.batch_size is the global batch: each process takes its share (DetectionLoader)
+        per_process = per_process_batch(d.batch_size, world)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
     loader = DetectionLoader(
-        train, d.batch_size, shuffle=True, drop_last=len(train) >= 2 * d.batch_size, augment=d.augment, seed=cfg.seed,
-        device=dev, channels_last=bool(m.channels_last),
+        train, per_process, shuffle=True, drop_last=len(train) >= 2 * d.batch_size, augment=d.augment, seed=cfg.seed,
+        device=dev, channels_last=bool(m.channels_last), rank=get_rank(), world_size=world,
     )  # fmt: skip
     return DetectionExperiment(cfg, train, val, test, model, method, task, loader)
 
@@ -414,6 +417,7 @@ class DetectionRunTask(RunTask):
 
     name = "detection"
     config_type = DetectionRunConfig
+    distributed = True  # each process takes its share of every global batch (DetectionLoader)
 
     def config_from_dict(self, raw: Mapping[str, Any], validate: bool = True) -> DetectionRunConfig:
         # a detection config is always validated: its builder needs the coerced values

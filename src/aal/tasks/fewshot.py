@@ -51,10 +51,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from aal.attacks.base import LossFn, attack_mode
-from aal.config import RunConfigBase
+from aal.config import ConfigError, RunConfigBase
 from aal.models import create_model
 from aal.registry import lookup
 from aal.tasks.base import RunTask, TaskExperiment, register_task
+from aal.utils.distributed import get_rank, get_world_size
+from aal.utils.modes import eval_mode
 from aal.utils.runtime import resolve_device, seed_everything
 from aal.data.fewshot import FEWSHOT_DATASETS, Episode, EpisodeLoader, EpisodeSampler, FewShotData, as_episode
 
@@ -231,21 +233,16 @@ def evaluate_fewshot(
         n = len(items)  # type: ignore[arg-type]
     if n < 1:
         raise ValueError("evaluate_fewshot needs at least one episode")
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    accs, shape = [], None
-    try:
-        from tqdm.auto import tqdm
+    from tqdm.auto import tqdm
 
+    accs, shape = [], None
+    with eval_mode(model):  # every submodule's mode restored after, even on an error
         for ep in tqdm(items, total=n, desc="few-shot eval", disable=not progress, leave=False):
             ep = ep.to(device)
             if shape is None:
                 k = int((ep.support_y == 0).sum())
                 shape = (ep.n_way, k, int((ep.query_y == 0).sum()))
             accs.append(task.accuracy(task.forward(model, ep), ep.query_y))
-    finally:
-        for m, training in modes:
-            m.training = training
     mean, ci, std = mean_ci95(accs)
     return {"mean": mean, "ci95": ci, "std": std, "n": len(accs), "n_way": shape[0], "k_shot": shape[1], "n_query": shape[2]}
 
@@ -264,6 +261,11 @@ class FewShotDataConfig:
         n_way, k_shot, n_query: meta-training episodes (Snell et al. train with more ways than
             they test: 60-way on Omniglot, 30/20-way on miniImageNet).
         episodes: training episodes per epoch.
+        episodes_per_step: episodes per optimizer step (a meta-batch: the loss is their mean;
+            1 = one episode per step, Snell et al.). Under ``torchrun`` it is the step of all
+            processes together (each takes ``episodes_per_step / world_size`` of them; it must
+            divide ``episodes`` and be a multiple of the number of processes), so N processes
+            train exactly the steps of one process with the same value.
     """
 
     name: str = "fashion_mnist_split"
@@ -274,6 +276,7 @@ class FewShotDataConfig:
     k_shot: int = 5
     n_query: int = 15
     episodes: int = 100
+    episodes_per_step: int = 1
 
 
 @dataclass(frozen=True)
@@ -366,10 +369,12 @@ def fewshot_config(raw: Mapping[str, Any], validate: bool = True) -> FewShotRunC
     if d.name not in FEWSHOT_DATASETS:
         raise ConfigError(f"data.name: unknown few-shot dataset {short(d.name)} (known: {', '.join(FEWSHOT_DATASETS.names())})")
     d = dataclasses.replace(d, options=check_kwargs(FEWSHOT_DATASETS.get(d.name), d.options, "data.options", skip=("root", "download")))
-    for prefix, sec, keys in (("data", d, ("n_way", "k_shot", "n_query", "episodes")), ("eval", e, ("n_way", "n_query", "episodes"))):
+    for prefix, sec, keys in (("data", d, ("n_way", "k_shot", "n_query", "episodes", "episodes_per_step")), ("eval", e, ("n_way", "n_query", "episodes"))):
         for key in keys:
             if getattr(sec, key) < 1:
                 raise ConfigError(f"{prefix}.{key}: must be >= 1, got {getattr(sec, key)}")
+    if d.episodes % d.episodes_per_step:
+        raise ConfigError(f"data.episodes_per_step: {d.episodes_per_step} must divide data.episodes ({d.episodes})")
     if e.epoch_episodes < 0:
         raise ConfigError(f"eval.epoch_episodes: must be >= 0, got {e.epoch_episodes}")
     if not e.shots or min(e.shots) < 1:
@@ -493,7 +498,12 @@ def build_fewshot_experiment(
     model.to(device)
     method = lookup("method").create(cfg.method.name, **dict(cfg.method.params))  # methods build on the tasks
     sampler = EpisodeSampler(data.train, d.n_way, d.k_shot, d.n_query, seed=cfg.seed)
-    loader = EpisodeLoader(sampler, d.episodes, seed=cfg.seed, device=device)
+    world = get_world_size()  # under torchrun each process takes its share of every step's episodes
+    if d.episodes_per_step % world:
+        raise ConfigError(f"data.episodes_per_step: {d.episodes_per_step} is the step of all processes and must be a "
+                          f"multiple of their number ({world}); e.g. data.episodes_per_step={world}")
+    loader = EpisodeLoader(sampler, d.episodes, seed=cfg.seed, device=device, episodes_per_step=d.episodes_per_step,
+                           rank=get_rank(), world_size=world)  # fmt: skip
     return FewShotExperiment(cfg, data, model, method, loader)
 
 
@@ -508,6 +518,7 @@ class FewShotRunTask(RunTask):
 
     name = "fewshot"
     config_type = FewShotRunConfig
+    distributed = True  # the episodes of a step are sharded over processes (EpisodeLoader)
 
     def config_from_dict(self, raw: Mapping[str, Any], validate: bool = True) -> FewShotRunConfig:
         return fewshot_config(raw, validate=validate)
