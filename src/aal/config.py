@@ -43,6 +43,7 @@ import yaml
 from aal.data.base import DataError
 from aal.data.limits import read_file_bounded
 from aal.registry import lookup
+from aal.utils.precision import check_precision
 
 
 class ConfigError(ValueError):
@@ -385,6 +386,9 @@ class RunConfig:
         logger: experiment tracking besides ``metrics.jsonl`` (always written): ``none``
             (default) or ``tensorboard`` (event files in ``RUN/tensorboard/``, needs the
             ``tensorboard`` package: ``pip install "aal[tensorboard]"``); see :mod:`aal.engine.tracking`.
+        precision: training arithmetic: ``fp32`` (default), ``bf16`` (autocast over the whole
+            training step, attacks included; CPU or CUDA) or ``fp16`` (CUDA only, with a loss
+            scaler); see :mod:`aal.utils.precision`. Evaluation runs in fp32 whatever this says.
     """
 
     seed: int = 0
@@ -398,6 +402,7 @@ class RunConfig:
     checkpoint_every: int = 1
     grad_clip: float | None = None
     logger: str = "none"
+    precision: str = "fp32"
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     method: MethodConfig = field(default_factory=MethodConfig)
@@ -598,6 +603,20 @@ def check_logger(name: Any) -> None:
                           '(pip install "aal[tensorboard]", or pip install tensorboard)')
 
 
+def check_precision_key(precision: Any, device: Any = "cpu") -> None:
+    """Refuse an unknown ``precision`` (listing :data:`aal.utils.precision.PRECISIONS`), and ``fp16`` off CUDA.
+
+    ``device`` is the run's (``cpu``, ``cuda[:N]``, or ``auto``: CUDA when available).
+
+    Raises:
+        ConfigError: naming the key.
+    """
+    try:
+        check_precision(precision, device)
+    except ValueError as err:
+        raise ConfigError(clip(str(err))) from None
+
+
 def validate_config(cfg: RunConfig) -> RunConfig:
     """Check names against the registries and values for sanity; build the method as a dry run.
 
@@ -615,6 +634,7 @@ def validate_config(cfg: RunConfig) -> RunConfig:
     check_logger(cfg.logger)
     if not re.fullmatch(r"cpu|auto|cuda(:\d+)?", str(cfg.device)):
         raise ConfigError(f"device: must be cpu, cuda, cuda:N or auto; got {str(cfg.device)[:80]!r}")
+    check_precision_key(cfg.precision, cfg.device)
     d = cfg.data
     if d.name not in DATASETS:
         raise ConfigError(f"data.name: unknown dataset {short(d.name)} (known: {', '.join(DATASETS.names())})")

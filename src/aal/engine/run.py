@@ -48,6 +48,7 @@ from aal.eval import EvalResult, evaluate
 from aal.methods import Method, create_method
 from aal.models import create_model
 from aal.models.purifier import RUN_READERS
+from aal.utils.precision import precision_record
 from aal.utils.runtime import seed_everything
 
 def default_channels_last(model_name: str) -> bool:
@@ -242,7 +243,7 @@ def _train_run(cfg: RunConfig, resume: str | Path | None, log: Callable[[str], N
             exp.model, exp.method, exp.loader, optimizer, scheduler, epochs=cfg.epochs, run_dir=run_dir,
             evaluate_fn=make_epoch_eval(cfg, exp.bundle), checkpoint_every=cfg.checkpoint_every,
             progress=cfg.progress, grad_clip=cfg.grad_clip, seed=cfg.seed, config=cfg.to_dict(),
-            logger=cfg.logger, preview=preview_batch(exp.bundle.test),
+            logger=cfg.logger, preview=preview_batch(exp.bundle.test), precision=cfg.precision,
         )
         fit_or_resume(trainer, run_dir, resume is not None, log)
         t0 = time.perf_counter()
@@ -268,6 +269,7 @@ def _write_results(
         "train_seconds": history_seconds(history) if history else None,  # every epoch, across resumes
         "machine": machine_description(),
         "processes": dist_utils.get_world_size(),  # DDP processes that trained and evaluated
+        "precision": precision_record(cfg.precision, result.precision),
     }
     (run_dir / "results.json").write_text(json.dumps(payload, indent=2))
 

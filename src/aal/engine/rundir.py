@@ -41,6 +41,10 @@ per-epoch and final evaluations run with the RNG state saved and restored, so ``
 changes what is measured; ``out_dir``/``name``/``data.root`` follow a moved folder; ``logger`` only
 adds or drops a mirror of ``metrics.jsonl``)."""
 
+ADDED_KEY_DEFAULTS: dict[str, Any] = {"precision": "fp32"}
+"""Config keys added after runs were already written, with the value those runs trained with
+(so resuming an older run does not see its missing key as a change)."""
+
 RUN_FILES = ("config.yaml", "metrics.jsonl", "results.json", "checkpoints")
 
 
@@ -156,7 +160,8 @@ def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
 def config_differences(saved: dict[str, Any], current: dict[str, Any], may_change: tuple[str, ...] = RESUME_MAY_CHANGE) -> list[str]:
     """Dotted keys whose values differ between two config dicts, except ``may_change`` (keys or sections)."""
     norm = lambda d: _flat(json.loads(json.dumps(d, default=str)))  # noqa: E731  (tuples -> lists)
-    a, b = norm(saved), norm(current)
+    # a checkpoint written before a key existed was trained with that key's default
+    a, b = {**ADDED_KEY_DEFAULTS, **norm(saved)}, {**ADDED_KEY_DEFAULTS, **norm(current)}
     free = lambda k: any(k == m or k.startswith(m + ".") for m in may_change)  # noqa: E731
     return sorted(k for k in a.keys() | b.keys() if not free(k) and a.get(k, "<absent>") != b.get(k, "<absent>"))
 

@@ -33,6 +33,7 @@ from aal.tasks.detection import (
     load_detection_config,
 )
 from aal.tasks.fewshot import FewShotExperiment, FewShotRunConfig, fewshot_config
+from aal.utils.precision import precision_record
 from aal.utils.runtime import resolve_device, seed_everything
 
 
@@ -113,7 +114,7 @@ def train_fewshot(
         trainer = Trainer(
             exp.model, exp.method, exp.loader, optimizer, scheduler, epochs=cfg.epochs, run_dir=run_dir,
             evaluate_fn=exp.epoch_eval_fn(), checkpoint_every=cfg.checkpoint_every, progress=cfg.progress,
-            grad_clip=cfg.grad_clip, seed=cfg.seed, config=cfg.to_dict(), logger=cfg.logger,
+            grad_clip=cfg.grad_clip, seed=cfg.seed, config=cfg.to_dict(), logger=cfg.logger, precision=cfg.precision,
         )  # fmt: skip
         fit_or_resume(trainer, run_dir, resume, log)
         history = run_history(run_dir, trainer)  # the whole run's epochs, across resumes
@@ -132,6 +133,7 @@ def train_fewshot(
             "eval_seconds": time.perf_counter() - t0,
             "history": history,
             "machine": machine_description(),
+            "precision": precision_record(cfg.precision),  # the episodes are evaluated in fp32
         }
         if run_dir is not None:
             (run_dir / "results.json").write_text(json.dumps(payload, indent=2, default=float))
@@ -239,7 +241,7 @@ def train_detection(
             exp.model, exp.method, exp.loader, optimizer, scheduler, epochs=cfg.epochs, run_dir=run_dir,
             evaluate_fn=exp.epoch_eval(), eval_every=cfg.eval.every, checkpoint_every=cfg.checkpoint_every,
             progress=cfg.progress, grad_clip=cfg.grad_clip, seed=cfg.seed, config=cfg.to_dict(), logger=cfg.logger,
-            log_fn=log if cfg.progress else None,
+            log_fn=log if cfg.progress else None, precision=cfg.precision,
         )  # fmt: skip
         fit_or_resume(trainer, run_dir, resume, log)
         history = run_history(run_dir, trainer)  # the whole run's epochs, across resumes
@@ -260,6 +262,7 @@ def train_detection(
             "eval_seconds": time.perf_counter() - t0,
             "history": history,
             "machine": machine_description(),
+            "precision": precision_record(cfg.precision),  # the test split is evaluated in fp32
         }
         if run_dir is not None:
             (run_dir / "results.json").write_text(json.dumps(_plain_json(results), indent=2))

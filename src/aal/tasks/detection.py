@@ -238,6 +238,7 @@ class DetectionRunConfig:
     checkpoint_every: int = 1
     grad_clip: float | None = None
     logger: str = "none"
+    precision: str = "fp32"
     data: DetectionDataConfig = field(default_factory=DetectionDataConfig)
     model: Any = None
     method: Any = None
@@ -258,7 +259,7 @@ def detection_config_from_dict(raw: Mapping[str, Any]) -> DetectionRunConfig:
         aal.config.ConfigError: unknown keys or names, or impossible values (the message names the key).
     """
     from aal.config import (ConfigError, MethodConfig, ModelConfig, OptimConfig, ScheduleConfig, _build_section, check_kwargs,
-                            check_logger, clip, coerce, short)
+                            check_logger, check_precision_key, clip, coerce, short)
     METHODS = lookup("method")  # late lookup: the methods build on the tasks (see tests/test_layering.py)
     from aal.models import MODELS
 
@@ -288,6 +289,7 @@ def detection_config_from_dict(raw: Mapping[str, Any]) -> DetectionRunConfig:
     if cfg.epochs < 1:
         raise ConfigError(f"epochs: must be > 0, got {cfg.epochs}")
     check_logger(cfg.logger)
+    check_precision_key(cfg.precision, "auto")  # detection runs train where build_detection_experiment puts them
     d = cfg.data
     if d.classes is None and d.name not in DATASET_CLASSES:
         raise ConfigError(f"data.classes: dataset {short(d.name)} has no default class list (known: {', '.join(DATASET_CLASSES)})")

@@ -317,6 +317,7 @@ class FewShotRunConfig:
     checkpoint_every: int = 1
     grad_clip: float | None = None
     logger: str = "none"
+    precision: str = "fp32"
     data: FewShotDataConfig = field(default_factory=FewShotDataConfig)
     model: Any = None
     method: Any = None
@@ -344,7 +345,7 @@ def fewshot_config(raw: Mapping[str, Any], validate: bool = True) -> FewShotRunC
             (the message names the key).
     """
     from aal.config import (ConfigError, MethodConfig, ModelConfig, OptimConfig, ScheduleConfig, _build_section, check_kwargs,
-                            check_logger, clip, coerce, short)
+                            check_logger, check_precision_key, clip, coerce, short)
 
     if not isinstance(raw, Mapping):
         raise ConfigError(f"a config must be a mapping at the top level, got {type(raw).__name__}")
@@ -378,6 +379,7 @@ def fewshot_config(raw: Mapping[str, Any], validate: bool = True) -> FewShotRunC
         if v is not None and v < 1:
             raise ConfigError(f"{key}: must be > 0, got {v}")
     check_logger(cfg.logger)
+    check_precision_key(cfg.precision, "auto")  # few-shot runs train where build_fewshot_experiment puts them
     d, e = cfg.data, cfg.eval
     if d.name not in FEWSHOT_DATASETS:
         raise ConfigError(f"data.name: unknown few-shot dataset {short(d.name)} (known: {', '.join(FEWSHOT_DATASETS.names())})")
