@@ -204,3 +204,22 @@ def test_precision_round_trips_into_config_and_results_and_aal_eval(tmp_path, ca
     assert json.loads(capsys.readouterr().out)["precision"] == "fp32"  # the default, whatever the run trained in
     assert main(["eval", str(run_dir), "--attacks", "clean,fgsm", "--n", "16", "--precision", "bf16"]) == 0
     assert "precision bf16" in capsys.readouterr().out
+
+
+@pytest.mark.slow  # torch.compile: 38 s of compilation (inductor, CPU) measured here
+def test_compile_option_trains_a_step_like_eager():
+    from aal.config import load_config
+
+    assert load_config(None).compile is False and load_config(None, ["compile=true"]).compile is True
+    batch, weights = fixed_batch(), []
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        model = aal.create_model("small_cnn")
+        opt = build_optimizer(model, "sgd", lr=0.05, momentum=0.9)
+        method = create_method("pgd_at", eps=0.1, steps=2, rand_init=False)
+        trainer = Trainer(model, method, [batch], opt, epochs=1, progress=False, compile=compiled)
+        assert (trainer.train_model is not model) == compiled and trainer.model is model
+        trainer.fit()
+        weights.append(model.state_dict())
+    for k in weights[0]:  # the same step up to the compiler's float reassociation
+        torch.testing.assert_close(weights[1][k], weights[0][k], rtol=1e-3, atol=1e-5)

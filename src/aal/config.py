@@ -389,6 +389,7 @@ class RunConfig:
         precision: training arithmetic: ``fp32`` (default), ``bf16`` (autocast over the whole
             training step, attacks included; CPU or CUDA) or ``fp16`` (CUDA only, with a loss
             scaler); see :mod:`aal.utils.precision`. Evaluation runs in fp32 whatever this says.
+        compile: train through ``torch.compile(model)`` (default off; see :class:`aal.engine.Trainer`).
     """
 
     seed: int = 0
@@ -403,6 +404,7 @@ class RunConfig:
     grad_clip: float | None = None
     logger: str = "none"
     precision: str = "fp32"
+    compile: bool = False
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     method: MethodConfig = field(default_factory=MethodConfig)

@@ -244,6 +244,7 @@ def _train_run(cfg: RunConfig, resume: str | Path | None, log: Callable[[str], N
             evaluate_fn=make_epoch_eval(cfg, exp.bundle), checkpoint_every=cfg.checkpoint_every,
             progress=cfg.progress, grad_clip=cfg.grad_clip, seed=cfg.seed, config=cfg.to_dict(),
             logger=cfg.logger, preview=preview_batch(exp.bundle.test), precision=cfg.precision,
+            compile=cfg.compile,
         )
         fit_or_resume(trainer, run_dir, resume is not None, log)
         t0 = time.perf_counter()

@@ -34,12 +34,12 @@ from aal.engine import distributed as dist_utils
 from aal.engine.checkpoint import CheckpointError, decode_metadata, read_state, remove_stale_temporaries, resolve_checkpoint
 
 RESUME_MAY_CHANGE = ("epochs", "progress", "threads", "malloc_tune", "checkpoint_every", "out_dir", "name",
-                     "data.root", "data.download", "eval", "logger")
+                     "data.root", "data.download", "eval", "logger", "compile")
 """Config keys (and whole sections) a resumed run may change: more ``epochs`` extend it (the LR
 schedule is recomputed for the new length), the others do not touch the trained weights (the
 per-epoch and final evaluations run with the RNG state saved and restored, so ``eval.*`` only
 changes what is measured; ``out_dir``/``name``/``data.root`` follow a moved folder; ``logger`` only
-adds or drops a mirror of ``metrics.jsonl``)."""
+adds or drops a mirror of ``metrics.jsonl``; ``compile`` only changes how the same forwards run)."""
 
 ADDED_KEY_DEFAULTS: dict[str, Any] = {"precision": "fp32"}
 """Config keys added after runs were already written, with the value those runs trained with

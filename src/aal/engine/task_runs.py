@@ -115,6 +115,7 @@ def train_fewshot(
             exp.model, exp.method, exp.loader, optimizer, scheduler, epochs=cfg.epochs, run_dir=run_dir,
             evaluate_fn=exp.epoch_eval_fn(), checkpoint_every=cfg.checkpoint_every, progress=cfg.progress,
             grad_clip=cfg.grad_clip, seed=cfg.seed, config=cfg.to_dict(), logger=cfg.logger, precision=cfg.precision,
+            compile=cfg.compile,
         )  # fmt: skip
         fit_or_resume(trainer, run_dir, resume, log)
         history = run_history(run_dir, trainer)  # the whole run's epochs, across resumes
@@ -241,7 +242,7 @@ def train_detection(
             exp.model, exp.method, exp.loader, optimizer, scheduler, epochs=cfg.epochs, run_dir=run_dir,
             evaluate_fn=exp.epoch_eval(), eval_every=cfg.eval.every, checkpoint_every=cfg.checkpoint_every,
             progress=cfg.progress, grad_clip=cfg.grad_clip, seed=cfg.seed, config=cfg.to_dict(), logger=cfg.logger,
-            log_fn=log if cfg.progress else None, precision=cfg.precision,
+            log_fn=log if cfg.progress else None, precision=cfg.precision, compile=cfg.compile,
         )  # fmt: skip
         fit_or_resume(trainer, run_dir, resume, log)
         history = run_history(run_dir, trainer)  # the whole run's epochs, across resumes

@@ -153,6 +153,10 @@ class Trainer:
             adversarial forward, loss) runs under autocast (:mod:`aal.utils.precision`); the
             weights and the optimizer stay fp32, and backward, ``after_backward``, clipping and
             the optimizer step run outside it.
+        compile: run the training forwards (and the method's attack forwards) through
+            ``torch.compile(model)`` (default off: compiling costs tens of seconds at the first
+            step and again when a mode or shape changes, worth it only for long runs). The
+            plain model is still what is checkpointed and evaluated.
 
     Distributed (one Trainer per process, e.g. under ``torchrun``): the method gets a
     :class:`~aal.engine.distributed.DDPModel` (training forwards through DDP, attack forwards on
@@ -184,6 +188,7 @@ class Trainer:
         logger: str | MetricsLogger | None = None,
         preview: tuple[Tensor, Tensor] | None = None,
         precision: str = "fp32",
+        compile: bool = False,
     ) -> None:
         if int(epochs) < 1 or int(eval_every) < 1 or int(checkpoint_every) < 1:
             raise ValueError(
@@ -208,6 +213,9 @@ class Trainer:
         self.device = params.device if params is not None else torch.device("cpu")
         self.precision = check_precision(precision, self.device)
         self.scaler = make_grad_scaler(self.precision, self.device)  # None unless fp16 on CUDA
+        self.compiled = bool(compile)
+        if self.compiled:  # around the DDP wrapper when there is one (DDP's documented order)
+            self.train_model = torch.compile(self.train_model)
         self._tracker: MetricsLogger | None = None  # opened at the first record, closed by fit()
         self.start_epoch = 0  # the next epoch to run; set by resume()
         self.step = 0  # optimizer steps taken so far

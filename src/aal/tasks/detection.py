@@ -239,6 +239,7 @@ class DetectionRunConfig:
     grad_clip: float | None = None
     logger: str = "none"
     precision: str = "fp32"
+    compile: bool = False
     data: DetectionDataConfig = field(default_factory=DetectionDataConfig)
     model: Any = None
     method: Any = None

@@ -318,6 +318,7 @@ class FewShotRunConfig:
     grad_clip: float | None = None
     logger: str = "none"
     precision: str = "fp32"
+    compile: bool = False
     data: FewShotDataConfig = field(default_factory=FewShotDataConfig)
     model: Any = None
     method: Any = None
