@@ -136,11 +136,40 @@ def config_for(dataset: str, arm: str, overrides: list[str]):
     return load_config(ROOT / DATASETS[dataset].config_dir / ARMS[arm].base, overrides)
 
 
+def identity(cfg) -> dict:
+    """What makes two runs the same run: the resolved config without where it is written or read from.
+
+    ``out_dir``/``name`` (the folder) and ``data.root`` (where this checkout finds the files) do not
+    change what is trained; every other key does, including keys added to the schema later (a
+    stored config re-loaded by today's code gets their defaults, see :func:`finished_record`).
+    """
+    d = {k: v for k, v in cfg.to_dict().items() if k not in ("out_dir", "name")}
+    d["data"] = {k: v for k, v in d["data"].items() if k != "root"}
+    return d
+
+
 def run_dir_for(dataset: str, arm: str, seed: int, overrides: list[str]) -> Path:
     # keyed by the *resolved* config, so an edited config file never reuses a stale run
-    cfg = {k: v for k, v in config_for(dataset, arm, overrides).to_dict().items() if k not in ("out_dir", "name")}
+    cfg = identity(config_for(dataset, arm, overrides))
     key = hashlib.sha1(json.dumps(cfg, sort_keys=True, default=str).encode()).hexdigest()[:8]
     return OUT / dataset / f"{arm}-s{seed}-{key}"
+
+
+def finished_record(dataset: str, arm: str, seed: int, overrides: list[str]) -> Path | None:
+    """A published run of this arm and seed whose config is *this* config (None if there is none).
+
+    The folder name's hash changes when the schema gains a key (or the data moves), so published
+    runs are matched by content: each stored ``config.yaml`` is re-loaded by today's code (new keys
+    take their defaults) and compared with today's resolved config.
+    """
+    from aal.config import load_config
+
+    want = json.dumps(identity(config_for(dataset, arm, overrides)), sort_keys=True, default=str)
+    for path in sorted(RECORDS.glob(f"{dataset}/{arm}-s{seed}-*/study.json")):
+        stored = load_config(path.parent / "config.yaml", validate=False)
+        if json.dumps(identity(stored), sort_keys=True, default=str) == want:
+            return path.parent
+    return None
 
 
 def overrides_for(dataset: str, arm: str, seed: int) -> list[str]:
@@ -173,8 +202,9 @@ def train_one(dataset: str, arm: str, seed: int) -> dict:
 
     over = overrides_for(dataset, arm, seed)
     run_dir = run_dir_for(dataset, arm, seed, over)
-    if (RECORDS / dataset / run_dir.name / "study.json").exists():
-        return load_record(dataset, arm, seed, RECORDS / dataset / run_dir.name)
+    published = finished_record(dataset, arm, seed, over)
+    if published is not None:
+        return load_record(dataset, arm, seed, published)
     if not (run_dir / "study.json").exists():
         cfg = config_for(dataset, arm, [*over, f"out_dir={run_dir.parent}", f"name={run_dir.name}"])
         run_dir.parent.mkdir(parents=True, exist_ok=True)

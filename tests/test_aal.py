@@ -570,3 +570,29 @@ def test_saliency_placements_share_the_budget_values(cbam_model, profile):
     assert float(masks["uniform"].flatten(1).std(1).max()) < 1e-6
     expected_mean = 0.25 if profile == "binary" else 0.5
     assert torch.allclose(means["foreground"], torch.full((6,), expected_mean), atol=2e-3)
+
+
+# ----------------------------------------------------------------------------- one list of AAL settings
+@pytest.mark.parametrize("name", ["aal", "aal_fgsm", "aal_pgd", "protonet_aal", "detection_aal"])
+def test_aal_methods_advertise_the_core_settings_once(name):
+    """Every AAL method's signature is its own arguments plus AALCore's settings (minus the ones it fixes),
+    with its own defaults; the settings are written once, in AALCore, and reach the core."""
+    import inspect
+
+    from aal.methods import METHODS
+    from aal.methods.aal_core import core_settings
+
+    cls = METHODS.get(name)
+    params = inspect.signature(cls.__init__).parameters
+    expected = [n for n in core_settings() if n not in cls.core_fixed]
+    assert [n for n in params if n in core_settings()] == expected
+    for n in expected:
+        assert params[n].default == cls.core_defaults.get(n, core_settings()[n].default), n
+    method = cls(eps=0.05, xi2=0.2)
+    assert (method.core.eps, method.core.xi2) == (0.05, 0.2)
+    for n, v in cls.core_fixed.items():
+        if n in core_settings():  # a fixed setting is not settable, not even to its fixed value
+            with pytest.raises((TypeError, ValueError)):
+                cls(**{n: v})
+    with pytest.raises(TypeError, match="unexpected keyword argument 'no_such_setting'"):
+        cls(no_such_setting=1)

@@ -64,3 +64,22 @@ def test_plot_draws_every_run(tmp_path):
             ("aal_fgsm", 1): run("aal_fgsm", 1)}
     out = aal_study.plot("fashion_mnist", recs, out_dir=tmp_path)
     assert out == tmp_path / "aal_study_fashion_mnist.png" and out.stat().st_size > 10_000
+
+
+def test_published_run_found_by_content_not_by_folder_hash(tmp_path, monkeypatch):
+    """A published run is reused when its stored config is today's config, even if the schema has gained
+    keys since (its folder hash is then stale) or the data lives elsewhere; a changed setting is not reused."""
+    import yaml
+
+    monkeypatch.setattr(aal_study, "RECORDS", tmp_path)
+    over = aal_study.overrides_for("fashion_mnist", "aal_fgsm", 0)
+    cfg = aal_study.config_for("fashion_mnist", "aal_fgsm", over).to_dict()
+    cfg["eval"].pop("report_n", None)  # as written before the key existed
+    cfg["data"]["root"] = "/somewhere/else"
+    run = tmp_path / "fashion_mnist" / "aal_fgsm-s0-00000000"
+    run.mkdir(parents=True)
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+    (run / "study.json").write_text("{}")
+    assert aal_study.finished_record("fashion_mnist", "aal_fgsm", 0, over) == run
+    assert aal_study.finished_record("fashion_mnist", "aal_fgsm", 0, [*over, "method.xi2=0.2"]) is None
+    assert aal_study.finished_record("fashion_mnist", "aal_fgsm", 1, aal_study.overrides_for("fashion_mnist", "aal_fgsm", 1)) is None

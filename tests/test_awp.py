@@ -216,3 +216,28 @@ def test_several_ascent_steps_stay_in_the_relative_ball():
 def test_invalid_hyperparameters(name, kw, arg):
     with pytest.raises(ValueError, match=arg):
         create_method(name, **kw)
+
+
+@pytest.mark.parametrize("name, inner", [("awp_pgd_at", "pgd_at"), ("awp_trades", "trades")])
+def test_awp_signature_is_its_own_arguments_then_the_inner_methods(name, inner):
+    """The inner method's argument list is written once (compose_signature), with the same defaults."""
+    import inspect
+
+    from aal.methods import METHODS
+
+    outer = inspect.signature(METHODS.get(name).__init__).parameters
+    base = inspect.signature(METHODS.get(inner).__init__).parameters
+    assert [n for n in outer if n in base] == list(base)
+    assert all(outer[n].default == base[n].default for n in base if n != "self")
+    assert {"gamma", "awp_warmup", "awp_steps", "awp_step_size"} <= set(outer)
+    with pytest.raises(TypeError):
+        METHODS.get(name)(no_such_argument=1)
+
+
+def test_compose_signature_needs_kwargs():
+    from aal.methods.base import compose_signature
+
+    def init(self, a: int = 1) -> None: ...
+
+    with pytest.raises(TypeError, match="must take \\*\\*kwargs"):
+        compose_signature(init, lambda b=2: None)

@@ -102,6 +102,31 @@ def as_episode(batch: object) -> Episode:
     )
 
 
+@dataclass(frozen=True)
+class EpisodeBatch:
+    """Several episodes taken as one training step (a meta-batch): a method's loss is their mean.
+
+    :class:`EpisodeLoader` yields one when a step holds more than one episode on this process
+    (``episodes_per_step > world_size``); a step of one episode is a plain :class:`Episode`.
+    """
+
+    episodes: tuple[Episode, ...]
+
+    def to(self, device: str | torch.device, non_blocking: bool = False) -> EpisodeBatch:
+        """The episodes on ``device``."""
+        return EpisodeBatch(tuple(ep.to(device, non_blocking) for ep in self.episodes))
+
+    def __len__(self) -> int:
+        return len(self.episodes)
+
+
+def episodes_of(batch: object) -> list[Episode]:
+    """The episodes of a training step: an :class:`EpisodeBatch`'s, or the one episode of ``batch``."""
+    if isinstance(batch, EpisodeBatch):
+        return list(batch.episodes)
+    return [as_episode(batch)]
+
+
 class EpisodeSampler:
     """N-way K-shot episodes (support + query) drawn from a class-labelled pool of images.
 
@@ -187,11 +212,22 @@ class EpisodeLoader:
     :class:`~aal.data.BatchLoader`: call :meth:`set_epoch` before each epoch; each ``iter()``
     also advances the epoch afterwards.
 
+    Steps and processes: the epoch's episodes are taken ``episodes_per_step`` at a time (a
+    meta-batch whose loss is the mean over its episodes); under DDP each of the ``world_size``
+    processes takes the step's episodes ``rank, rank + world_size, ...`` and DDP averages the
+    gradients, so step ``s`` of all ranks together is exactly step ``s`` of one process with the
+    same ``episodes_per_step`` (as the global batch of :class:`~aal.data.BatchLoader`). A step
+    holding one episode on this process yields an :class:`Episode`, otherwise an
+    :class:`EpisodeBatch`.
+
     Args:
         sampler: the :class:`EpisodeSampler` over the meta-training pool.
-        episodes: episodes per epoch.
+        episodes: episodes per epoch (all processes together).
         seed: base seed of the training episodes (separate from the sampler's evaluation seed).
         device: where episodes are put (the trainer does not move an Episode itself).
+        episodes_per_step: episodes per optimizer step (all processes together); it must divide
+            ``episodes`` and be a multiple of ``world_size``.
+        rank, world_size: this process and the number of processes.
 
     Example:
         >>> pool = Split(torch.zeros(40, 1, 4, 4, dtype=torch.uint8), torch.arange(40) % 4)
@@ -202,14 +238,26 @@ class EpisodeLoader:
     """
 
     def __init__(
-        self, sampler: EpisodeSampler, episodes: int, seed: int = 0, device: str | torch.device = "cpu"
-    ) -> None:
-        if isinstance(episodes, bool) or int(episodes) != episodes or episodes < 1:
-            raise ValueError(f"episodes must be an integer >= 1, got {episodes!r}")
+        self, sampler: EpisodeSampler, episodes: int, seed: int = 0, device: str | torch.device = "cpu",
+        episodes_per_step: int = 1, rank: int = 0, world_size: int = 1,
+    ) -> None:  # fmt: skip
+        for name, value in (("episodes", episodes), ("episodes_per_step", episodes_per_step), ("world_size", world_size)):
+            if isinstance(value, bool) or int(value) != value or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        if episodes % episodes_per_step:
+            raise ValueError(f"episodes_per_step ({episodes_per_step}) must divide the episodes per epoch ({episodes})")
+        if episodes_per_step % world_size:
+            raise ValueError(
+                f"episodes_per_step ({episodes_per_step}) must be a multiple of the number of processes ({world_size}): "
+                "each process takes an equal share of every step's episodes"
+            )
+        if not 0 <= rank < world_size:
+            raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
         self.sampler = sampler
         self.episodes = int(episodes)
         self.seed = int(seed)
         self.device = torch.device(device)
+        self.episodes_per_step, self.rank, self.world_size = int(episodes_per_step), int(rank), int(world_size)
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -217,17 +265,23 @@ class EpisodeLoader:
         self.epoch = int(epoch)
 
     def __len__(self) -> int:
-        return self.episodes
+        """Steps per epoch (the same on every process)."""
+        return self.episodes // self.episodes_per_step
 
-    def __iter__(self) -> Iterator[Episode]:
+    def __iter__(self) -> Iterator[Episode | EpisodeBatch]:
         epoch = self.epoch
         self.epoch += 1
-        return self._episodes(epoch)
+        return self._steps(epoch)
 
-    def _episodes(self, epoch: int) -> Iterator[Episode]:
-        for i in range(self.episodes):
-            ep = self.sampler.sample(_mix_seed(self.seed, epoch, i, 0x5EED))
-            yield ep if self.device.type == "cpu" else ep.to(self.device, non_blocking=True)
+    def _episode(self, epoch: int, i: int) -> Episode:
+        ep = self.sampler.sample(_mix_seed(self.seed, epoch, i, 0x5EED))
+        return ep if self.device.type == "cpu" else ep.to(self.device, non_blocking=True)
+
+    def _steps(self, epoch: int) -> Iterator[Episode | EpisodeBatch]:
+        per = self.episodes_per_step
+        for step in range(len(self)):
+            mine = [self._episode(epoch, step * per + j) for j in range(self.rank, per, self.world_size)]
+            yield mine[0] if len(mine) == 1 else EpisodeBatch(tuple(mine))
 
 
 # ============================================================================= datasets
@@ -717,10 +771,12 @@ def fashion_mnist_split(
 __all__ = [
     "CSV_SPLITS",
     "Episode",
+    "EpisodeBatch",
     "EpisodeLoader",
     "EpisodeSampler",
     "FEWSHOT_DATASETS",
     "FewShotData",
+    "episodes_of",
     "OMNIGLOT_MD5",
     "as_episode",
     "class_subset",

@@ -455,16 +455,19 @@ def photometric(
     brightness: float = 32 / 255,
     contrast: float = 0.5,
     saturation: float = 0.5,
+    draws: Tensor | None = None,
 ) -> Tensor:
     """SSD-style photometric distortion of float images in [0,1], per image; boxes are unaffected.
 
     Each image gets a brightness shift uniform in ``[-brightness, brightness]``, a contrast
     factor and a saturation factor uniform in ``[1 - c, 1 + c]`` (SSD: 32/255, [0.5, 1.5],
     [0.5, 1.5]); the result is clipped to [0,1]. (SSD also jitters hue and shuffles channels;
-    not done here.)
+    not done here.) ``draws``: the (B,3) uniform numbers to use instead of drawing them from
+    ``generator`` (a process's share of a batch drawn for all processes).
     """
     b = images.shape[0]
-    r = torch.rand(b, 3, generator=generator).to(images.device, images.dtype)
+    r = torch.rand(b, 3, generator=generator) if draws is None else draws
+    r = r.to(images.device, images.dtype)
     shift = ((2 * r[:, 0] - 1) * brightness).view(b, 1, 1, 1)
     con = (1 + (2 * r[:, 1] - 1) * contrast).view(b, 1, 1, 1)
     sat = (1 + (2 * r[:, 2] - 1) * saturation).view(b, 1, 1, 1)
@@ -521,6 +524,12 @@ class DetectionLoader:
         image_size: resize batches to this size (default: the split's own size).
         device: where batches are put (targets too).
         channels_last: images in ``torch.channels_last`` memory format.
+        rank, world_size: DDP sharding. ``batch_size`` is per process; batch ``b`` of all
+            processes together is batch ``b`` of one process with ``batch_size * world_size``
+            images, augmentation included (each global batch's random draws are made for all of
+            its images, and a process takes positions ``rank, rank + world_size, ...``). Without
+            ``drop_last`` the epoch is padded by wrapping to a multiple of ``world_size`` (at
+            most ``world_size - 1`` images seen twice), so every process runs the same steps.
     """
 
     split: DetectionSplit
@@ -532,11 +541,15 @@ class DetectionLoader:
     image_size: int | None = None
     device: Any = "cpu"
     channels_last: bool = False
+    rank: int = 0
+    world_size: int = 1
     epoch: int = field(default=0, init=False)
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.world_size < 1 or not 0 <= self.rank < self.world_size:
+            raise ValueError(f"need 0 <= rank < world_size, got rank={self.rank}, world_size={self.world_size}")
         if self.augment not in DETECTION_AUGMENTATIONS:
             raise ValueError(f"augment must be one of {', '.join(DETECTION_AUGMENTATIONS)}; got {self.augment!r}")
         self.device = torch.device(self.device)
@@ -545,7 +558,8 @@ class DetectionLoader:
         self.epoch = int(epoch)
 
     def __len__(self) -> int:
-        n, b = len(self.split), self.batch_size
+        """Steps per epoch (the same on every process)."""
+        n, b = len(self.split), self.batch_size * self.world_size
         return n // b if self.drop_last else -(-n // b)
 
     def __iter__(self) -> Iterator[tuple[Tensor, list[Target]]]:
@@ -554,17 +568,26 @@ class DetectionLoader:
         return self._batches(epoch)
 
     def _batches(self, epoch: int) -> Iterator[tuple[Tensor, list[Target]]]:
-        n = len(self.split)
+        n, w = len(self.split), self.world_size
         order = torch.randperm(n, generator=torch.Generator().manual_seed(_mix_seed(self.seed, epoch))) if self.shuffle else torch.arange(n)
+        if not self.drop_last and n % w:  # pad by wrapping so that every process gets images
+            order = order.repeat(-(-(n + w) // n))[: n + w - n % w]
         g = torch.Generator().manual_seed(_mix_seed(self.seed, epoch, 0, 1))
+        step = self.batch_size * w  # the global batch
         for b in range(len(self)):
-            idx = order[b * self.batch_size : (b + 1) * self.batch_size]
+            glob = order[b * step : (b + 1) * step]
+            # random draws for the whole global batch, then this process's share: the same
+            # augmentation whatever the number of processes
+            flips = torch.rand(len(glob), generator=g) < 0.5 if "flip" in self.augment else None
+            draws = torch.rand(len(glob), 3, generator=g) if "photometric" in self.augment else None
+            mine = slice(self.rank, None, w)
+            idx = glob[mine]
             x = self.split.images.index_select(0, idx).to(self.device).float().div_(255.0)
             targets = [self.split.targets[i] for i in idx.tolist()]
-            if "flip" in self.augment:
-                x, targets = hflip(x, targets, torch.rand(len(idx), generator=g) < 0.5)
-            if "photometric" in self.augment:
-                x = photometric(x, g)
+            if flips is not None:
+                x, targets = hflip(x, targets, flips[mine])
+            if draws is not None:
+                x = photometric(x, draws=draws[mine])
             if self.image_size is not None:
                 x = resize(x, self.image_size)
             if self.channels_last:

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import inspect
 import warnings
-from typing import Iterator
+from typing import Any, Iterator
 
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -43,13 +43,12 @@ from aal.methods.adversarial import accuracy, check_choice, check_fraction
 from aal.methods.aal_core import (  # noqa: F401 (binarize_mask, control_mask: re-exported)
     AAL_ATTACKS,
     MASK_CONTROLS,
-    AALCore,
     UsesAALCore,
     binarize_mask,
     control_mask,
     map_diagnostics,
 )
-from aal.methods.base import METHODS, Batch, Method, Output, split_batch
+from aal.methods.base import METHODS, Batch, Method, Output, compose_signature, split_batch
 
 ADV_ATTENTION = ("recompute", "fixed")
 SCHEDULES = ("joint", "clean_then_adv")
@@ -143,32 +142,11 @@ class AAL(UsesAALCore, Method):
     name = "aal"
 
     def __init__(
-        self,
-        eps: float = 8 / 255,
-        attack: str = "fgsm",
-        xi1: float = 0.1,
-        xi2: float = 0.1,
-        zeta: float = 0.1,
-        coupling: str = "indicator",
-        rho: float = 0.01,
-        kernel: str = "M2",
-        rand_init: bool | None = None,
-        alpha: float | None = None,
-        steps: int | None = None,
-        step_size: float | None = None,
-        adv_attention: str = "recompute",
-        clean_weight: float = 0.0,
-        schedule: str = "joint",
-        attack_mode: str = "eval",
-        mask_control: str = "none",
-        mask_binarize: float | None = None,
-        align: str = "receptive_field",
+        self, adv_attention: str = "recompute", clean_weight: float = 0.0, schedule: str = "joint", **core: Any
     ) -> None:
-        # the settings of the AAL step itself (read as self.eps, self.kernel, ...: UsesAALCore)
-        self.core = AALCore(
-            eps, attack, xi1, xi2, zeta, coupling, rho, kernel, rand_init, alpha, steps, step_size, attack_mode,
-            mask_control, mask_binarize, align,
-        )  # fmt: skip
+        # the settings of the AAL step itself (eps, attack, xi1, ... align: AALCore's list, which the
+        # signature shows; read as self.eps, self.kernel, ...: UsesAALCore)
+        self.core = self.make_core(core)
         self.adv_attention = check_choice("adv_attention", adv_attention, ADV_ATTENTION)
         self.clean_weight = check_fraction("clean_weight", clean_weight)
         self.schedule = check_choice("schedule", schedule, SCHEDULES)
@@ -253,16 +231,15 @@ class AAL(UsesAALCore, Method):
 def _preset(attack: str, registered: str, doc: str) -> type[AAL]:
     """A subclass of :class:`AAL` with ``attack`` fixed; its signature (for config validation) omits it."""
 
-    def __init__(self, eps: float = 8 / 255, **params) -> None:
+    def __init__(self, **params: Any) -> None:
         if "attack" in params:
             raise ValueError(f"{registered!r} fixes attack={attack!r}; use method 'aal' to choose the attack")
-        AAL.__init__(self, eps, attack=attack, **params)
+        AAL.__init__(self, **params)
 
-    sig = inspect.signature(AAL.__init__)
-    __init__.__signature__ = sig.replace(parameters=[p for n, p in sig.parameters.items() if n != "attack"])
-    __init__.__annotations__ = {k: v for k, v in AAL.__init__.__annotations__.items() if k != "attack"}
-    body = {"__init__": __init__, "name": registered, "__doc__": doc, "__module__": __name__}
+    body = {"__init__": __init__, "name": registered, "__doc__": doc, "__module__": __name__,
+            "core_fixed": {"attack": attack}}  # fmt: skip
     cls = type(f"AAL{attack.upper()}", (AAL,), body)
+    compose_signature(cls.__init__, AAL.__init__, exclude=("attack",))  # AAL's arguments without the fixed attack
     return METHODS.register(registered)(cls)
 
 

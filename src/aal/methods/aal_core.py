@@ -22,8 +22,9 @@ Example:
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, ClassVar, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -33,6 +34,7 @@ from aal.attacks.base import LossFn, ce_loss
 from aal.attention.associative import ALIGNS, COUPLINGS, AssocResult, associative_attention, top_fraction
 from aal.attention.kernels import KERNELS, apply_kernel
 from aal.methods.adversarial import ATTACK_MODES, check_choice, check_fraction, check_int, check_nonneg, check_positive
+from aal.methods.base import compose_signature
 
 AAL_ATTACKS = ("fgsm", "pgd")
 """The attacks an AAL method can run inside the budget."""
@@ -291,10 +293,61 @@ class AALCore:
         return f"AALCore({', '.join(f'{k}={v!r}' for k, v in vars(self).items())})"
 
 
+CHOICE_ARGS = ("attacks", "mask_controls")
+"""AALCore arguments that restrict the choices a method offers (set by the method, not by a config)."""
+
+
+def core_settings() -> dict[str, inspect.Parameter]:
+    """AALCore's user-facing settings (``eps`` ... ``align``), in order: the one list of them."""
+    params = inspect.signature(AALCore.__init__).parameters
+    return {n: p for n, p in params.items() if n != "self" and n not in CHOICE_ARGS}
+
+
 class UsesAALCore:
-    """Mixin of the AAL methods: the core's settings read as the method's own (``method.eps``, ...)."""
+    """Mixin of the AAL methods: one list of the core's settings, and those settings read as the method's own.
+
+    A method built on :class:`AALCore` writes only its *own* arguments and takes the core's as
+    ``**core``::
+
+        class ProtoNetAAL(UsesAALCore, ProtoNet):
+            core_defaults = {"kernel": "1-m2"}               # where its defaults differ
+            core_fixed = {"mask_controls": ("none", ...)}   # choices it restricts (not settable)
+
+            def __init__(self, clean_weight=0.0, ..., **core):
+                self.core = self.make_core(core)
+
+    Its ``__init__.__signature__`` then lists its own arguments followed by every core setting
+    (keyword-only, with the method's defaults; fixed ones left out), so the config validator,
+    ``help()`` and IDEs see the whole list while the list itself is written once, in
+    :class:`AALCore`. Settings read as attributes of the method (``method.eps``) come from the
+    core (``__getattr__``).
+    """
 
     core: AALCore
+    core_defaults: ClassVar[dict[str, Any]] = {}
+    """Core settings whose default differs for this method (e.g. few-shot's background kernel)."""
+    core_fixed: ClassVar[dict[str, Any]] = {}
+    """Core arguments this method fixes: not settable, absent from its signature (e.g. ``attack``)."""
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        init = cls.__dict__.get("__init__")
+        if init is not None and inspect.getfullargspec(init).varkw:
+            compose_signature(init, AALCore.__init__, cls.core_defaults, exclude=(*CHOICE_ARGS, *cls.core_fixed))
+
+    def make_core(self, settings: dict[str, Any]) -> AALCore:
+        """The :class:`AALCore` of ``settings`` (the ``**core`` of ``__init__``) on this method's defaults.
+
+        Raises:
+            TypeError: for a name that is not a core setting this method accepts (as Python
+                would for an unexpected keyword argument).
+            ValueError: for an invalid value (:class:`AALCore` names it).
+        """
+        allowed = set(core_settings()) - set(self.core_fixed)
+        unknown = sorted(set(settings) - allowed)
+        if unknown:
+            raise TypeError(f"{type(self).__name__}() got an unexpected keyword argument {unknown[0]!r}")
+        return AALCore(**{**self.core_defaults, **settings, **self.core_fixed})
 
     def __getattr__(self, name: str):
         # only called for names the method itself lacks; copy/pickle probe dunders before __dict__ exists
@@ -305,6 +358,6 @@ class UsesAALCore:
 
 
 __all__ = [
-    "AALCore", "AALDiagnostics", "AAL_ATTACKS", "MASK_CONTROLS", "UsesAALCore", "binarize_mask",
-    "check_association", "check_selective_attack", "control_mask", "map_diagnostics",
+    "AALCore", "AALDiagnostics", "AAL_ATTACKS", "CHOICE_ARGS", "MASK_CONTROLS", "UsesAALCore", "binarize_mask",
+    "check_association", "core_settings", "check_selective_attack", "control_mask", "map_diagnostics",
 ]  # fmt: skip

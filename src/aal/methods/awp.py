@@ -44,7 +44,7 @@ weights are restored on every rank before DDP's averaged gradients are applied.
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
@@ -52,7 +52,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from aal.methods.adversarial import PGDAT, check_int, check_nonneg, check_positive
-from aal.methods.base import METHODS, Output
+from aal.methods.base import METHODS, Output, compose_signature
 from aal.methods.trades import TRADES
 
 _EPS = 1e-20  # the official code's guard in ||w|| / (||d|| + EPS); a zero gradient gives v = 0
@@ -217,22 +217,14 @@ class AWPPGDAT(AWPMixin, PGDAT):
     name = "awp_pgd_at"
 
     def __init__(
-        self,
-        eps: float = 8 / 255,
-        steps: int = 10,
-        step_size: float | None = None,
-        rand_init: bool = True,
-        norm: str = "linf",
-        clean_weight: float = 0.0,
-        attack_mode: str = "eval",
-        gamma: float = 0.01,
-        awp_warmup: int = 0,
-        awp_steps: int = 1,
-        awp_step_size: float | None = None,
-    ) -> None:
-        super().__init__(eps=eps, steps=steps, step_size=step_size, rand_init=rand_init, norm=norm,
-                         clean_weight=clean_weight, attack_mode=attack_mode)
+        self, gamma: float = 0.01, awp_warmup: int = 0, awp_steps: int = 1, awp_step_size: float | None = None,
+        **pgd_at: Any,
+    ) -> None:  # fmt: skip
+        super().__init__(**pgd_at)
         self._init_awp(gamma, awp_warmup, awp_steps, awp_step_size)
+
+
+compose_signature(AWPPGDAT.__init__, PGDAT.__init__)  # its arguments: AWP's, then PGD-AT's
 
 
 @METHODS.register("awp_trades")
@@ -254,20 +246,14 @@ class AWPTRADES(AWPMixin, TRADES):
     name = "awp_trades"
 
     def __init__(
-        self,
-        eps: float = 8 / 255,
-        steps: int = 10,
-        step_size: float | None = None,
-        beta: float = 6.0,
-        norm: str = "linf",
-        attack_mode: str = "eval",
-        gamma: float = 0.005,
-        awp_warmup: int = 0,
-        awp_steps: int = 1,
-        awp_step_size: float | None = None,
-    ) -> None:
-        super().__init__(eps=eps, steps=steps, step_size=step_size, beta=beta, norm=norm, attack_mode=attack_mode)
+        self, gamma: float = 0.005, awp_warmup: int = 0, awp_steps: int = 1, awp_step_size: float | None = None,
+        **trades: Any,
+    ) -> None:  # fmt: skip
+        super().__init__(**trades)
         self._init_awp(gamma, awp_warmup, awp_steps, awp_step_size)
+
+
+compose_signature(AWPTRADES.__init__, TRADES.__init__)  # its arguments: AWP's, then TRADES's
 
 
 __all__ = ["AWPMixin", "AWPPGDAT", "AWPTRADES", "perturbed_weights"]

@@ -17,6 +17,7 @@ Example:
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
@@ -42,6 +43,23 @@ class Output:
     loss: Tensor
     logits: Tensor | None = None
     logs: dict[str, float] = field(default_factory=dict)
+
+
+def mean_output(outs: list[Output]) -> Output:
+    """One :class:`Output` for several sub-steps taken as one step: the mean loss and logs.
+
+    Used for a meta-batch of episodes: the gradient of the mean loss is the mean of the
+    episodes' gradients, which is what DDP computes when each process takes one of them.
+    Logits are concatenated when every sub-step has logits of the same width (else ``None``).
+    """
+    if len(outs) == 1:
+        return outs[0]
+    loss = torch.stack([o.loss for o in outs]).mean()
+    logits = None
+    if all(o.logits is not None for o in outs) and len({o.logits.shape[1:] for o in outs}) == 1:
+        logits = torch.cat([o.logits for o in outs])
+    keys = [k for k in outs[0].logs if all(k in o.logs for o in outs)]
+    return Output(loss, logits, {k: sum(float(o.logs[k]) for o in outs) / len(outs) for k in keys})
 
 
 class Method:
@@ -97,6 +115,40 @@ def split_batch(batch: Batch) -> tuple[Tensor, Tensor]:
     if not (isinstance(batch, (tuple, list)) and len(batch) == 2 and all(isinstance(t, torch.Tensor) for t in batch)):
         raise TypeError("classification methods expect a batch (x, y) of two tensors")
     return batch[0], batch[1]
+
+
+def compose_signature(
+    init: Any, inner: Any, defaults: dict[str, Any] | None = None, exclude: Any = ()
+) -> None:
+    """Make ``init(self, <own args>, **inner_args)`` advertise ``inner``'s arguments as its own.
+
+    A method that wraps or builds on another callable (AWP on PGD-AT, an AAL method on
+    :class:`~aal.methods.aal_core.AALCore`) writes only its own arguments and forwards the rest
+    as ``**kwargs``; this sets ``init.__signature__`` (and ``__annotations__``) to its own
+    arguments followed by ``inner``'s, keyword-only, with ``defaults`` overriding ``inner``'s
+    defaults and ``exclude`` left out. The config validator, ``help()`` and IDEs read that
+    signature, so the argument list is written once, where it is used.
+
+    Args:
+        init: the ``__init__`` function to annotate (it must take ``**kwargs``).
+        inner: the callable whose arguments it forwards (a function or ``cls.__init__``).
+        defaults: defaults that differ from ``inner``'s.
+        exclude: names of ``inner``'s arguments the method fixes (not settable).
+    """
+    # the function's own signature and annotations, kept from the first call (a subclass may compose again)
+    sig, own_hints = init.__dict__.setdefault("_own_signature", (inspect.signature(init), dict(init.__annotations__)))
+    if not any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values()):
+        raise TypeError(f"{init.__qualname__} must take **kwargs to forward {inner.__qualname__}'s arguments")
+    own = [p for p in sig.parameters.values() if p.kind is not p.VAR_KEYWORD]
+    defaults = defaults or {}
+    forwarded = [
+        p.replace(kind=p.KEYWORD_ONLY, default=defaults.get(n, p.default))
+        for n, p in inspect.signature(inner).parameters.items()
+        if n != "self" and n not in exclude and n not in sig.parameters and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+    ]  # fmt: skip
+    init.__signature__ = sig.replace(parameters=[*own, *forwarded])
+    hints = getattr(inner, "__annotations__", {})
+    init.__annotations__ = {**{p.name: hints[p.name] for p in forwarded if p.name in hints}, **own_hints}
 
 
 # The registry lives here (not in __init__) so every method module can register itself without

@@ -33,7 +33,7 @@ from typing import Any, Sequence
 from torch import Tensor, nn
 
 from aal.attention.associative import AssocResult
-from aal.methods.aal_core import AALCore, UsesAALCore, map_diagnostics
+from aal.methods.aal_core import UsesAALCore, map_diagnostics
 from aal.methods.adversarial import check_fraction
 from aal.methods.base import METHODS, Batch, Method, Output
 from aal.tasks.detection import DetectionTask
@@ -132,26 +132,18 @@ class DetectionAAL(UsesAALCore, Method):
     name = "detection_aal"
     batch_type = "detection"  # the trainer feeds (images, list of target dicts), not (x, y)
 
+    # the core's settings with detection's defaults; FGSM from the associative pass's gradient only
+    # (the paper's AAL+FGSM for detection): no PGD, random start, controls or binarisation
+    core_defaults = {"eps": 2 / 255, "kernel": "m2"}
+    core_fixed = {"attack": "fgsm", "rand_init": None, "alpha": None, "steps": None, "step_size": None,
+                  "mask_control": "none", "mask_binarize": None, "align": "receptive_field",
+                  "attacks": ("fgsm",), "mask_controls": ("none",)}  # fmt: skip
+
     def __init__(
-        self,
-        eps: float = 2 / 255,
-        xi1: float = 0.1,
-        xi2: float = 0.1,
-        zeta: float = 0.1,
-        coupling: str = "indicator",
-        rho: float = 0.01,
-        kernel: str = "m2",
-        clean_weight: float = 0.5,
-        attack_mode: str = "eval",
-        iou_threshold: float = 0.5,
-        neg_pos_ratio: float = 3.0,
-        loc_weight: float = 1.0,
-    ) -> None:
-        # FGSM from the associative pass's gradient only (the paper's AAL+FGSM for detection), no controls
-        self.core = AALCore(
-            eps, "fgsm", xi1, xi2, zeta, coupling, rho, kernel, attack_mode=attack_mode, attacks=("fgsm",),
-            mask_controls=("none",),
-        )  # fmt: skip
+        self, clean_weight: float = 0.5, iou_threshold: float = 0.5, neg_pos_ratio: float = 3.0,
+        loc_weight: float = 1.0, **core: Any,
+    ) -> None:  # fmt: skip
+        self.core = self.make_core(core)
         self.clean_weight = check_fraction("clean_weight", clean_weight)
         self.detection = DetectionTask(iou_threshold=iou_threshold, neg_pos_ratio=neg_pos_ratio, loc_weight=loc_weight)
 

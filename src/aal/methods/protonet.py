@@ -32,14 +32,16 @@ Example:
 
 from __future__ import annotations
 
+from typing import Any
+
 from torch import Tensor, nn
 
 from aal.attacks.base import LossFn
 from aal.attention.associative import AssocResult
-from aal.data.fewshot import Episode, as_episode
-from aal.methods.aal_core import AAL_ATTACKS, MASK_CONTROLS, AALCore, UsesAALCore, map_diagnostics
+from aal.data.fewshot import Episode, as_episode, episodes_of
+from aal.methods.aal_core import AAL_ATTACKS, MASK_CONTROLS, UsesAALCore, map_diagnostics
 from aal.methods.adversarial import check_choice, check_fraction, check_positive
-from aal.methods.base import METHODS, Batch, Method, Output
+from aal.methods.base import METHODS, Batch, Method, Output, mean_output
 from aal.tasks.fewshot import ATTACK_LOSSES, METRICS, FewShotTask
 
 FEWSHOT_ATTACKS = AAL_ATTACKS
@@ -61,12 +63,16 @@ class ProtoNet(Method):
     name = "protonet"
     batch_type = "episode"  # the trainer feeds Episodes, not (x, y)
 
+    def __call__(self, model: nn.Module, batch: Batch) -> Output:
+        # a step is one episode, or a meta-batch of them (EpisodeBatch): the mean of their losses
+        return mean_output([self.episode_step(model, ep) for ep in episodes_of(batch)])
+
     def __init__(self, metric: str = "euclidean", temperature: float = 1.0) -> None:
         check_choice("metric", metric, METRICS)
         self.task = FewShotTask(metric=metric, temperature=check_positive("temperature", temperature))
 
-    def __call__(self, model: nn.Module, batch: Batch) -> Output:
-        ep = as_episode(batch)
+    def episode_step(self, model: nn.Module, ep: Episode) -> Output:
+        """The prototypical loss of one episode's queries (clean support)."""
         logits = self.task.forward(model, ep)
         loss = self.task.loss(logits, ep.query_y)
         return Output(loss, logits, {"acc": self.task.accuracy(logits, ep.query_y), "loss_clean": float(loss.detach())})
@@ -116,34 +122,20 @@ class ProtoNetAAL(UsesAALCore, ProtoNet):
 
     name = "protonet_aal"
 
+    # the core's settings (eps, attack, xi1, ...) are its own list, with few-shot's background kernel;
+    # few-shot offers neither the anti-selective control nor binarisation, and places M^a by receptive field
+    core_defaults = {"kernel": "1-m2"}
+    core_fixed = {"mask_binarize": None, "align": "receptive_field", "attacks": FEWSHOT_ATTACKS,
+                  "mask_controls": FEWSHOT_MASK_CONTROLS}  # fmt: skip
+
     def __init__(
-        self,
-        eps: float = 8 / 255,
-        attack: str = "fgsm",
-        xi1: float = 0.1,
-        xi2: float = 0.1,
-        zeta: float = 0.1,
-        coupling: str = "indicator",
-        rho: float = 0.01,
-        kernel: str = "1-m2",
-        rand_init: bool | None = None,
-        alpha: float | None = None,
-        steps: int | None = None,
-        step_size: float | None = None,
-        clean_weight: float = 0.0,
-        attack_mode: str = "eval",
-        attack_loss: str = "query",
-        mask_control: str = "none",
-        metric: str = "euclidean",
-        temperature: float = 1.0,
-    ) -> None:
+        self, clean_weight: float = 0.0, attack_loss: str = "query", metric: str = "euclidean",
+        temperature: float = 1.0, **core: Any,
+    ) -> None:  # fmt: skip
         check_choice("metric", metric, METRICS)
         check_choice("attack_loss", attack_loss, ATTACK_LOSSES)
         self.task = FewShotTask(metric, check_positive("temperature", temperature), attack_loss)
-        self.core = AALCore(
-            eps, attack, xi1, xi2, zeta, coupling, rho, kernel, rand_init, alpha, steps, step_size, attack_mode,
-            mask_control, attacks=FEWSHOT_ATTACKS, mask_controls=FEWSHOT_MASK_CONTROLS,
-        )  # fmt: skip
+        self.core = self.make_core(core)
         self.clean_weight = check_fraction("clean_weight", clean_weight)
 
     # ------------------------------------------------------------------ pieces
@@ -172,8 +164,8 @@ class ProtoNetAAL(UsesAALCore, ProtoNet):
         return s_adv, diag.res, diag.mask
 
     # ------------------------------------------------------------------ the method
-    def __call__(self, model: nn.Module, batch: Batch) -> Output:
-        ep = as_episode(batch)
+    def episode_step(self, model: nn.Module, ep: Episode) -> Output:
+        """One episode's step: the queries' loss against prototypes of the selectively attacked support."""
         s_adv, res, mask = self.craft(model, ep)
         logits = self.task.forward(model, ep, support_x=s_adv)
         loss_adv = self.task.loss(logits, ep.query_y)
