@@ -46,62 +46,17 @@ def _tune_malloc(enabled: bool) -> None:
     tune_malloc(enabled and os.environ.get("AAL_NO_MALLOC_TUNE", "") not in ("1", "true", "yes"))
 
 
-def task_of(config_path: str | os.PathLike | None) -> str:
-    """The ``task`` a config file declares (``classification`` when it has no ``task`` key).
+def task_of(config_path: str | os.PathLike | None):
+    """The registered task (:class:`aal.tasks.base.RunTask`) a config file declares with its
+    top-level ``task`` key (``classification`` without one); the CLI asks it, never branches on its name."""
+    from aal.tasks.base import task_of_config
 
-    Classification configs are :class:`aal.config.RunConfig`; few-shot and detection configs have
-    their own sections (episodes, boxes) and builders in :mod:`aal.tasks`.
-    """
-    from pathlib import Path
-
-    from aal.config import read_yaml_file, short
-
-    if config_path is None or not Path(config_path).is_file():
-        return "classification"
-    raw = read_yaml_file(config_path)
-    task = raw.get("task", "classification") if isinstance(raw, dict) else "classification"
-    if task not in TASKS:
-        raise ConfigError(f"task: unknown task {short(task)} (known: {', '.join(TASKS)})")
-    return task
-
-
-TASKS = ("classification", "fewshot", "detection")
-
-
-def _print_task_results(results: dict) -> None:
-    if "test" in results and isinstance(results["test"], dict):  # detection: the test metrics
-        results = results["test"]
-    for key, r in results.items():
-        if key in ("history", "machine", "config"):
-            continue
-        if isinstance(r, dict) and "mean" in r:
-            print(f"{key:<24} {100 * r['mean']:6.2f} % +- {100 * r['ci95']:.2f}  (n={r['n']} episodes)")
-        else:
-            print(f"{key:<24} {r}")
-
-
-def _train_task(task: str, args: argparse.Namespace, cfg_path: str, overrides: list[str], run_dir=None) -> int:
-    if task == "fewshot":
-        from aal.engine.task_runs import train_fewshot as train
-        from aal.tasks.fewshot import load_fewshot_config as load
-    else:
-        from aal.engine.task_runs import train_detection as train
-        from aal.tasks.detection import load_detection_config as load
-
-    cfg = load(cfg_path, overrides)
-    _tune_malloc(not args.no_malloc_tune)
-    if run_dir is not None:
-        run_dir, results = train(cfg, run_dir=run_dir, resume=True)
-    else:
-        run_dir, results = train(cfg, run_dir="auto")
-    _print_task_results(results)
-    print(f"run folder: {run_dir}")
-    return 0
+    return task_of_config(config_path)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from aal.config import load_config
-    from aal.engine.run import train_run
+    from aal.engine.distributed import is_main_rank
+    from aal.engine.run import run_task
     from aal.engine.rundir import find_run_dir
 
     run_dir = None
@@ -117,17 +72,14 @@ def cmd_train(args: argparse.Namespace) -> int:
         overrides = list(args.overrides) + (["progress=false"] if args.no_progress else [])
         overrides += [f"device={args.device}"] if args.device else []
     task = task_of(cfg_path)
-    if task != "classification":
-        return _train_task(task, args, cfg_path, overrides, run_dir)
-    cfg = load_config(cfg_path, overrides)
-    _tune_malloc(cfg.malloc_tune and not args.no_malloc_tune)
-    run_dir, result = train_run(cfg, resume=run_dir)
-    from aal.engine.distributed import is_main_rank
-
+    cfg = task.load_config(cfg_path, overrides)
+    # malloc tuning for every task, before the first large tensor (the runner applies it)
+    out = run_task(cfg, resume=run_dir, malloc_tune=not args.no_malloc_tune)
     if is_main_rank():  # under torchrun every process returns here: print once
-        print(result.table())
-        print(f"run folder: {run_dir}")
-        _finish_run(run_dir, cfg.progress)
+        print(task.format_result(out.result))
+        print(f"run folder: {out.run_dir}")
+        if task.attack_eval:  # eval.suite / eval.report: attack evaluations of a classifier
+            _finish_run(out.run_dir, cfg.progress)
     return 0
 
 
@@ -194,23 +146,16 @@ def _run_checks(args: argparse.Namespace, model, bundle, eps: float, n: int | No
     )
 
 
-def _eval_task(task: str, args: argparse.Namespace) -> int:
+def _eval_task(task, args: argparse.Namespace) -> int:
+    """``aal eval RUN`` of a task without attack evaluation: its own final evaluation, ``--n`` items."""
+    from aal.engine.run import load_task_run
+
     if args.suite is not None or args.attacks is not None:
-        raise ConfigError(f"--suite/--attacks apply to classification runs; this is a {task} run")
+        raise ConfigError(f"--suite/--attacks apply to classification runs; this is a {task.name} run")
     if args.n is not None and args.n <= 0:
         raise ConfigError(f"--n: must be > 0, got {args.n}")
-    if task == "fewshot":
-        from aal.engine.task_runs import load_fewshot_run
-
-        results = load_fewshot_run(args.run).final_eval(episodes=args.n)
-    else:
-        from aal.engine.task_runs import load_detection_run
-
-        results = load_detection_run(args.run).final_eval(n=args.n)
-    if args.json:
-        print(json.dumps(results, indent=2))
-    else:
-        _print_task_results(results)
+    results = task.evaluate(load_task_run(args.run), n=args.n)
+    print(json.dumps(results, indent=2) if args.json else task.format_result(results))
     return 0
 
 
@@ -266,9 +211,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
         if getattr(args, flag) is not None:
             raise ConfigError(f"--{flag.replace('_', '-')} applies to --model (a run folder has its own)")
     task = task_of(find_run_files(args.run)[0])
-    if task != "classification":
+    if not task.attack_eval:
         if args.precision != "fp32":
-            raise ConfigError(f"--precision applies to classification runs (this is a {task} run, evaluated in fp32)")
+            raise ConfigError(f"--precision applies to classification runs (this is a {task.name} run, evaluated in fp32)")
         return _eval_task(task, args)
     if args.suite is not None:
         return _cmd_eval_suite(args)
@@ -384,9 +329,10 @@ def cmd_list(args: argparse.Namespace) -> int:
     from aal.data.fewshot import FEWSHOT_DATASETS
     from aal.methods import METHODS
     from aal.models import MODELS
+    from aal.tasks import TASKS
 
     registries = [
-        ("models", MODELS), ("attention", ATTENTION), ("kernels", KERNELS), ("attacks", ATTACKS),
+        ("tasks", TASKS), ("models", MODELS), ("attention", ATTENTION), ("kernels", KERNELS), ("attacks", ATTACKS),
         ("methods", METHODS), ("datasets", DATASETS), ("few-shot datasets", FEWSHOT_DATASETS),
     ]
     for title, reg in registries:
@@ -396,24 +342,30 @@ def cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_viz(args: argparse.Namespace) -> int:
-    from aal.engine.run import find_run_files
-
-    task = task_of(find_run_files(args.run)[0])
-    if task == "fewshot":
-        raise ConfigError("aal viz supports classification and detection runs, not few-shot runs yet")
-    if task == "detection":
-        from aal.engine.task_runs import load_detection_run
-        from aal.viz import detection_grid_for_run
-
-        out = detection_grid_for_run(load_detection_run(args.run), n=args.n, out_path=args.out, seed=args.seed)
-        print(f"wrote {out}")
-        return 0
-    from aal.engine.run import load_run
+def _viz_classification(args: argparse.Namespace, native) -> str:
     from aal.viz import attention_grid_for_run
 
-    cfg, model, bundle = load_run(args.run)
-    out = attention_grid_for_run(cfg, model, bundle, n=args.n, out_path=args.out, seed=args.seed)
+    cfg, model, bundle = native
+    return attention_grid_for_run(cfg, model, bundle, n=args.n, out_path=args.out, seed=args.seed)
+
+
+def _viz_detection(args: argparse.Namespace, native) -> str:
+    from aal.viz import detection_grid_for_run
+
+    return detection_grid_for_run(native, n=args.n, out_path=args.out, seed=args.seed)
+
+
+VIZ = {"classification": _viz_classification, "detection": _viz_detection}
+"""``aal viz`` figure of each task's restored run (by task name); a task without one is refused."""
+
+
+def cmd_viz(args: argparse.Namespace) -> int:
+    from aal.engine.run import find_run_files, load_task_run
+
+    task = task_of(find_run_files(args.run)[0])
+    if task.name not in VIZ:
+        raise ConfigError(f"aal viz supports {' and '.join(VIZ)} runs, not {task.name} runs yet")
+    out = VIZ[task.name](args, load_task_run(args.run))
     print(f"wrote {out}")
     return 0
 
@@ -532,7 +484,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--no-malloc-tune", action="store_true")
     r.set_defaults(func=cmd_report)
 
-    ls = sub.add_parser("list", help="show registered models, attacks, methods, datasets")
+    ls = sub.add_parser("list", help="show registered tasks, models, attacks, methods, datasets")
     ls.set_defaults(func=cmd_list)
 
     v = sub.add_parser("viz", help="attention / selective-attack grid (paper Fig. 3 style)")

@@ -367,8 +367,12 @@ SUITE_NAMES = ("none", "fast", "standard", "rand")
 
 
 @dataclass(frozen=True)
-class RunConfig:
-    """A whole training run.
+class RunConfigBase:
+    """The run-level keys every task's run config shares (classification, few-shot, detection).
+
+    One definition and one validation (:func:`check_run_fields`): a key added here is accepted,
+    dumped and checked the same way for every task, and the one runner
+    (:func:`aal.engine.run.run_task`) reads only these and the ``optim``/``schedule`` sections.
 
     Attributes:
         seed: seed of everything (weights, data order, augmentation, random starts).
@@ -376,11 +380,9 @@ class RunConfig:
         out_dir: parent directory of run folders.
         name: run folder name (default: ``<method>-<dataset>-<timestamp>``).
         progress: show progress bars.
-        malloc_tune: tune glibc malloc at process start (see :func:`aal.utils.runtime.tune_malloc`).
+        malloc_tune: tune glibc malloc at process start (see :func:`aal.utils.runtime.tune_malloc`);
+            ``aal train`` applies it for every task.
         threads: torch intra-op threads (``None``: torch's default).
-        device: where the model trains: ``"cpu"`` (default), ``"cuda"``, ``"cuda:N"`` or
-            ``"auto"`` (cuda when available). Batches move to the model's device; under torchrun
-            a ``cuda`` run uses nccl and one GPU per process.
         checkpoint_every: save a checkpoint every this many epochs (and at the end).
         grad_clip: clip the gradient norm (``None``: off).
         logger: experiment tracking besides ``metrics.jsonl`` (always written): ``none``
@@ -399,22 +401,34 @@ class RunConfig:
     progress: bool = True
     malloc_tune: bool = True
     threads: int | None = None
-    device: str = "cpu"
     checkpoint_every: int = 1
     grad_clip: float | None = None
     logger: str = "none"
     precision: str = "fp32"
     compile: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain, YAML/JSON-able nested dict in the file layout (flattened params/options)."""
+        return config_to_dict(self)
+
+
+@dataclass(frozen=True)
+class RunConfig(RunConfigBase):
+    """A whole classification training run: :class:`RunConfigBase` and the sections below.
+
+    Attributes:
+        device: where the model trains: ``"cpu"`` (default), ``"cuda"``, ``"cuda:N"`` or
+            ``"auto"`` (cuda when available). Batches move to the model's device; under torchrun
+            a ``cuda`` run uses nccl and one GPU per process.
+    """
+
+    device: str = "cpu"
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     method: MethodConfig = field(default_factory=MethodConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain, YAML/JSON-able nested dict in the file layout (flattened params/options)."""
-        return config_to_dict(self)
 
 
 def config_to_dict(cfg: Any) -> dict[str, Any]:
@@ -423,7 +437,9 @@ def config_to_dict(cfg: Any) -> dict[str, Any]:
     The layout is the YAML file's: the model's ``options`` and the method's ``params`` are
     flattened into their sections, tuples become lists, so ``load`` of the dump gives ``cfg`` back.
     """
-    d = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
+    names = [f.name for f in dataclasses.fields(cfg)]
+    # ``task`` first (a few-shot or detection file opens with it), then the fields in order
+    d = {n: getattr(cfg, n) for n in sorted(names, key=lambda n: n != "task")}
     for key, value in d.items():
         if dataclasses.is_dataclass(value):
             d[key] = dataclasses.asdict(value)
@@ -619,6 +635,32 @@ def check_precision_key(precision: Any, device: Any = "cpu") -> None:
         raise ConfigError(clip(str(err))) from None
 
 
+def check_run_fields(cfg: Any) -> None:
+    """Validate the keys of :class:`RunConfigBase` and the ``optim``/``schedule`` sections of any
+    task's run config (one check for every task, so none accepts what another refuses).
+
+    Raises:
+        ConfigError: naming the key.
+    """
+    _positive(cfg.epochs, "epochs")
+    _positive(cfg.checkpoint_every, "checkpoint_every")
+    _positive(cfg.threads, "threads")
+    _positive(cfg.grad_clip, "grad_clip")
+    check_logger(cfg.logger)
+    # a task without a device key trains where its runner puts it ("auto": CUDA when available)
+    check_precision_key(cfg.precision, getattr(cfg, "device", "auto"))
+    o = cfg.optim
+    if o.name not in ("sgd", "adam"):
+        raise ConfigError(f"optim.name: must be sgd or adam, got {short(o.name)}")
+    _positive(o.lr, "optim.lr")
+    _positive(o.weight_decay, "optim.weight_decay", allow_zero=True)
+    _positive(o.momentum, "optim.momentum", allow_zero=True)
+    s = cfg.schedule
+    if s.name not in ("cosine", "multistep", "constant"):
+        raise ConfigError(f"schedule.name: must be cosine, multistep or constant, got {short(s.name)}")
+    _positive(s.warmup_epochs, "schedule.warmup_epochs", allow_zero=True)
+
+
 def validate_config(cfg: RunConfig) -> RunConfig:
     """Check names against the registries and values for sanity; build the method as a dry run.
 
@@ -629,14 +671,9 @@ def validate_config(cfg: RunConfig) -> RunConfig:
     from_spec = lookup("attack").from_spec
     ATTENTION, DATASETS, METHODS, MODELS = (lookup(k) for k in ("attention", "dataset", "method", "model"))
 
-    _positive(cfg.epochs, "epochs")
-    _positive(cfg.checkpoint_every, "checkpoint_every")
-    _positive(cfg.threads, "threads")
-    _positive(cfg.grad_clip, "grad_clip")
-    check_logger(cfg.logger)
+    check_run_fields(cfg)
     if not re.fullmatch(r"cpu|auto|cuda(:\d+)?", str(cfg.device)):
         raise ConfigError(f"device: must be cpu, cuda, cuda:N or auto; got {str(cfg.device)[:80]!r}")
-    check_precision_key(cfg.precision, cfg.device)
     d = cfg.data
     if d.name not in DATASETS:
         raise ConfigError(f"data.name: unknown dataset {short(d.name)} (known: {', '.join(DATASETS.names())})")
@@ -672,16 +709,6 @@ def validate_config(cfg: RunConfig) -> RunConfig:
         METHODS.create(cfg.method.name, **params)
     except (ValueError, TypeError) as err:
         raise ConfigError(f"method ({cfg.method.name}): {clip(err)}") from err
-    o = cfg.optim
-    if o.name not in ("sgd", "adam"):
-        raise ConfigError(f"optim.name: must be sgd or adam, got {short(o.name)}")
-    _positive(o.lr, "optim.lr")
-    _positive(o.weight_decay, "optim.weight_decay", allow_zero=True)
-    _positive(o.momentum, "optim.momentum", allow_zero=True)
-    s = cfg.schedule
-    if s.name not in ("cosine", "multistep", "constant"):
-        raise ConfigError(f"schedule.name: must be cosine, multistep or constant, got {short(s.name)}")
-    _positive(s.warmup_epochs, "schedule.warmup_epochs", allow_zero=True)
     e = cfg.eval
     _positive(e.eps, "eval.eps", allow_zero=True)
     _positive(e.n, "eval.n")

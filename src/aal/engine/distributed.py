@@ -78,6 +78,7 @@ from aal.utils.distributed import (  # noqa: F401 (re-exported: the primitives t
     get_rank,
     get_world_size,
     is_initialized,
+    per_process_batch,
     shard_indices,
 )
 from aal.utils.runtime import get_rng_state, seed_everything, set_rng_state
@@ -169,21 +170,6 @@ def shutdown(ctx: DistContext, completed: bool = True) -> None:
     if completed and get_world_size() > 1:
         dist.barrier()
     dist.destroy_process_group()
-
-
-def per_process_batch(global_batch: int, world_size: int) -> int:
-    """``global_batch // world_size``; ``ValueError`` (naming both) when it does not divide.
-
-    Example:
-        >>> per_process_batch(128, 2)
-        64
-    """
-    if world_size < 1 or global_batch % world_size:
-        raise ValueError(
-            f"data.batch_size={global_batch} is the global batch and must be divisible by the number of "
-            f"processes ({world_size}); choose e.g. data.batch_size={max(1, global_batch // world_size) * world_size}"
-        )
-    return global_batch // world_size
 
 
 def rank_seed(seed: int, rank: int | None = None) -> int:

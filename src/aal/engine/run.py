@@ -1,11 +1,16 @@
-"""From a :class:`~aal.config.RunConfig` to a trained, evaluated run folder.
+"""The one runner: from any registered task's config to a trained, evaluated run folder.
+
+:func:`run_task` owns what every task's run shares (run folder, config dump, optimizer and
+schedule, :class:`~aal.engine.Trainer`, resume, DDP, malloc tuning, ``results.json``); the task
+(:mod:`aal.tasks.base`) builds the experiment. :func:`train_run` is its classification entry.
 
 A run folder holds::
 
     config.yaml          the resolved config (re-loadable: ``aal train RUN/config.yaml``)
     metrics.jsonl        one JSON line per epoch, written as training goes
     checkpoints/last/    model + optimizer + scheduler + method state + RNG (safetensors + JSON)
-    results.json         the final evaluation (clean / robust accuracy per attack)
+    results.json         the final evaluation (the task's fields: clean / robust accuracy per
+                         attack, few-shot accuracy +- CI, mAP) and the whole run's history
 
 Example:
     >>> from aal.config import load_config
@@ -21,15 +26,14 @@ import math
 import os
 import time
 from types import SimpleNamespace
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import torch
 from torch import nn
 
-from aal.config import ConfigError, RunConfig, load_config, method_params
-from aal.data import BatchLoader, DataBundle, Split, load_data
+from aal.config import ConfigError, RunConfig, load_config
+from aal.data import DataBundle
 from aal.engine import distributed as dist_utils
 from aal.engine.checkpoint import STATE_FILE, load_checkpoint, load_model_weights
 from aal.engine.optim import build_optimizer, build_scheduler
@@ -44,67 +48,20 @@ from aal.engine.rundir import (
 )
 from aal.engine.tracking import preview_batch
 from aal.engine.trainer import Trainer
-from aal.eval import EvalResult, evaluate
-from aal.methods import Method, create_method
-from aal.models import create_model
+from aal.eval import EvalResult
 from aal.models.purifier import RUN_READERS
+from aal.tasks.base import RunTask, task_of_config
+from aal.tasks.classification import (  # noqa: F401 (re-exported: their home before the task registry)
+    Experiment,
+    build_method,
+    build_model,
+    default_channels_last,
+    final_eval,
+    make_epoch_eval,
+)
+from aal.tasks.classification import build_experiment as _build_experiment
 from aal.utils.precision import precision_record
-from aal.utils.runtime import seed_everything
-
-def default_channels_last(model_name: str) -> bool:
-    """The memory format used when ``model.channels_last`` is not set: channels_last.
-
-    Measured on this 2-core CPU, side by side: ResNet-18 train/attack steps 1.16-1.29x faster
-    (NCHW max-pooling was 12x slower), and PGD-5 on the small CNN (batch 128, one thread)
-    1.27x faster. Every registered model is convolutional, so it is the default for all;
-    ``model.channels_last=false`` turns it off.
-    """
-    return True
-
-
-def build_model(cfg: RunConfig, bundle: DataBundle | None = None, info: Any = None) -> nn.Module:
-    """The model described by ``cfg.model`` for the dataset's channels, classes and statistics."""
-    info = info if info is not None else bundle.info  # type: ignore[union-attr]
-    m = cfg.model
-    channels_last = default_channels_last(m.name) if m.channels_last is None else m.channels_last
-    return create_model(
-        m.name,
-        num_classes=info.num_classes,
-        in_channels=info.in_channels,
-        mean=info.mean if m.normalize else None,
-        std=info.std if m.normalize else None,
-        attention=None if m.attention == "none" else m.attention,
-        channels_last=channels_last,
-        head=m.head,
-        head_scale=m.head_scale,
-        **dict(m.options),
-    )
-
-
-def build_method(cfg: RunConfig) -> Method:
-    """The training method with its validated hyper-parameters."""
-    return create_method(cfg.method.name, **method_params(cfg))
-
-
-def _eval_split(bundle: DataBundle) -> Split:
-    return bundle.val if bundle.val is not None and len(bundle.val) > 0 else bundle.test
-
-
-def make_epoch_eval(cfg: RunConfig, bundle: DataBundle) -> Callable[[nn.Module], dict[str, float]] | None:
-    """Per-epoch evaluation on the validation split (or the first test images if there is none)."""
-    e = cfg.eval
-    if e.epoch_n == 0 or not e.epoch_attacks:
-        return None
-    split = _eval_split(bundle)
-    which = "val" if split is bundle.val else "test"
-
-    def fn(model: nn.Module) -> dict[str, float]:
-        res = evaluate(model, split, attacks=e.epoch_attacks, eps=e.eps, batch_size=e.batch_size, n=e.epoch_n, seed=e.seed,
-                       distributed=True)  # sharded over ranks under torchrun; the usual call otherwise
-        return {f"{which}_{k}": v for k, v in res.accuracy.items()}
-
-    return fn
-
+from aal.utils.runtime import tune_malloc
 
 def check_training_numbers(cfg: Any) -> None:
     """Refuse NaN or infinite optimizer numbers and gradient clipping before anything runs (a NaN
@@ -138,17 +95,6 @@ def build_optimization(cfg: Any, model: nn.Module, steps_per_epoch: int) -> tupl
     return optimizer, scheduler
 
 
-@dataclass
-class Experiment:
-    """Everything a run needs, built from a config."""
-
-    cfg: RunConfig
-    bundle: DataBundle
-    model: nn.Module
-    method: Method
-    loader: BatchLoader
-
-
 def resolve_device(name: str, bind: bool = True) -> torch.device:
     """``cpu``, ``cuda``, ``cuda:N`` or ``auto`` (cuda when available) as a device.
 
@@ -165,65 +111,65 @@ def resolve_device(name: str, bind: bool = True) -> torch.device:
 
 
 def build_experiment(cfg: RunConfig) -> Experiment:
-    """Data, model, method and training loader for ``cfg`` (seeded).
+    """Data, model, method and training loader for ``cfg`` (seeded), on ``cfg.device``
+    (:func:`aal.tasks.classification.build_experiment`)."""
+    return _build_experiment(cfg, resolve_device(cfg.device))
 
-    Under ``torch.distributed`` (initialise it first, e.g. :func:`~aal.engine.distributed.init_distributed`)
-    the loader yields this rank's shard with ``data.batch_size / world_size`` images per batch;
-    the model is initialised from the same seed on every rank.
+
+class TaskRun(NamedTuple):
+    """What :func:`run_task` returns: the folder, the task's final result and ``results.json``'s payload."""
+
+    run_dir: Path | None
+    result: Any
+    payload: dict[str, Any]
+
+
+def run_task(
+    cfg: Any,
+    resume: str | Path | None = None,
+    log: Callable[[str], None] = print,
+    run_dir: str | Path | None = "auto",
+    device: str | torch.device | None = None,
+    malloc_tune: bool = False,
+    data: Any = None,
+) -> TaskRun:
+    """Train any registered task's config into a run folder (or resume one), evaluate, write ``results.json``.
+
+    The one runner: the task (:func:`aal.tasks.base.task_of_config`) builds the experiment; the
+    run folder, config dump, optimizer and schedule, :class:`~aal.engine.Trainer`, resume, DDP
+    and ``results.json`` are the same for every task.
+
+    Args:
+        cfg: a validated run config of a registered task.
+        resume: continue the run holding this path (any path inside it) from its last
+            checkpoint, or from epoch 1 when it was killed before its first one; its config must
+            match the checkpoint's but for :data:`aal.engine.rundir.RESUME_MAY_CHANGE`.
+        log: receives one-line messages (rank 0 only).
+        run_dir: for a new run, ``"auto"`` (``out_dir/name``, or a timestamped folder), a fresh
+            folder path, or ``None`` (no files).
+        device: overrides the config's device (``"auto"``: CUDA when available).
+        malloc_tune: tune glibc malloc first when ``cfg.malloc_tune`` too (``aal train`` sets it;
+            ``AAL_NO_MALLOC_TUNE=1`` in the environment turns it off).
+        data: an already loaded dataset, for the tasks whose builder takes one (few-shot).
+
+    Under ``torchrun`` (``WORLD_SIZE > 1``) a task with :attr:`~aal.tasks.base.RunTask.distributed`
+    trains with DDP (every rank returns the same result, rank 0 alone logs and writes files);
+    the others are refused.
+
+    Raises:
+        ConfigError: the config, a new run's folder, or ``torchrun`` for a task without DDP.
     """
-    seed_everything(cfg.seed)
-    if cfg.threads is not None:
-        torch.set_num_threads(cfg.threads)
-    d = cfg.data
-    world = dist_utils.get_world_size()
-    try:  # data.batch_size is the global batch; checked before the data is loaded
-        batch_size = dist_utils.per_process_batch(d.batch_size, world)
-    except ValueError as err:
-        raise ConfigError(str(err)) from err
-    bundle = load_data(d.name, root=d.root, val_fraction=d.val_fraction, seed=cfg.seed, download=d.download)
-    if d.train_n is not None:
-        bundle.train = bundle.train.subset(d.train_n)
-    if len(bundle.train) < d.batch_size:  # drop_last: not one full batch per epoch
-        raise ConfigError(f"data.batch_size: {d.batch_size} is larger than the {len(bundle.train)} training images "
-                          f"of {d.name}{f' (data.train_n={d.train_n})' if d.train_n is not None else ''}")
-    model = build_model(cfg, bundle).to(resolve_device(cfg.device))
-    method = build_method(cfg)
-    channels_last = default_channels_last(cfg.model.name) if cfg.model.channels_last is None else cfg.model.channels_last
-    loader = BatchLoader(
-        bundle.train,
-        batch_size=batch_size,
-        shuffle=True,
-        drop_last=True,
-        augment=d.augment,
-        padding=d.padding,
-        seed=cfg.seed,
-        rank=dist_utils.get_rank(),
-        world_size=world,
-        channels_last=channels_last,
-    )
-    return Experiment(cfg, bundle, model, method, loader)
-
-
-def final_eval(cfg: RunConfig, model: nn.Module, bundle: DataBundle, progress: bool = False) -> EvalResult:
-    """The final evaluation on the test split with full, unmasked attacks."""
-    e = cfg.eval
-    return evaluate(
-        model, bundle.test, attacks=e.attacks, eps=e.eps, batch_size=e.batch_size, n=e.n, seed=e.seed, progress=progress,
-        distributed=True,  # sharded over ranks under torchrun; the usual call otherwise
-    )
-
-
-def train_run(cfg: RunConfig, resume: str | Path | None = None, log: Callable[[str], None] = print) -> tuple[Path, EvalResult]:
-    """Train ``cfg`` (or resume the run folder ``resume``), evaluate, write ``results.json``.
-
-    Under ``torchrun`` (``WORLD_SIZE > 1`` in the environment) it joins the process group
-    (gloo: training runs on the CPU) and trains with DDP (:mod:`aal.engine.distributed`); every
-    rank returns the same ``(run_dir, result)``, rank 0 alone logs and writes files.
-    """
+    task = task_of_config(cfg)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not task.distributed:
+        raise ConfigError(f"torchrun: {task.name} runs train in one process (DDP is supported for classification only)")
+    tune_malloc(malloc_tune and cfg.malloc_tune and os.environ.get("AAL_NO_MALLOC_TUNE", "") not in ("1", "true", "yes"))
+    name = task.device_of(cfg) if device is None else device
+    dev = name if isinstance(name, torch.device) else resolve_device(name, bind=False)
     # a no-op outside torchrun; it binds a cuda process to its GPU before the model is built
-    ctx = dist_utils.init_distributed(device="cuda" if resolve_device(cfg.device, bind=False).type == "cuda" else "cpu")
+    ctx = dist_utils.init_distributed(device="cuda" if dev.type == "cuda" else "cpu")
     try:
-        out = _train_run(cfg, resume, log if dist_utils.is_main_rank() else (lambda _msg: None))
+        out = _run(task, cfg, resume, log if dist_utils.is_main_rank() else (lambda _msg: None), run_dir,
+                   _bind(dev), data)
     except BaseException:
         dist_utils.shutdown(ctx, completed=False)  # only if this call created the group
         raise
@@ -231,48 +177,61 @@ def train_run(cfg: RunConfig, resume: str | Path | None = None, log: Callable[[s
     return out
 
 
-def _train_run(cfg: RunConfig, resume: str | Path | None, log: Callable[[str], None]) -> tuple[Path, EvalResult]:
+def _bind(dev: torch.device) -> torch.device:
+    # a plain cuda means the current GPU (under torchrun, this process's own cuda:LOCAL_RANK)
+    return torch.device("cuda", torch.cuda.current_device()) if dev.type == "cuda" and dev.index is None else dev
+
+
+def _run(task: RunTask, cfg: Any, resume: str | Path | None, log: Callable[[str], None], run_dir: str | Path | None,
+         device: torch.device, data: Any) -> TaskRun:
     main = dist_utils.is_main_rank()
-    exp = build_experiment(cfg)  # config, data and batch count checked before any folder exists
+    exp = task.build(cfg, device) if data is None else task.build(cfg, device, data=data)  # type: ignore[call-arg]
+    cfg = exp.cfg  # config, data and batch count checked before any folder exists
     optimizer, scheduler = build_optimization(cfg, exp.model, steps_per_epoch=len(exp.loader))
     # rank 0 names and creates (or finds) the folder (names carry a timestamp); the others are told
-    run_dir, created = prepare_run_dir(cfg, "auto" if resume is None else resume, resume is not None, log) if main else (None, False)
-    run_dir = Path(dist_utils.broadcast_object(str(run_dir) if main else None))
-    with run_guard(run_dir, created):
+    where = run_dir if resume is None else resume
+    folder, created = prepare_run_dir(cfg, where, resume is not None, log) if main else (None, False)
+    folder = dist_utils.broadcast_object(None if folder is None else str(folder) if main else None)
+    folder = None if folder is None else Path(folder)
+    with run_guard(folder, created):
         trainer = Trainer(
-            exp.model, exp.method, exp.loader, optimizer, scheduler, epochs=cfg.epochs, run_dir=run_dir,
-            evaluate_fn=make_epoch_eval(cfg, exp.bundle), checkpoint_every=cfg.checkpoint_every,
-            progress=cfg.progress, grad_clip=cfg.grad_clip, seed=cfg.seed, config=cfg.to_dict(),
-            logger=cfg.logger, preview=preview_batch(exp.bundle.test), precision=cfg.precision,
-            compile=cfg.compile,
-        )
-        fit_or_resume(trainer, run_dir, resume is not None, log)
+            exp.model, exp.method, exp.loader, optimizer, scheduler, epochs=cfg.epochs, run_dir=folder,
+            evaluate_fn=exp.epoch_eval, eval_every=exp.eval_every, checkpoint_every=cfg.checkpoint_every,
+            progress=cfg.progress, grad_clip=cfg.grad_clip, seed=cfg.seed, config=cfg.to_dict(), logger=cfg.logger,
+            preview=None if exp.preview is None else preview_batch(exp.preview), log_fn=log if exp.log_epochs else None,
+            precision=cfg.precision, compile=cfg.compile,
+        )  # fmt: skip
+        fit_or_resume(trainer, folder, resume is not None, log)
+        history = run_history(folder, trainer)  # the whole run's epochs, across resumes and processes
         t0 = time.perf_counter()
-        result = final_eval(cfg, exp.model, exp.bundle, progress=cfg.progress and main)
-        if main:
-            _write_results(cfg, run_dir, result, time.perf_counter() - t0, run_history(run_dir, trainer),
-                           exp.bundle.info.description)
-    return run_dir, result
+        result = exp.final_eval(cfg.progress and main)
+        payload = {
+            **exp.result_fields(result),
+            "method": cfg.method.name,
+            "dataset": cfg.data.name,
+            "model": cfg.model.name,
+            "epochs": cfg.epochs,
+            "train_seconds": history_seconds(history, include_eval=exp.train_seconds_with_eval) if history else None,
+            "eval_seconds": time.perf_counter() - t0,
+            "history": history,
+            "machine": machine_description(),
+            "processes": dist_utils.get_world_size(),  # DDP processes that trained and evaluated
+            # training arithmetic, and the final evaluation's (fp32 unless a task's evaluation says otherwise)
+            "precision": precision_record(cfg.precision, getattr(result, "precision", "fp32")),
+        }
+        if main and folder is not None:
+            (folder / "results.json").write_text(json.dumps(payload, indent=2, default=float))
+    return TaskRun(folder, result, payload)
 
 
-def _write_results(
-    cfg: RunConfig, run_dir: Path, result: EvalResult, eval_seconds: float, history: list[dict], source: str
-) -> None:
-    payload = {
-        "eval": result.to_dict(),
-        "eval_seconds": eval_seconds,
-        "method": cfg.method.name,
-        "dataset": cfg.data.name,
-        # what the pixels are, e.g. "CIFAR-10 (JPEG-q75 re-encoding)" for the JPEG zip
-        "dataset_source": source,
-        "model": cfg.model.name,
-        "epochs": cfg.epochs,
-        "train_seconds": history_seconds(history) if history else None,  # every epoch, across resumes
-        "machine": machine_description(),
-        "processes": dist_utils.get_world_size(),  # DDP processes that trained and evaluated
-        "precision": precision_record(cfg.precision, result.precision),
-    }
-    (run_dir / "results.json").write_text(json.dumps(payload, indent=2))
+def train_run(cfg: RunConfig, resume: str | Path | None = None, log: Callable[[str], None] = print) -> tuple[Path, EvalResult]:
+    """Train a classification ``cfg`` (or resume the run folder ``resume``), evaluate, write ``results.json``.
+
+    :func:`run_task` for classification; under ``torchrun`` it trains with DDP (every rank returns
+    the same ``(run_dir, result)``, rank 0 alone logs and writes files).
+    """
+    out = run_task(cfg, resume=resume, log=log)
+    return out.run_dir, out.result  # type: ignore[return-value]
 
 
 def machine_description() -> dict[str, Any]:
@@ -316,16 +275,29 @@ def find_run_files(path: str | Path) -> tuple[Path, Path]:
     return root / "config.yaml", p if own else root
 
 
-def load_run(path: str | Path) -> tuple[RunConfig, nn.Module, DataBundle]:
-    """Rebuild a trained model from a run folder (or a checkpoint inside one) and its data."""
+def load_task_run(path: str | Path, device: str | torch.device | None = None) -> Any:
+    """The task's experiment of a trained run folder (or a checkpoint inside one), weights loaded, in eval mode.
+
+    The task comes from the run's ``config.yaml`` (its ``task`` key), which is read unvalidated
+    (a run stays loadable when a later version tightens a check); :meth:`RunTask.restore
+    <aal.tasks.base.RunTask.restore>` rebuilds it, the checkpoint gives the weights.
+    """
     cfg_path, ckpt = find_run_files(path)
-    cfg = load_config(cfg_path, validate=False)
-    d = cfg.data
-    bundle = load_data(d.name, root=d.root, val_fraction=d.val_fraction, seed=cfg.seed, download=False)
-    model = build_model(cfg, bundle)
+    task = task_of_config(cfg_path)
+    cfg = task.load_config(cfg_path, validate=False)
+    name = task.device_of(cfg) if device is None else device
+    native, model = task.restore(cfg, name if isinstance(name, torch.device) else resolve_device(name))
     load_model_weights(ckpt, model)
     model.eval()
-    return cfg, model, bundle
+    return native
+
+
+def load_run(path: str | Path) -> tuple[RunConfig, nn.Module, DataBundle]:
+    """Rebuild a trained classifier from a run folder (or a checkpoint inside one) and its data."""
+    cfg_path, _ = find_run_files(path)
+    if task_of_config(cfg_path).name != "classification":
+        raise ConfigError(f"{cfg_path}: not a classification run (use aal.engine.run.load_task_run)")
+    return load_task_run(path, device="cpu")
 
 
 @RUN_READERS.register("classifier")
@@ -371,6 +343,11 @@ __all__ = [
     "machine_description",
     "build_optimization",
     "check_training_numbers",
+    "load_task_run",
+    "make_epoch_eval",
     "make_run_dir",
+    "resolve_device",
+    "run_task",
+    "TaskRun",
     "train_run",
 ]

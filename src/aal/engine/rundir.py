@@ -1,8 +1,7 @@
 """Run folders: always fresh for a new run, found from any path inside, resumed only as trained.
 
-Shared by the three run orchestrations (classification :func:`aal.engine.run.train_run`,
-few-shot :func:`aal.engine.task_runs.train_fewshot`, detection :func:`aal.engine.task_runs.train_detection`)
-so that they behave the same:
+Used by the one runner of every task (:func:`aal.engine.run.run_task`), so that classification,
+few-shot and detection runs behave the same:
 
 * **A new run never writes into an existing folder.** ``out_dir/name`` must not exist (not even
   as a symlink); without ``name`` a timestamped folder gets a ``-1``, ``-2`` ... suffix instead.

@@ -28,8 +28,15 @@ from aal.eval.eot import EOTWrapper, is_randomized, randomness
 from aal.tasks.detection_metrics import DetectionMAP, mean_average_precision, voc_ap
 from aal.eval.evaluator import EvalResult, accuracy, evaluate
 from aal.eval.suite import SUITES, Stage, SuiteResult, run_suite
+from aal.registry import Registry
+
+EVALUATORS: Registry = Registry("evaluator")
+"""Evaluators by task name, for the tasks below this layer (:mod:`aal.tasks.classification` asks
+for ``classification`` at call time, since it cannot import :mod:`aal.eval`)."""
+EVALUATORS.register("classification")(evaluate)
 
 __all__ = [
+    "EVALUATORS",
     "DetectionMAP",
     "mean_average_precision",
     "voc_ap",

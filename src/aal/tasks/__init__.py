@@ -14,6 +14,8 @@ Example:
     'query'
 """
 
+from aal.tasks.base import TASKS, RunTask, TaskExperiment, register_task, task_named, task_of_config
+from aal.tasks.classification import ClassificationTask
 from aal.tasks.fewshot import (
     FewShotDataConfig,
     FewShotEvalConfig,
@@ -34,6 +36,13 @@ from aal.tasks.detection import (  # noqa: E402
 )
 
 __all__ = [
+    "TASKS",
+    "ClassificationTask",
+    "RunTask",
+    "TaskExperiment",
+    "register_task",
+    "task_named",
+    "task_of_config",
     "DetectionRunConfig",
     "DetectionTask",
     "is_detection_config",

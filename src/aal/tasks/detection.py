@@ -11,8 +11,8 @@ A task says two things, nothing more (CONTRIBUTING.md): **what loss the attack m
   testing", Sec. 4.2).
 
 Also here: the config section for YAML configs (``configs/detection/*.yaml``,
-:func:`load_detection_config`). The runner (:func:`aal.engine.task_runs.build_detection_experiment`,
-:func:`~aal.engine.task_runs.train_detection`) lives in the engine, the figure
+:func:`load_detection_config`) and the registered run task (:func:`build_detection_experiment`,
+:class:`DetectionRunTask`); the one runner (:func:`aal.engine.run.run_task`) lives in the engine, the figure
 (:func:`aal.viz.detection_grid`: image with ground-truth boxes, x', M, M^a, k(M^a), |x'-x|) in viz.
 
 Example:
@@ -37,8 +37,12 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
+from aal.config import RunConfigBase
 from aal.registry import lookup
-from aal.data.voc import BCCD_CLASSES, DETECTION_AUGMENTATIONS, VOC_CLASSES, DetectionLoader, DetectionSplit
+from aal.data.voc import BCCD_CLASSES, DETECTION_AUGMENTATIONS, VOC_CLASSES, DetectionLoader, DetectionSplit, load_voc
+from aal.models import create_model
+from aal.tasks.base import RunTask, TaskExperiment, register_task
+from aal.utils.runtime import resolve_device, seed_everything
 from aal.tasks.detection_metrics import DetectionMAP, DetectionMetrics
 from aal.models.ssd import SSD, MultiBoxLossOutput, match_targets, multibox_loss, postprocess
 
@@ -221,36 +225,22 @@ class DetectionEvalConfig:
 
 
 @dataclass(frozen=True)
-class DetectionRunConfig:
+class DetectionRunConfig(RunConfigBase):
     """A detection training run (``task: detection`` in the YAML).
 
-    The ``model``, ``method``, ``optim`` and ``schedule`` sections are those of
+    The top-level keys are :class:`aal.config.RunConfigBase`'s (24 epochs by default); the
+    ``model``, ``method``, ``optim`` and ``schedule`` sections are those of
     :class:`aal.config.RunConfig`; ``data`` and ``eval`` are the detection ones above.
     """
 
-    task: str = "detection"
-    seed: int = 0
     epochs: int = 24
-    out_dir: str = "runs"
-    name: str | None = None
-    progress: bool = True
-    threads: int | None = None
-    checkpoint_every: int = 1
-    grad_clip: float | None = None
-    logger: str = "none"
-    precision: str = "fp32"
-    compile: bool = False
+    task: str = "detection"
     data: DetectionDataConfig = field(default_factory=DetectionDataConfig)
     model: Any = None
     method: Any = None
     optim: Any = None
     schedule: Any = None
     eval: DetectionEvalConfig = field(default_factory=DetectionEvalConfig)
-
-    def to_dict(self) -> dict[str, Any]:
-        from aal.config import config_to_dict
-
-        return config_to_dict(self)
 
 
 def detection_config_from_dict(raw: Mapping[str, Any]) -> DetectionRunConfig:
@@ -260,7 +250,7 @@ def detection_config_from_dict(raw: Mapping[str, Any]) -> DetectionRunConfig:
         aal.config.ConfigError: unknown keys or names, or impossible values (the message names the key).
     """
     from aal.config import (ConfigError, MethodConfig, ModelConfig, OptimConfig, ScheduleConfig, _build_section, check_kwargs,
-                            check_logger, check_precision_key, clip, coerce, short)
+                            check_run_fields, clip, coerce, short)
     METHODS = lookup("method")  # late lookup: the methods build on the tasks (see tests/test_layering.py)
     from aal.models import MODELS
 
@@ -287,10 +277,7 @@ def detection_config_from_dict(raw: Mapping[str, Any]) -> DetectionRunConfig:
     cfg = DetectionRunConfig(**kwargs)
     if cfg.task != "detection":
         raise ConfigError(f"task: a detection config must say task: detection, got {short(cfg.task)}")
-    if cfg.epochs < 1:
-        raise ConfigError(f"epochs: must be > 0, got {cfg.epochs}")
-    check_logger(cfg.logger)
-    check_precision_key(cfg.precision, "auto")  # detection runs train where build_detection_experiment puts them
+    check_run_fields(cfg)
     d = cfg.data
     if d.classes is None and d.name not in DATASET_CLASSES:
         raise ConfigError(f"data.classes: dataset {short(d.name)} has no default class list (known: {', '.join(DATASET_CLASSES)})")
@@ -323,22 +310,14 @@ def detection_config_from_dict(raw: Mapping[str, Any]) -> DetectionRunConfig:
 
 
 def load_detection_config(path: str | Path | None, overrides: Sequence[str] = ()) -> DetectionRunConfig:
-    """Load a detection YAML config and apply ``key=value`` overrides (e.g. ``data.image_size=300``)."""
-    from aal.config import ConfigError, _merge, parse_overrides, read_yaml_file
-
-    raw: dict[str, Any] = {}
-    if path is not None:
-        p = Path(path)
-        loaded = read_yaml_file(p) or {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{p}: a config must be a mapping at the top level")
-        raw = loaded
-    return detection_config_from_dict(_merge(raw, parse_overrides(overrides)))
+    """Load a detection YAML config and apply ``key=value`` overrides (e.g. ``data.image_size=300``);
+    :meth:`aal.tasks.base.RunTask.load_config` of :data:`DETECTION`."""
+    return DETECTION.load_config(path, overrides)
 
 
 @dataclass
 class DetectionExperiment:
-    """Everything a detection run needs (built by :func:`aal.engine.task_runs.build_detection_experiment`)."""
+    """Everything a detection run needs (built by :func:`build_detection_experiment`)."""
 
     cfg: DetectionRunConfig
     train: DetectionSplit
@@ -373,7 +352,98 @@ def is_detection_config(raw: Any) -> bool:
     return isinstance(raw, Mapping) and raw.get("task") == "detection"
 
 
+def build_detection_experiment(
+    cfg: DetectionRunConfig | Mapping[str, Any], device: str | torch.device | None = "auto"
+) -> DetectionExperiment:
+    """Data, detector, method, task and training loader for a detection config (seeded).
+
+    Args:
+        cfg: a :class:`DetectionRunConfig` or the nested dict of a YAML file (``task: detection``).
+        device: where the model and the batches go (``"auto"``: CUDA when available).
+
+    The model is ``create_model(model.name, num_classes=len(classes), image_size=data.image_size,
+    ...)`` with the training split's per-channel mean/std inside it when ``model.normalize``.
+
+    Example:
+        >>> exp = build_detection_experiment({"task": "detection", "data": {"train_n": 4}})  # doctest: +SKIP
+        >>> exp.method.name, len(exp.train)                                                   # doctest: +SKIP
+        ('detection', 4)
+    """
+    if not isinstance(cfg, DetectionRunConfig):
+        cfg = detection_config_from_dict(cfg)
+    seed_everything(cfg.seed)
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
+    dev = resolve_device(device)
+    d = cfg.data
+    classes = d.classes or DATASET_CLASSES[d.name]
+    read = dict(classes=classes, image_size=d.image_size, name=d.name)
+    train = load_voc(d.root, d.train_split, max_images=d.train_n, **read)
+    val = load_voc(d.root, d.val_split, max_images=d.val_n, **read) if d.val_split else None
+    test = load_voc(d.root, d.test_split, max_images=d.test_n, **read)
+    m = cfg.model
+    mean, std = train.channel_stats() if m.normalize else (None, None)
+    model = create_model(
+        m.name, num_classes=len(classes), mean=mean, std=std, attention=None if m.attention == "none" else m.attention,
+        channels_last=bool(m.channels_last), image_size=d.image_size, **dict(m.options),
+    ).to(dev)  # fmt: skip
+    method = lookup("method").create(cfg.method.name, **dict(cfg.method.params))  # methods build on the tasks
+    e = cfg.eval
+    task = DetectionTask(
+        eval_iou=e.iou_threshold, score_threshold=e.score_threshold, nms_threshold=e.nms_threshold, top_k=e.top_k
+    )
+    loader = DetectionLoader(
+        train, d.batch_size, shuffle=True, drop_last=len(train) >= 2 * d.batch_size, augment=d.augment, seed=cfg.seed,
+        device=dev, channels_last=bool(m.channels_last),
+    )  # fmt: skip
+    return DetectionExperiment(cfg, train, val, test, model, method, task, loader)
+
+
+def _plain_json(v: Any) -> Any:
+    if isinstance(v, dict):
+        return {str(k): _plain_json(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_plain_json(x) for x in v]
+    if isinstance(v, Tensor):
+        return v.item() if v.numel() == 1 else v.tolist()
+    return v
+
+
+class DetectionRunTask(RunTask):
+    """Object detection: SSD on a VOC-layout dataset, VOC mAP@0.5 (AAL paper, Sec. 4.2)."""
+
+    name = "detection"
+    config_type = DetectionRunConfig
+
+    def config_from_dict(self, raw: Mapping[str, Any], validate: bool = True) -> DetectionRunConfig:
+        # a detection config is always validated: its builder needs the coerced values
+        return detection_config_from_dict(raw)
+
+    def build(self, cfg: DetectionRunConfig, device: torch.device) -> TaskExperiment:
+        exp = build_detection_experiment(cfg, device)
+        c = exp.cfg
+        return TaskExperiment(
+            cfg=c, model=exp.model, method=exp.method, loader=exp.loader, native=exp, epoch_eval=exp.epoch_eval(),
+            final_eval=lambda progress: exp.final_eval(),
+            result_fields=lambda test: _plain_json({
+                "test": test, "image_size": c.data.image_size, "seed": c.seed, "train_images": len(exp.train),
+                "test_images": len(exp.test),
+            }),
+            eval_every=c.eval.every, log_epochs=c.progress,
+        )  # fmt: skip
+
+    def evaluate(self, native: DetectionExperiment, n: int | None = None) -> dict[str, float]:
+        return native.final_eval(n=n)
+
+    def format_result(self, result: Mapping[str, Any]) -> str:
+        return "\n".join(f"{key:<24} {value}" for key, value in result.items())
+
+
+DETECTION = register_task(DetectionRunTask())
+
+
 __all__ = [
+    "DETECTION", "DetectionRunTask", "build_detection_experiment",
     "DATASET_CLASSES", "DetectionDataConfig", "DetectionEvalConfig", "DetectionExperiment", "DetectionRunConfig",
     "DetectionTask", "detection_config_from_dict", "detector_of", "is_detection_config", "load_detection_config",
 ]  # fmt: skip

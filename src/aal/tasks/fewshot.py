@@ -51,7 +51,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from aal.attacks.base import LossFn, attack_mode
+from aal.config import RunConfigBase
+from aal.models import create_model
 from aal.registry import lookup
+from aal.tasks.base import RunTask, TaskExperiment, register_task
+from aal.utils.runtime import resolve_device, seed_everything
 from aal.data.fewshot import FEWSHOT_DATASETS, Episode, EpisodeLoader, EpisodeSampler, FewShotData, as_episode
 
 METRICS = ("euclidean", "cosine")
@@ -297,40 +301,22 @@ class FewShotEvalConfig:
 
 
 @dataclass(frozen=True)
-class FewShotRunConfig:
+class FewShotRunConfig(RunConfigBase):
     """A few-shot training run (``task: fewshot`` in the YAML).
 
-    The ``model``, ``method``, ``optim`` and ``schedule`` sections and the top-level keys are
-    those of :class:`aal.config.RunConfig`; ``data`` and ``eval`` are the few-shot ones above.
-    The model is built with ``num_classes=0`` (an embedding network) and the method must be
-    episodic (``protonet``, ``protonet_aal``).
+    The top-level keys are :class:`aal.config.RunConfigBase`'s; the ``model``, ``method``,
+    ``optim`` and ``schedule`` sections those of :class:`aal.config.RunConfig`; ``data`` and
+    ``eval`` are the few-shot ones above. The model is built with ``num_classes=0`` (an embedding
+    network) and the method must be episodic (``protonet``, ``protonet_aal``).
     """
 
     task: str = "fewshot"
-    seed: int = 0
-    epochs: int = 10
-    out_dir: str = "runs"
-    name: str | None = None
-    progress: bool = True
-    malloc_tune: bool = True
-    threads: int | None = None
-    checkpoint_every: int = 1
-    grad_clip: float | None = None
-    logger: str = "none"
-    precision: str = "fp32"
-    compile: bool = False
     data: FewShotDataConfig = field(default_factory=FewShotDataConfig)
     model: Any = None
     method: Any = None
     optim: Any = None
     schedule: Any = None
     eval: FewShotEvalConfig = field(default_factory=FewShotEvalConfig)
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain nested dict in the file layout (re-loadable by :func:`fewshot_config`)."""
-        from aal.config import config_to_dict
-
-        return config_to_dict(self)
 
 
 def is_fewshot_config(raw: Any) -> bool:
@@ -346,7 +332,7 @@ def fewshot_config(raw: Mapping[str, Any], validate: bool = True) -> FewShotRunC
             (the message names the key).
     """
     from aal.config import (ConfigError, MethodConfig, ModelConfig, OptimConfig, ScheduleConfig, _build_section, check_kwargs,
-                            check_logger, check_precision_key, clip, coerce, short)
+                            check_run_fields, clip, coerce, short)
 
     if not isinstance(raw, Mapping):
         raise ConfigError(f"a config must be a mapping at the top level, got {type(raw).__name__}")
@@ -375,12 +361,7 @@ def fewshot_config(raw: Mapping[str, Any], validate: bool = True) -> FewShotRunC
     METHODS = lookup("method")  # late lookup: the methods build on the tasks (see tests/test_layering.py)
     from aal.models import MODELS
 
-    for key in ("epochs", "checkpoint_every", "threads"):
-        v = getattr(cfg, key)
-        if v is not None and v < 1:
-            raise ConfigError(f"{key}: must be > 0, got {v}")
-    check_logger(cfg.logger)
-    check_precision_key(cfg.precision, "auto")  # few-shot runs train where build_fewshot_experiment puts them
+    check_run_fields(cfg)
     d, e = cfg.data, cfg.eval
     if d.name not in FEWSHOT_DATASETS:
         raise ConfigError(f"data.name: unknown few-shot dataset {short(d.name)} (known: {', '.join(FEWSHOT_DATASETS.names())})")
@@ -408,11 +389,6 @@ def fewshot_config(raw: Mapping[str, Any], validate: bool = True) -> FewShotRunC
         METHODS.create(name, **params)
     except (ValueError, TypeError) as err:
         raise ConfigError(f"method ({name}): {err}") from err
-    o = cfg.optim
-    if o.name not in ("sgd", "adam") or o.lr <= 0:
-        raise ConfigError(f"optim: need name sgd or adam and lr > 0, got {short(o.name)}, {o.lr}")
-    if cfg.schedule.name not in ("cosine", "multistep", "constant"):
-        raise ConfigError(f"schedule.name: must be cosine, multistep or constant, got {short(cfg.schedule.name)}")
     return dataclasses.replace(
         cfg, data=d, model=dataclasses.replace(m, options=options), method=dataclasses.replace(cfg.method, params=params)
     )
@@ -420,29 +396,20 @@ def fewshot_config(raw: Mapping[str, Any], validate: bool = True) -> FewShotRunC
 
 def merge_config(base: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, Any]:
     """``base`` updated recursively with ``new`` (nested mappings merged, other values replaced)."""
-    out = dict(base)
-    for k, v in new.items():
-        out[k] = merge_config(out[k], v) if isinstance(v, Mapping) and isinstance(out.get(k), Mapping) else v
-    return out
+    from aal.config import _merge
+
+    return _merge(dict(base), new)
 
 
 def load_fewshot_config(path: str | Path | None, overrides: Sequence[str] = (), validate: bool = True) -> FewShotRunConfig:
-    """Read a few-shot YAML config and apply ``key=value`` overrides (e.g. ``data.k_shot=1``)."""
-    from aal.config import ConfigError, parse_overrides, read_yaml_file
-
-    raw: dict[str, Any] = {"task": "fewshot"}
-    if path is not None:
-        p = Path(path)
-        loaded = read_yaml_file(p) or {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{p}: a config must be a mapping at the top level")
-        raw = loaded
-    return fewshot_config(merge_config(raw, parse_overrides(overrides)), validate=validate)
+    """Read a few-shot YAML config and apply ``key=value`` overrides (e.g. ``data.k_shot=1``);
+    :meth:`aal.tasks.base.RunTask.load_config` of :data:`FEWSHOT`."""
+    return FEWSHOT.load_config(path, overrides, validate=validate)
 
 
 @dataclass
 class FewShotExperiment:
-    """Everything a few-shot run needs (see :func:`aal.engine.task_runs.build_fewshot_experiment`)."""
+    """Everything a few-shot run needs (built by :func:`build_fewshot_experiment`)."""
 
     cfg: FewShotRunConfig
     data: FewShotData
@@ -489,8 +456,86 @@ class FewShotExperiment:
         return out
 
 
+def build_fewshot_experiment(
+    cfg: FewShotRunConfig | Mapping[str, Any],
+    data: FewShotData | None = None,
+    device: str | torch.device | None = "auto",
+) -> FewShotExperiment:
+    """Data, embedding model, episodic method and episode loader for a few-shot config (seeded).
+
+    Args:
+        cfg: a :class:`FewShotRunConfig` or a config dict (a loaded YAML with ``task: fewshot``).
+        data: an already loaded dataset (skips reading the files again, e.g. across seeds).
+        device: where the model and the episodes go (``"auto"``: CUDA when available).
+
+    The model is ``create_model(model.name, num_classes=0, ...)``: the embedding network, with
+    the dataset's meta-train mean/std inside it when ``model.normalize``.
+
+    Example:
+        >>> exp = build_fewshot_experiment({"task": "fewshot", "data": {"episodes": 2}})  # doctest: +SKIP
+        >>> len(exp.loader), exp.method.name                                             # doctest: +SKIP
+        (2, 'protonet')
+    """
+    cfg = cfg if isinstance(cfg, FewShotRunConfig) else fewshot_config(cfg)
+    seed_everything(cfg.seed)
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
+    d = cfg.data
+    if data is None:
+        data = FEWSHOT_DATASETS.get(d.name)(root=d.root, download=d.download, **dict(d.options))
+    m = cfg.model
+    mean, std = data.stats() if m.normalize else (None, None)
+    model = create_model(
+        m.name, num_classes=0, in_channels=data.in_channels, mean=mean, std=std,
+        attention=None if m.attention == "none" else m.attention, channels_last=bool(m.channels_last), **dict(m.options),
+    )  # fmt: skip
+    device = resolve_device(device)
+    model.to(device)
+    method = lookup("method").create(cfg.method.name, **dict(cfg.method.params))  # methods build on the tasks
+    sampler = EpisodeSampler(data.train, d.n_way, d.k_shot, d.n_query, seed=cfg.seed)
+    loader = EpisodeLoader(sampler, d.episodes, seed=cfg.seed, device=device)
+    return FewShotExperiment(cfg, data, model, method, loader)
+
+
+def format_fewshot_results(results: Mapping[str, Any]) -> str:
+    """One line per evaluation: ``5way1shot  xx.xx % +- y.yy  (n=600 episodes)``."""
+    return "\n".join(f"{key:<24} {100 * r['mean']:6.2f} % +- {100 * r['ci95']:.2f}  (n={r['n']} episodes)"
+                     for key, r in results.items())
+
+
+class FewShotRunTask(RunTask):
+    """Few-shot learning: prototypical episodes, accuracy +- 95% CI (AAL paper, Sec. 4.3)."""
+
+    name = "fewshot"
+    config_type = FewShotRunConfig
+
+    def config_from_dict(self, raw: Mapping[str, Any], validate: bool = True) -> FewShotRunConfig:
+        return fewshot_config(raw, validate=validate)
+
+    def build(self, cfg: FewShotRunConfig, device: torch.device, data: FewShotData | None = None) -> TaskExperiment:
+        exp = build_fewshot_experiment(cfg, data, device)
+        return TaskExperiment(
+            cfg=exp.cfg, model=exp.model, method=exp.method, loader=exp.loader, native=exp,
+            epoch_eval=exp.epoch_eval_fn(), final_eval=lambda progress: exp.final_eval(progress=progress),
+            result_fields=lambda results: {"fewshot": results, "episodes_per_epoch": exp.cfg.data.episodes},
+        )  # fmt: skip
+
+    def evaluate(self, native: FewShotExperiment, n: int | None = None) -> dict[str, dict[str, Any]]:
+        return native.final_eval(episodes=n)
+
+    def format_result(self, result: Mapping[str, Any]) -> str:
+        return format_fewshot_results(result)
+
+
+FEWSHOT = register_task(FewShotRunTask())
+
+
 __all__ = [
     "ATTACK_LOSSES",
+    "FEWSHOT",
+    "FewShotRunTask",
+    "build_fewshot_experiment",
+    "format_fewshot_results",
     "FewShotDataConfig",
     "FewShotEvalConfig",
     "FewShotExperiment",

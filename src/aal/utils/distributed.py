@@ -27,6 +27,21 @@ def get_world_size() -> int:
     return dist.get_world_size() if is_initialized() else 1
 
 
+def per_process_batch(global_batch: int, world_size: int) -> int:
+    """``global_batch // world_size``; ``ValueError`` (naming both) when it does not divide.
+
+    Example:
+        >>> per_process_batch(128, 2)
+        64
+    """
+    if world_size < 1 or global_batch % world_size:
+        raise ValueError(
+            f"data.batch_size={global_batch} is the global batch and must be divisible by the number of "
+            f"processes ({world_size}); choose e.g. data.batch_size={max(1, global_batch // world_size) * world_size}"
+        )
+    return global_batch // world_size
+
+
 # ----------------------------------------------------------------------------- collectives
 def _comm_device() -> torch.device:
     # nccl moves CUDA tensors only; gloo works on CPU tensors
@@ -65,4 +80,4 @@ def shard_indices(total: int, rank: int | None = None, world_size: int | None = 
     return torch.arange(total)[rank::world_size]
 
 
-__all__ = ["all_reduce_", "get_rank", "get_world_size", "is_initialized", "shard_indices"]
+__all__ = ["all_reduce_", "get_rank", "get_world_size", "is_initialized", "per_process_batch", "shard_indices"]
