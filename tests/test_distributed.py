@@ -46,7 +46,16 @@ CASES = {
     # the gate without BatchNorm: with it, each process normalises its own half of the batch (plain
     # DDP semantics, no SyncBatchNorm), so 2 processes could not equal 1 process exactly
     "aal_fixed": ("aal_fgsm", {"eps": 0.1, "adv_attention": "fixed", "schedule": "clean_then_adv"}, "cbam_nobn"),
+    # bf16 autocast over the step (attack included) under DDP: gradients are still reduced in fp32
+    "pgd_at_bf16": ("pgd_at", {"eps": 0.1, "steps": 2, "rand_init": False}, None),
 }
+PRECISION = {"pgd_at_bf16": "bf16"}  # the others train in fp32
+# bf16 rounds each half batch's activations on its own (oneDNN may also pick other kernels for a
+# batch of 16 than of 32): measured, the 2-process losses differ from 1 process by up to 4.1e-4
+# relative and the first conv's weights by 0.16 of their move, far above fp32's summation noise
+# but clearly below what no gradient averaging gives (1-6x the move, see assert_same_training).
+# (loss rtol, epoch-loss atol, weight tol):
+TOLERANCE = {"pgd_at_bf16": (2e-3, 2e-3, 0.3)}
 
 
 class Killed(Exception):
@@ -103,7 +112,7 @@ def make_trainer(case, train, test, run_dir=None, kill_at=None, epochs=EPOCHS, i
         return {**res.accuracy, "correct_fgsm": res.correct["fgsm"].tolist()}
 
     return Trainer(model, method, loader, opt, sched, epochs=epochs, run_dir=run_dir, evaluate_fn=eval_fn,
-                   progress=False, seed=0)
+                   progress=False, seed=0, precision=PRECISION.get(case, "fp32"))
 
 
 def run_case(case):
@@ -222,14 +231,16 @@ def test_two_processes_match_one_process(two_process_results, case):
     two = two_process_results[case]
     assert len(one["losses"]) == len(two["losses"]) == EPOCHS * (128 // GLOBAL_BATCH) * (2 if case == "aal_fixed" else 1)
     # the same loss curve, step by step, and the same final weights, up to float summation order
-    torch.testing.assert_close(two["losses"], one["losses"], rtol=1e-4, atol=1e-6)
+    loss_rtol, epoch_atol, weight_tol = TOLERANCE.get(case, (1e-4, 1e-5, 1e-2))
+    torch.testing.assert_close(two["losses"], one["losses"], rtol=loss_rtol, atol=1e-6)
     assert one["weights"].keys() == two["weights"].keys()
-    assert_same_training(one["weights"], two["weights"], initial_weights(case))
+    assert_same_training(one["weights"], two["weights"], initial_weights(case), tol=weight_tol)
     for (l1, n1, e1), (l2, n2, e2) in zip(one["records"], two["records"]):
         assert n1 == n2 == 128  # images counted over both ranks
-        assert abs(l1 - l2) < 1e-5
+        assert abs(l1 - l2) < epoch_atol
         # sharded evaluation, reduced: FGSM without random start is deterministic per point
-        assert e1 == e2
+        if case not in PRECISION:  # (bf16 training: the weights differ slightly, a point may flip)
+            assert e1 == e2
     # the unused attention layer got no gradient (None, not zeros) in AAL's second update
     assert all(two["attention_grad_none"]) and one["attention_grad_none"] == two["attention_grad_none"]
     if case == "aal_fixed":

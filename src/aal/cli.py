@@ -196,8 +196,13 @@ def _cmd_eval_model(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    from aal.config import check_precision_key
     from aal.engine.run import find_run_files
 
+    if args.precision != "fp32":  # refused where it would be ignored, and fp16 off CUDA
+        if args.model is not None or args.suite is not None:
+            raise ConfigError("--precision applies to --attacks on a run folder (suites and --model run in fp32)")
+        check_precision_key(args.precision, "auto")
     if args.model is not None:
         return _cmd_eval_model(args)
     if args.run is None:
@@ -207,6 +212,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
             raise ConfigError(f"--{flag.replace('_', '-')} applies to --model (a run folder has its own)")
     task = task_of(find_run_files(args.run)[0])
     if not task.attack_eval:
+        if args.precision != "fp32":
+            raise ConfigError(f"--precision applies to classification runs (this is a {task.name} run, evaluated in fp32)")
         return _eval_task(task, args)
     if args.suite is not None:
         return _cmd_eval_suite(args)
@@ -227,7 +234,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     cfg, model, bundle, eps = _load_for_eval(args)
     result = evaluate(
         model, bundle.test, attacks=attacks, eps=eps, batch_size=args.batch_size, n=args.n, seed=args.seed,
-        progress=not args.json and sys.stderr.isatty(),
+        progress=not args.json and sys.stderr.isatty(), precision=args.precision,
     )
     if args.json:
         print(json.dumps(result.to_dict(), indent=2))
@@ -447,6 +454,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--square-queries", type=int, default=1000, help="--suite full: Square queries in the checks")
     e.add_argument("--only", default=None, help="--suite full: comma-separated subset of the checks")
     e.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    e.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
+                   help="--attacks: arithmetic of the forwards and attacks (default fp32, whatever the run trained in)")
     e.add_argument("--no-malloc-tune", action="store_true")
     e.set_defaults(func=cmd_eval)
 

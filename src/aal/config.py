@@ -43,6 +43,7 @@ import yaml
 from aal.data.base import DataError
 from aal.data.limits import read_file_bounded
 from aal.registry import lookup
+from aal.utils.precision import check_precision
 
 
 class ConfigError(ValueError):
@@ -387,6 +388,10 @@ class RunConfigBase:
         logger: experiment tracking besides ``metrics.jsonl`` (always written): ``none``
             (default) or ``tensorboard`` (event files in ``RUN/tensorboard/``, needs the
             ``tensorboard`` package: ``pip install "aal[tensorboard]"``); see :mod:`aal.engine.tracking`.
+        precision: training arithmetic: ``fp32`` (default), ``bf16`` (autocast over the whole
+            training step, attacks included; CPU or CUDA) or ``fp16`` (CUDA only, with a loss
+            scaler); see :mod:`aal.utils.precision`. Evaluation runs in fp32 whatever this says.
+        compile: train through ``torch.compile(model)`` (default off; see :class:`aal.engine.Trainer`).
     """
 
     seed: int = 0
@@ -399,6 +404,8 @@ class RunConfigBase:
     checkpoint_every: int = 1
     grad_clip: float | None = None
     logger: str = "none"
+    precision: str = "fp32"
+    compile: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         """Plain, YAML/JSON-able nested dict in the file layout (flattened params/options)."""
@@ -614,6 +621,20 @@ def check_logger(name: Any) -> None:
                           '(pip install "aal[tensorboard]", or pip install tensorboard)')
 
 
+def check_precision_key(precision: Any, device: Any = "cpu") -> None:
+    """Refuse an unknown ``precision`` (listing :data:`aal.utils.precision.PRECISIONS`), and ``fp16`` off CUDA.
+
+    ``device`` is the run's (``cpu``, ``cuda[:N]``, or ``auto``: CUDA when available).
+
+    Raises:
+        ConfigError: naming the key.
+    """
+    try:
+        check_precision(precision, device)
+    except ValueError as err:
+        raise ConfigError(clip(str(err))) from None
+
+
 def check_run_fields(cfg: Any) -> None:
     """Validate the keys of :class:`RunConfigBase` and the ``optim``/``schedule`` sections of any
     task's run config (one check for every task, so none accepts what another refuses).
@@ -626,6 +647,8 @@ def check_run_fields(cfg: Any) -> None:
     _positive(cfg.threads, "threads")
     _positive(cfg.grad_clip, "grad_clip")
     check_logger(cfg.logger)
+    # a task without a device key trains where its runner puts it ("auto": CUDA when available)
+    check_precision_key(cfg.precision, getattr(cfg, "device", "auto"))
     o = cfg.optim
     if o.name not in ("sgd", "adam"):
         raise ConfigError(f"optim.name: must be sgd or adam, got {short(o.name)}")

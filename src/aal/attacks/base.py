@@ -447,7 +447,9 @@ class Attack:
         mask = check_mask(mask, x)
         with attack_mode(model, self.mode), torch.enable_grad():
             u = self.perturb(model, x, y, mask, self._generator(x))
-            return self.threat.apply(x, u.detach(), mask).detach()
+            # under autocast (bf16/fp16 training, aal.utils.precision) a perturbation may come back
+            # in the low dtype: the example is returned in the input's dtype whatever ran inside
+            return self.threat.apply(x, u.detach().to(x.dtype), mask).detach()
 
 
 class IterativeAttack(Attack):

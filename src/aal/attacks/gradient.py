@@ -31,6 +31,7 @@ def fgsm_from_grad(
     """
     threat = LinfThreat(eps)
     x = x.detach()
+    grad = grad.to(x.dtype)  # a gradient taken under autocast may be bf16: the example keeps x's dtype
     u = threat.init(x, None) if rand_init else torch.zeros_like(x)
     u = threat.box(x, u, mask)
     u = threat.project(threat.step(u, grad, eps if alpha is None else alpha))

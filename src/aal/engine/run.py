@@ -60,6 +60,7 @@ from aal.tasks.classification import (  # noqa: F401 (re-exported: their home be
     make_epoch_eval,
 )
 from aal.tasks.classification import build_experiment as _build_experiment
+from aal.utils.precision import precision_record
 from aal.utils.runtime import tune_malloc
 
 def check_training_numbers(cfg: Any) -> None:
@@ -199,6 +200,7 @@ def _run(task: RunTask, cfg: Any, resume: str | Path | None, log: Callable[[str]
             evaluate_fn=exp.epoch_eval, eval_every=exp.eval_every, checkpoint_every=cfg.checkpoint_every,
             progress=cfg.progress, grad_clip=cfg.grad_clip, seed=cfg.seed, config=cfg.to_dict(), logger=cfg.logger,
             preview=None if exp.preview is None else preview_batch(exp.preview), log_fn=log if exp.log_epochs else None,
+            precision=cfg.precision, compile=cfg.compile,
         )  # fmt: skip
         fit_or_resume(trainer, folder, resume is not None, log)
         history = run_history(folder, trainer)  # the whole run's epochs, across resumes and processes
@@ -215,6 +217,8 @@ def _run(task: RunTask, cfg: Any, resume: str | Path | None, log: Callable[[str]
             "history": history,
             "machine": machine_description(),
             "processes": dist_utils.get_world_size(),  # DDP processes that trained and evaluated
+            # training arithmetic, and the final evaluation's (fp32 unless a task's evaluation says otherwise)
+            "precision": precision_record(cfg.precision, getattr(result, "precision", "fp32")),
         }
         if main and folder is not None:
             (folder / "results.json").write_text(json.dumps(payload, indent=2, default=float))

@@ -33,12 +33,16 @@ from aal.engine import distributed as dist_utils
 from aal.engine.checkpoint import CheckpointError, decode_metadata, read_state, remove_stale_temporaries, resolve_checkpoint
 
 RESUME_MAY_CHANGE = ("epochs", "progress", "threads", "malloc_tune", "checkpoint_every", "out_dir", "name",
-                     "data.root", "data.download", "eval", "logger")
+                     "data.root", "data.download", "eval", "logger", "compile")
 """Config keys (and whole sections) a resumed run may change: more ``epochs`` extend it (the LR
 schedule is recomputed for the new length), the others do not touch the trained weights (the
 per-epoch and final evaluations run with the RNG state saved and restored, so ``eval.*`` only
 changes what is measured; ``out_dir``/``name``/``data.root`` follow a moved folder; ``logger`` only
-adds or drops a mirror of ``metrics.jsonl``)."""
+adds or drops a mirror of ``metrics.jsonl``; ``compile`` only changes how the same forwards run)."""
+
+ADDED_KEY_DEFAULTS: dict[str, Any] = {"precision": "fp32"}
+"""Config keys added after runs were already written, with the value those runs trained with
+(so resuming an older run does not see its missing key as a change)."""
 
 RUN_FILES = ("config.yaml", "metrics.jsonl", "results.json", "checkpoints")
 
@@ -155,7 +159,8 @@ def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
 def config_differences(saved: dict[str, Any], current: dict[str, Any], may_change: tuple[str, ...] = RESUME_MAY_CHANGE) -> list[str]:
     """Dotted keys whose values differ between two config dicts, except ``may_change`` (keys or sections)."""
     norm = lambda d: _flat(json.loads(json.dumps(d, default=str)))  # noqa: E731  (tuples -> lists)
-    a, b = norm(saved), norm(current)
+    # a checkpoint written before a key existed was trained with that key's default
+    a, b = {**ADDED_KEY_DEFAULTS, **norm(saved)}, {**ADDED_KEY_DEFAULTS, **norm(current)}
     free = lambda k: any(k == m or k.startswith(m + ".") for m in may_change)  # noqa: E731
     return sorted(k for k in a.keys() | b.keys() if not free(k) and a.get(k, "<absent>") != b.get(k, "<absent>"))
 

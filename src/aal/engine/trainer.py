@@ -45,6 +45,7 @@ from aal.config import check_logger
 from aal.engine import distributed as dist_utils
 from aal.engine.checkpoint import load_checkpoint, resolve_checkpoint, save_checkpoint
 from aal.engine.tracking import MetricsLogger, create_logger
+from aal.utils.precision import autocast_context, check_precision, make_grad_scaler
 from aal.utils.runtime import get_rng_state, is_main_process, seed_everything, set_rng_state, world_size
 
 
@@ -147,6 +148,15 @@ class Trainer:
             :meth:`fit` returns or fails.
         preview: ``(x, y)`` images whose attention maps the ``"tensorboard"`` logger draws
             each epoch for AAL methods (:func:`aal.engine.tracking.preview_batch`).
+        precision: ``"fp32"`` (default), ``"bf16"`` or ``"fp16"`` (CUDA only; with a
+            ``GradScaler``). Everything the method does for a step (clean forward, attack,
+            adversarial forward, loss) runs under autocast (:mod:`aal.utils.precision`); the
+            weights and the optimizer stay fp32, and backward, ``after_backward``, clipping and
+            the optimizer step run outside it.
+        compile: run the training forwards (and the method's attack forwards) through
+            ``torch.compile(model)`` (default off: compiling costs tens of seconds at the first
+            step and again when a mode or shape changes, worth it only for long runs). The
+            plain model is still what is checkpointed and evaluated.
 
     Distributed (one Trainer per process, e.g. under ``torchrun``): the method gets a
     :class:`~aal.engine.distributed.DDPModel` (training forwards through DDP, attack forwards on
@@ -177,6 +187,8 @@ class Trainer:
         find_unused_parameters: bool = True,
         logger: str | MetricsLogger | None = None,
         preview: tuple[Tensor, Tensor] | None = None,
+        precision: str = "fp32",
+        compile: bool = False,
     ) -> None:
         if int(epochs) < 1 or int(eval_every) < 1 or int(checkpoint_every) < 1:
             raise ValueError(
@@ -197,6 +209,13 @@ class Trainer:
         if isinstance(logger, str):
             check_logger(logger)  # a typo fails here, not after the first epoch
         self.logger, self.preview = logger, preview
+        params = next(iter(self.model.parameters()), None)
+        self.device = params.device if params is not None else torch.device("cpu")
+        self.precision = check_precision(precision, self.device)
+        self.scaler = make_grad_scaler(self.precision, self.device)  # None unless fp16 on CUDA
+        self.compiled = bool(compile)
+        if self.compiled:  # around the DDP wrapper when there is one (DDP's documented order)
+            self.train_model = torch.compile(self.train_model)
         self._tracker: MetricsLogger | None = None  # opened at the first record, closed by fit()
         self.start_epoch = 0  # the next epoch to run; set by resume()
         self.step = 0  # optimizer steps taken so far
@@ -293,18 +312,12 @@ class Trainer:
             batch = _to_device(batch, device)
             n = _batch_size(batch)
             model.train()  # every step: an evaluation or a method may have left it in eval mode
-            # A method may take several optimizer steps per batch (Method.updates yields one Output
-            # per step, lazily, so a later step sees the weights updated by the earlier one).
-            updates = self.method.updates(model, batch) if hasattr(self.method, "updates") else [self.method(model, batch)]
-            for out in updates:
+            for out in self._updates(model, batch):
                 opt.zero_grad(set_to_none=True)
-                out.loss.backward()
-                if hasattr(self.method, "after_backward"):
-                    self.method.after_backward(model)  # e.g. AWP puts back the weights it perturbed
-                if self.grad_clip is not None:
-                    meters.add("grad_norm", nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip), n)
+                grad_norm = self._backward_step(out.loss, model)
+                if grad_norm is not None:
+                    meters.add("grad_norm", grad_norm, n)
                 lr = opt.param_groups[0]["lr"]  # the lr this step used
-                opt.step()
             if self.scheduler is not None:
                 self.scheduler.step()  # per batch (iteration), whatever the number of steps
             self.step += 1
@@ -342,6 +355,44 @@ class Trainer:
             "images": images,
             "img_per_s": images / seconds if seconds > 0 else None,
         }
+
+    def _updates(self, model: nn.Module, batch: Any) -> Iterable[Any]:
+        """The method's outputs for one batch, each computed under the run's autocast.
+
+        A method may take several optimizer steps per batch (``Method.updates`` yields one Output
+        per step, lazily, so a later step sees the weights updated by the earlier one): each
+        ``next`` runs in its own autocast region, left before the trainer's backward and step.
+        """
+        with autocast_context(self.precision, self.device):
+            if hasattr(self.method, "updates"):
+                steps = iter(self.method.updates(model, batch))
+            else:
+                steps = iter([self.method(model, batch)])
+        while True:
+            with autocast_context(self.precision, self.device):
+                out = next(steps, None)
+            if out is None:
+                return
+            yield out
+
+    def _backward_step(self, loss: Tensor, model: nn.Module) -> Tensor | None:
+        """Backward, ``after_backward``, optional clipping and the optimizer step (fp32, outside
+        autocast); with an fp16 ``GradScaler`` the loss is scaled and the gradients unscaled
+        before clipping. Returns the pre-clip gradient norm when clipping is on."""
+        opt, scaler, grad_norm = self.optimizer, self.scaler, None
+        (loss if scaler is None else scaler.scale(loss)).backward()
+        if hasattr(self.method, "after_backward"):
+            self.method.after_backward(model)  # e.g. AWP puts back the weights it perturbed
+        if self.grad_clip is not None:
+            if scaler is not None:
+                scaler.unscale_(opt)  # clip the true gradients, not the scaled ones
+            grad_norm = nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
+        if scaler is None:
+            opt.step()
+        else:  # skips the step when the scaled gradients overflowed, and adapts the scale
+            scaler.step(opt)
+            scaler.update()
+        return grad_norm
 
     def _due(self, epoch: int, every: int) -> bool:
         return (epoch + 1) % every == 0 or epoch + 1 == self.epochs

@@ -40,6 +40,7 @@ from aal.attacks import check_images, from_spec
 from aal.eval.survivors import attack_survivors, clean_pass, fetcher
 from aal.utils.distributed import all_reduce_, get_rank, shard_indices
 from aal.utils.modes import eval_mode
+from aal.utils.precision import autocast_context, check_precision
 
 AttackFn = Callable[[nn.Module, Tensor, Tensor], Tensor]
 AttackSpec = str | AttackFn | tuple[str, AttackFn]
@@ -57,6 +58,7 @@ class EvalResult:
         seconds: wall-clock seconds per entry (``"clean"`` and each attack).
         cumulative: whether attacks ran on the survivors of the previous ones.
         correct: per-sample correctness (bool (n,) tensors) per entry; not part of :meth:`to_dict`.
+        precision: the arithmetic the forwards and attacks ran in (``fp32`` unless asked).
     """
 
     accuracy: dict[str, float]
@@ -65,6 +67,7 @@ class EvalResult:
     seconds: dict[str, float]
     cumulative: bool = False
     correct: dict[str, Tensor] = field(default_factory=dict, repr=False)
+    precision: str = "fp32"
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-serialisable summary (no tensors)."""
@@ -74,6 +77,7 @@ class EvalResult:
             "eps": float(self.eps),
             "seconds": {k: float(v) for k, v in self.seconds.items()},
             "cumulative": bool(self.cumulative),
+            "precision": self.precision,
         }
 
     def table(self) -> str:
@@ -84,7 +88,7 @@ class EvalResult:
             rows.append((name, f"{100 * acc:.2f}", "" if secs is None else f"{secs:.1f}"))
         w = [max(len(r[i]) for r in rows) for i in range(3)]
         lines = [f"{r[0]:<{w[0]}}  {r[1]:>{w[1]}}  {r[2]:>{w[2]}}" for r in rows]
-        lines.append(f"(n={self.n}, eps={self.eps:.4g}{', cumulative' if self.cumulative else ''})")
+        lines.append(f"(n={self.n}, eps={self.eps:.4g}{', cumulative' if self.cumulative else ''}, precision {self.precision})")
         return "\n".join(lines)
 
 
@@ -152,6 +156,7 @@ def evaluate(
     device: str | torch.device | None = None,
     cumulative: bool = False,
     distributed: bool = False,
+    precision: str = "fp32",
 ) -> EvalResult:
     """Clean accuracy, accuracy under each attack, and the per-sample worst case.
 
@@ -179,13 +184,17 @@ def evaluate(
             those of one process up to the attacks' random starts, which depend on the batch
             a point is in; deterministic attacks (FGSM, PGD without random start) give exactly
             the same result. Ignored on one process.
+        precision: ``"fp32"`` (default, whatever the model was trained with: a gradient taken in
+            lower precision makes a weaker attack, so robustness is measured in fp32 unless asked),
+            ``"bf16"`` or ``"fp16"`` (CUDA only): the clean pass and every attack run under that
+            autocast (:mod:`aal.utils.precision`). Recorded in the result.
 
     Returns:
         an :class:`EvalResult`.
 
     Raises:
         ValueError: images that are not finite, not in [0,1], or whose channel count differs
-            from the model's (:func:`aal.attacks.check_images`).
+            from the model's (:func:`aal.attacks.check_images`); an unknown ``precision``.
 
     Example:
         >>> import torch, aal
@@ -202,13 +211,14 @@ def evaluate(
     check_images(x_all[:1].float().div(255) if is_uint8 else x_all, model, "images")
     named = _named_attacks(attacks, eps, seed)
     device = model_device(model, device)
+    check_precision(precision, device)
     total = len(y_all)
     world = torch.distributed.get_world_size() if distributed and torch.distributed.is_initialized() else 1
     if world > 1:
         progress = progress and get_rank() == 0
 
     batch = fetcher(x_all, y_all, is_uint8, device)
-    with eval_mode(model):
+    with eval_mode(model), autocast_context(precision, device):
         # distributed: this rank's shard only; the others' points stay wrong until the reduce
         # below, so every attack pool (derived from the clean flags) is this rank's shard too
         state = clean_pass(model, batch, y_all, torch.arange(total) if world == 1 else shard_indices(total),
@@ -225,7 +235,7 @@ def evaluate(
         t = all_reduce_(torch.tensor(list(seconds.values()), dtype=torch.float64), "max")
         seconds = dict(zip(seconds, t.tolist()))  # the slowest rank's wall time
     accuracy = {k: _fraction(c) for k, c in correct.items()}
-    return EvalResult(accuracy, total, float(eps), seconds, cumulative, correct)
+    return EvalResult(accuracy, total, float(eps), seconds, cumulative, correct, precision)
 
 
 def accuracy(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 256) -> float:
