@@ -34,10 +34,11 @@ QUICK_S = 45
 
 # ----------------------------------------------------------------------------- helpers
 def _snapshot(root: Path) -> dict[str, tuple[int, int]]:
-    """``{relative path: (size, mtime_ns)}`` of the files under ``root`` (caches, .git and the
-    benchmarks' scratch folder aside: a benchmark or study running next to the tests writes there)."""
+    """``{relative path: (size, mtime_ns)}`` of the files under ``root`` (caches, .git and
+    ``benchmarks/`` aside: a benchmark or study running next to the tests writes its runs and
+    results there)."""
     out = {}
-    scratch = root / "benchmarks" / "out"
+    scratch = root / "benchmarks"
     for d, dirs, files in os.walk(root):
         dirs[:] = [x for x in dirs if x not in (".git", "__pycache__", ".pytest_cache") and Path(d) / x != scratch]
         for f in files:
