@@ -648,7 +648,10 @@ def check_run_fields(cfg: Any) -> None:
     _positive(cfg.grad_clip, "grad_clip")
     check_logger(cfg.logger)
     # a task without a device key trains where its runner puts it ("auto": CUDA when available)
-    check_precision_key(cfg.precision, getattr(cfg, "device", "auto"))
+    device = getattr(cfg, "device", "auto")
+    if not re.fullmatch(r"cpu|auto|cuda(:\d+)?", str(device)):  # before precision, which reads it
+        raise ConfigError(f"device: must be cpu, cuda, cuda:N or auto; got {str(device)[:80]!r}")
+    check_precision_key(cfg.precision, device)
     o = cfg.optim
     if o.name not in ("sgd", "adam"):
         raise ConfigError(f"optim.name: must be sgd or adam, got {short(o.name)}")
@@ -672,8 +675,6 @@ def validate_config(cfg: RunConfig) -> RunConfig:
     ATTENTION, DATASETS, METHODS, MODELS = (lookup(k) for k in ("attention", "dataset", "method", "model"))
 
     check_run_fields(cfg)
-    if not re.fullmatch(r"cpu|auto|cuda(:\d+)?", str(cfg.device)):
-        raise ConfigError(f"device: must be cpu, cuda, cuda:N or auto; got {str(cfg.device)[:80]!r}")
     d = cfg.data
     if d.name not in DATASETS:
         raise ConfigError(f"data.name: unknown dataset {short(d.name)} (known: {', '.join(DATASETS.names())})")
