@@ -47,6 +47,7 @@ from aal.engine.checkpoint import load_checkpoint, resolve_checkpoint, save_chec
 from aal.engine.tracking import MetricsLogger, create_logger
 from aal.utils.precision import autocast_context, check_precision, make_grad_scaler
 from aal.utils.runtime import get_rng_state, is_main_process, seed_everything, set_rng_state, world_size
+from aal.utils.serialize import jsonable
 
 
 class RunningMeans:
@@ -94,19 +95,6 @@ def _to_device(batch: Any, device: torch.device | None) -> Any:
     if isinstance(batch, dict):
         return {k: _to_device(v, device) for k, v in batch.items()}
     return batch
-
-
-def _jsonable(obj: Any) -> Any:
-    """Metrics as plain JSON types (0-d tensors and NumPy scalars become floats)."""
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, Tensor):
-        return obj.item() if obj.numel() == 1 else obj.tolist()
-    if hasattr(obj, "item") and callable(obj.item):  # NumPy scalar
-        return obj.item()
-    return obj
 
 
 class Trainer:
@@ -270,7 +258,7 @@ class Trainer:
                 # changes the trained weights, and a resumed run matches an uninterrupted one
                 rng = get_rng_state()
                 try:
-                    record["eval"] = _jsonable(self.evaluate_fn(self.model))
+                    record["eval"] = jsonable(self.evaluate_fn(self.model))
                 finally:
                     set_rng_state(rng)
                 record["eval_time"] = time.perf_counter() - t0

@@ -44,6 +44,7 @@ from aal.models import create_model
 from aal.tasks.base import RunTask, TaskExperiment, register_task
 from aal.utils.distributed import get_rank, get_world_size, per_process_batch
 from aal.utils.modes import eval_mode
+from aal.utils.serialize import jsonable
 from aal.utils.runtime import resolve_device, seed_everything
 from aal.tasks.detection_metrics import DetectionMAP, DetectionMetrics
 from aal.models.ssd import SSD, MultiBoxLossOutput, match_targets, multibox_loss, postprocess
@@ -402,16 +403,6 @@ def build_detection_experiment(
     return DetectionExperiment(cfg, train, val, test, model, method, task, loader)
 
 
-def _plain_json(v: Any) -> Any:
-    if isinstance(v, dict):
-        return {str(k): _plain_json(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [_plain_json(x) for x in v]
-    if isinstance(v, Tensor):
-        return v.item() if v.numel() == 1 else v.tolist()
-    return v
-
-
 class DetectionRunTask(RunTask):
     """Object detection: SSD on a VOC-layout dataset, VOC mAP@0.5 (AAL paper, Sec. 4.2)."""
 
@@ -429,7 +420,7 @@ class DetectionRunTask(RunTask):
         return TaskExperiment(
             cfg=c, model=exp.model, method=exp.method, loader=exp.loader, native=exp, epoch_eval=exp.epoch_eval(),
             final_eval=lambda progress: exp.final_eval(),
-            result_fields=lambda test: _plain_json({
+            result_fields=lambda test: jsonable({
                 "test": test, "image_size": c.data.image_size, "seed": c.seed, "train_images": len(exp.train),
                 "test_images": len(exp.test),
             }),
