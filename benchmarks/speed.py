@@ -7,8 +7,11 @@ What it prints (issue 7's goals), fp32, batch 128, random data (speed does not d
    FGSM run *as their users run them* (a plain Python subprocess: no malloc tuning, NCHW), on
    ResNet-18 (CIFAR stem, 3x32x32) and the small CNN (1x28x28), with the same weights and inputs.
    The two processes take turns (round-robin, alternating who goes first), so machine noise hits
-   both alike, and only one of them computes at any time. FGSM examples are compared pixel by
-   pixel: with the same memory format the same arithmetic must give identical examples.
+   both alike, and only one of them computes at any time. aal's attacks fold BatchNorm into the
+   convolutions by default (``aal.utils.fold``); the same aal attacks with ``fold_bn=False`` are
+   timed in the same rounds, so the fold's own gain is a ratio from one run. FGSM examples are
+   compared pixel by pixel: with the same memory format and no folding, the same arithmetic must
+   give identical examples.
 2. The hardware's fp32 peak (best of a few big matmuls), a ResNet-18 training step's achieved
    GFLOP/s against it (FLOPs counted with ``torch.utils.flop_counter.FlopCounterMode``: the
    convolutions and matmuls of forward + backward), and a PGD-10-AT step (10 input-gradient
@@ -411,10 +414,12 @@ def main(argv=None) -> int:
     peer = Peer(f"{tmp}/state.pt", args.device)
 
     aal_attacks = {"pgd10": PGD(EPS, steps=STEPS, step_size=ALPHA, rand_init=True), "fgsm": FGSM(EPS)}
+    # the same attacks with BatchNorm left unfolded (aal.utils.fold): the fold's own gain, side by side
+    unfolded = {"pgd10": PGD(EPS, steps=STEPS, step_size=ALPHA, rand_init=True, fold_bn=False), "fgsm": FGSM(EPS, fold_bn=False)}
     cases = [(m, a) for m in MODELS for a in ("pgd10", "fgsm")]
     # the cheap cases get more rounds: their times are short and noisier
     rounds = {c: args.repeats if c == ("resnet18", "pgd10") else 2 * args.repeats for c in cases}
-    times = {c: {"aal": [], "torchattacks": []} for c in cases}
+    times = {c: {"aal": [], "torchattacks": [], "aal_unfolded": []} for c in cases}
     peaks = [matmul_peak(dev, args.peak_n, repeats=3)]  # sampled through the run; the best counts
     for c in cases:  # warm-up both sides (lazy init, first allocations); a PGD step allocates what
         if c[1] != "fgsm":  # an FGSM call does, so the costly PGD-10 needs no warm-up call of its own
@@ -428,10 +433,12 @@ def main(argv=None) -> int:
             if r >= rounds[c]:
                 continue
             m, (x, y) = models[c[0]][0], data[c[0]]
-            sides = ["aal", "torchattacks"] if r % 2 == 0 else ["torchattacks", "aal"]
+            sides = ["aal", "aal_unfolded", "torchattacks"] if r % 2 == 0 else ["torchattacks", "aal_unfolded", "aal"]
             for side in sides:
                 if side == "aal":
                     times[c]["aal"].append(timed(lambda: aal_attacks[c[1]](m, x, y), dev))
+                elif side == "aal_unfolded":
+                    times[c]["aal_unfolded"].append(timed(lambda: unfolded[c[1]](m, x, y), dev))
                 else:
                     times[c]["torchattacks"].append(peer.ask(op="time", model=c[0], attack=c[1])["seconds"])
 
@@ -448,7 +455,7 @@ def main(argv=None) -> int:
         if cl:  # the same model in NCHW: the same arithmetic as torchattacks
             nchw = create_model(name, num_classes=10, in_channels=MODELS[name][0]).to(dev).eval()
             nchw.load_state_dict(saved[name]["weights"])
-            o2 = aal_attacks["fgsm"](nchw, saved[name]["x"].to(dev), y).cpu()
+            o2 = unfolded["fgsm"](nchw, saved[name]["x"].to(dev), y).cpu()  # unfolded: the same arithmetic
             row["nchw_identical"] = bool(torch.equal(o2, ref))
             row["nchw_differ_frac"] = float((o2 != ref).float().mean())
         fgsm_check[name] = row
@@ -499,21 +506,23 @@ def main(argv=None) -> int:
     say()
     say(f"1. attacks, fp32, batch {BATCH}, eps 8/255 (PGD-10: alpha 2/255, random start); median seconds per batch;")
     say("   speed-up = torchattacks time / aal time, from wall time and from each process's CPU time")
+    say("   (aal unfolded: the same aal attack with fold_bn=False, i.e. BatchNorm not folded into the convolutions;")
+    say("   fold gain = unfolded time / aal time; the small CNN has no BatchNorm, so there both run the same code)")
     say(f"   {'model':<10} {'attack':<7} {'aal s':>8} {'torchattacks s':>15} {'speed-up':>9} {'(CPU time)':>11} "
-        f"{'goal':>6}  rounds")
+        f"{'goal':>6}  {'unfolded s':>10} {'fold gain':>9}  rounds")
     goals = {"resnet18": 1.5, "small_cnn": 1.25}
     for c in cases:
-        a, t = (statistics.median(w for w, _ in times[c][k]) for k in ("aal", "torchattacks"))
+        a, t, u = (statistics.median(w for w, _ in times[c][k]) for k in ("aal", "torchattacks", "aal_unfolded"))
         ac, tc = (statistics.median(cpu for _, cpu in times[c][k]) for k in ("aal", "torchattacks"))
         say(f"   {c[0]:<10} {c[1]:<7} {a:>8.3f} {t:>15.3f} {t / a:>8.2f}x {tc / ac:>10.2f}x {goals[c[0]]:>5.2f}x  "
-            f"{rounds[c]}")
+            f"{u:>10.3f} {u / a:>8.2f}x  {rounds[c]}")
     say()
     say("   FGSM examples, aal vs torchattacks (same weights, same inputs):")
     for name, r in fgsm_check.items():
         line = (f"   {name:<10} identical={r['identical']} (pixels differing {100 * r['differ_frac']:.4f}%, "
                 f"max |diff| {r['max_abs']:.4g})")
         if "nchw_identical" in r:
-            line += f"; aal on the same model in NCHW: identical={r['nchw_identical']}"
+            line += f"; aal (fold_bn=False) on the same model in NCHW: identical={r['nchw_identical']}"
         say(line)
     say()
     med = {k: (statistics.median(w for w, _ in v), statistics.median(c for _, c in v)) for k, v in step_times.items()}
