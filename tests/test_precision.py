@@ -188,6 +188,29 @@ def test_grad_scaler_path_scales_unscales_before_clipping_and_keeps_awp_working(
         torch.testing.assert_close(weights[1][k], weights[0][k], rtol=1e-5, atol=1e-6)
 
 
+def test_grad_scaler_state_is_checkpointed_and_restored(tmp_path):
+    """fp16's loss scale survives a checkpoint: a resumed run continues with the scale it had
+    (a fresh scaler would restart at 2**16 and skip steps re-learning it). CPU scaler stands in."""
+    batch = fixed_batch()
+
+    def trainer_with(scaler, run_dir):
+        torch.manual_seed(0)
+        model = aal.create_model("small_cnn")
+        opt = build_optimizer(model, "sgd", lr=0.05)
+        t = Trainer(model, create_method("fgsm_at", eps=0.1), [batch], opt, epochs=1, progress=False, run_dir=run_dir)
+        t.scaler = scaler
+        return t
+
+    first = trainer_with(torch.amp.GradScaler("cpu", init_scale=2.0**20, growth_interval=1), tmp_path / "run")
+    first.fit()
+    first.scaler.update(2.0**7)  # a scale no fresh scaler would have
+    first.save_checkpoint(1)
+    resumed = trainer_with(torch.amp.GradScaler("cpu"), None)
+    resumed.load(tmp_path / "run")
+    assert resumed.scaler.get_scale() == 2.0**7
+    assert resumed.scaler.state_dict() == first.scaler.state_dict()
+
+
 @pytest.mark.skipif(not FMNIST.exists(), reason="Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")
 def test_precision_round_trips_into_config_and_results_and_aal_eval(tmp_path, capsys):
     from aal.cli import main
@@ -206,18 +229,28 @@ def test_precision_round_trips_into_config_and_results_and_aal_eval(tmp_path, ca
     assert "precision bf16" in capsys.readouterr().out
 
 
-@pytest.mark.slow  # torch.compile: 38 s of compilation (inductor, CPU) measured here
-def test_compile_option_trains_a_step_like_eager():
+COMPILE_METHODS = {  # method -> (kwargs, attention): the attack inside the step is compiled too
+    "pgd_at": ({"eps": 0.1, "steps": 2, "rand_init": False}, None),
+    "trades": ({"eps": 0.1, "steps": 2}, None),
+    "mart": ({"eps": 0.1, "steps": 2}, None),
+    "aal_fgsm": ({"eps": 0.1}, "cbam"),
+}
+
+
+@pytest.mark.slow  # torch.compile: 30-40 s of compilation per method (inductor, CPU) measured here
+@pytest.mark.parametrize("name", sorted(COMPILE_METHODS))
+def test_compile_option_trains_a_step_like_eager(name):
     from aal.config import load_config
 
     assert load_config(None).compile is False and load_config(None, ["compile=true"]).compile is True
+    kwargs, attention = COMPILE_METHODS[name]
     batch, weights = fixed_batch(), []
     for compiled in (False, True):
         torch.manual_seed(0)
-        model = aal.create_model("small_cnn")
+        model = aal.create_model("small_cnn", attention=attention)
         opt = build_optimizer(model, "sgd", lr=0.05, momentum=0.9)
-        method = create_method("pgd_at", eps=0.1, steps=2, rand_init=False)
-        trainer = Trainer(model, method, [batch], opt, epochs=1, progress=False, compile=compiled)
+        method = create_method(name, **kwargs)
+        trainer = Trainer(model, method, [batch], opt, epochs=1, progress=False, compile=compiled, seed=0)
         assert (trainer.train_model is not model) == compiled and trainer.model is model
         trainer.fit()
         weights.append(model.state_dict())

@@ -450,6 +450,8 @@ class Trainer:
         extra = {"config": self.config, "epochs": self.epochs, "step": self.step, "record": record}
         if rank_rng is not None:
             extra["rank_rng"] = rank_rng
+        if self.scaler is not None:  # fp16's loss scale: a resumed run continues with it, not from 2**16
+            extra["grad_scaler"] = self.scaler.state_dict()
         try:
             return save_checkpoint(
                 self.checkpoint_path, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler,
@@ -476,6 +478,9 @@ class Trainer:
         )
         self.start_epoch, self._resumed = meta["epoch"], True
         self.step = int(meta["extra"].get("step", 0))
+        scaler_state = meta["extra"].get("grad_scaler")
+        if self.scaler is not None and scaler_state:
+            self.scaler.load_state_dict(scaler_state)
         # distributed: each rank continues its own random streams (no-op on one process)
         dist_utils.restore_rank_rng(meta["extra"].get("rank_rng"), fallback_seed=(self.seed or 0) + 7919 * self.start_epoch)
         if self.run_dir is None and ckpt.parent.name == "checkpoints":
