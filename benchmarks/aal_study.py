@@ -61,7 +61,8 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 OUT = ROOT / "benchmarks" / "out" / "aal_study"  # working run folders (checkpoints; not in git)
 RECORDS = RESULTS / "aal_study_runs"  # the small files of every finished run (in git): the cache across checkouts
-PUBLISHED = ("config.yaml", "metrics.jsonl", "results.json", "study.json", "correct.npz")
+PUBLISHED = ("config.yaml", "metrics.jsonl", "results.json", "study.json", "correct.npz", "suite_correct.npz")
+EOT_N = 20  # EOT draws per attack step for randomised models in the suite phase
 SHARED_CIFAR = ROOT.parent / "shared" / "data" / "cifar10"
 K_RANGE, K_STD_MIN = (0.2, 0.8), 0.1  # the degeneracy rule
 
@@ -93,6 +94,13 @@ class Arm:
     label: str
     matched: str | None = None  # eps = eps x mean k (over epochs) of this arm's run with the same seed
     control_of: str | None = None  # the arm it is compared with
+    needs: tuple[tuple[str, str], ...] = ()  # (config key, arm): key = that arm's same-seed run folder
+    drop: tuple[str, ...] = ()  # dataset overrides (by key prefix) that do not apply to this arm
+    study: str = "aal"  # "aal" (this study's report) or "rank" (only benchmarks/methods_rank.py's)
+
+
+def _rank(base: str, label: str, *over: str, needs: tuple[tuple[str, str], ...] = (), drop: tuple[str, ...] = ()) -> Arm:
+    return Arm(base, over, label, needs=needs, drop=drop, study="rank")
 
 
 def _aal(label: str, *over: str, control_of: str | None = "aal_fgsm") -> Arm:
@@ -125,6 +133,18 @@ ARMS = {
     "aal_pgd": Arm("aal_pgd.yaml", (), "AAL+PGD (paper defaults)", control_of="pgd_at"),
     "aal_pgd_uniform": Arm("aal_pgd.yaml", ("method.mask_control=uniform",), "AAL+PGD, uniform budget", control_of="aal_pgd"),
     "aal_pgd_anti": Arm("aal_pgd.yaml", ("method.mask_control=anti",), "AAL+PGD, anti-selective budget", control_of="aal_pgd"),
+    # the seed methods ranked by benchmarks/methods_rank.py (issue 16), same model/data/schedule as above
+    "standard": _rank("standard.yaml", "standard training (AToP's classifier)"),
+    "trades": _rank("trades.yaml", "TRADES (beta 6)"),
+    "awp_pgd_at": _rank("awp_pgd_at.yaml", "AT-AWP (PGD-10, gamma 0.01)"),
+    "awp_trades": _rank("awp_trades.yaml", "TRADES-AWP (beta 6, gamma 0.005)"),
+    "mart": _rank("mart.yaml", "MART (beta 6)"),
+    "uiat": _rank("uiat.yaml", "UIAT (eps_inv 0.05, beta 1)"),
+    "spat": _rank("spat.yaml", "SPAT (cosine head, beta 6)"),
+    "atop_pretrain": _rank("atop_pretrain.yaml", "AToP stage 1: purifier reconstruction", needs=(("model.classifier_run", "standard"),),
+                           drop=("model.attention",)),
+    "atop": _rank("atop_finetune.yaml", "AToP (RT2, U-Net purifier + standard classifier)",
+                  needs=(("model.classifier_run", "standard"), ("model.purifier_run", "atop_pretrain")), drop=("model.attention",)),
 }  # fmt: skip
 MAIN = ["fgsm_at", "aal_fgsm", "aal_fgsm_uniform", "aal_fgsm_shuffle", "aal_fgsm_anti", "fgsm_at_matched"]
 DIAG = ("mask_mean", "mask_std", "m_mean", "m_std", "backtracked_frac", "trigger_frac", "sal_fg_corr")
@@ -145,7 +165,13 @@ def identity(cfg) -> dict:
     """
     d = {k: v for k, v in cfg.to_dict().items() if k not in ("out_dir", "name")}
     d["data"] = {k: v for k, v in d["data"].items() if k != "root"}
+    for key in RUN_KEYS:  # another run's folder: its name (arm, seed, config hash), not where it lies
+        if isinstance(d["model"].get(key), str):
+            d["model"][key] = Path(d["model"][key]).name
     return d
+
+
+RUN_KEYS = ("classifier_run", "purifier_run")  # model keys that name another run's folder
 
 
 def run_dir_for(dataset: str, arm: str, seed: int, overrides: list[str]) -> Path:
@@ -174,7 +200,8 @@ def finished_record(dataset: str, arm: str, seed: int, overrides: list[str]) -> 
 
 def overrides_for(dataset: str, arm: str, seed: int) -> list[str]:
     ds, a = DATASETS[dataset], ARMS[arm]
-    over = [*ds.overrides, f"seed={seed}", "progress=false", "threads=1", "checkpoint_every=1", "eval.n=null",
+    kept = [o for o in ds.overrides if not o.startswith(a.drop)] if a.drop else list(ds.overrides)
+    over = [*kept, f"seed={seed}", "progress=false", "threads=1", "checkpoint_every=1", "eval.n=null",
             "eval.attacks=[clean,pgd20]", *a.overrides]
     if dataset == "cifar10":
         over.append(f"data.root={os.environ.get('AAL_CIFAR10', SHARED_CIFAR)}")
@@ -184,6 +211,13 @@ def overrides_for(dataset: str, arm: str, seed: int) -> list[str]:
             raise LookupError(f"{arm} seed {seed} needs the finished {a.matched} run of the same seed first")
         mean_k = statistics.fmean(ref["per_epoch"]["mask_mean"])  # the budget averaged over training
         over.append(f"method.eps={_eps_value(ds.eps) * mean_k:.6f}")
+    for key, needed in a.needs:  # a pipeline stage: the same seed's run of the arm it builds on
+        ref = load_record(dataset, needed, seed)
+        folder = OUT / dataset / Path(ref["run_dir"]).name if ref else None
+        if folder is None or not (folder / "checkpoints").exists():
+            raise LookupError(f"{arm} seed {seed} needs the {needed} run of the same seed, with its checkpoint, "
+                              f"in {OUT / dataset} (train it first: --arms {needed},{arm})")
+        over.append(f"{key}={folder}")
     return over
 
 
@@ -284,10 +318,18 @@ def suite_one(dataset: str, arm: str, seed: int, n: int) -> None:
     if not (run_dir / "checkpoints").exists():
         print(f"  {run_dir.name}: no checkpoint in this checkout; suite not run", flush=True)
         return
+    import numpy as np
+
+    from aal.eval import is_randomized
+
     out = run_dir / "eval" / "study_suite_standard.json"
     cfg, model, bundle = load_run(run_dir)
-    res = run_suite(model, bundle.test, "standard", eps=_eps_value(DATASETS[dataset].eps), n=n,
+    # a randomised model (AToP's random transforms) gets AutoAttack's version for randomised defences,
+    # APGD-CE -> APGD-DLR with EOT over 20 draws per step; the record says which suite ran
+    suite = "rand" if is_randomized(model, bundle.test.images[:32].float().div(255)) else "standard"
+    res = run_suite(model, bundle.test, suite, eps=_eps_value(DATASETS[dataset].eps), n=n, eot="auto", eot_n=EOT_N,
                     state_path=run_dir / "eval" / f"study_suite_state_{n}.json")
+    np.savez_compressed(run_dir / "suite_correct.npz", **{k: v.cpu().numpy() for k, v in res.correct.items()})
     out.write_text(json.dumps(res.to_dict(), indent=1))
     publish(run_dir, dataset)
 
@@ -389,6 +431,8 @@ def report() -> str:
              f"last training epoch. Degeneracy rule: an AAL arm tests selectivity only if its last-epoch mean budget k is in "
              f"[{K_RANGE[0]}, {K_RANGE[1]}] and the per-image std of k is >= {K_STD_MIN}.", ""]
     doc = {}
+    all_recs = {d: {k: r for k, r in recs.items() if ARMS[k[0]].study == "aal"} for d, recs in all_recs.items()}
+    all_recs = {d: recs for d, recs in all_recs.items() if recs}
     for dataset, recs in sorted(all_recs.items()):
         arms = [a for a in ARMS if any(k[0] == a for k in recs)]
         src = next(iter(recs.values()))["source"]

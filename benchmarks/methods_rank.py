@@ -1,0 +1,273 @@
+"""The seed methods ranked by a comparison that can rank them (issue 16, item 3).
+
+Every method trains the same model on the same data with the same schedule: the AAL study's
+Fashion-MNIST setting (``benchmarks/aal_study.py``: small CNN + input-level CBAM, **all 60,000
+training images, 5 epochs**, batch 128, SGD lr 0.05 cosine, eps 0.1; AToP: its own purifier stages,
+5 epochs each, on top of a standard-trained classifier of that architecture). Runs, caching,
+resuming and publishing are the AAL study's (``aal_study.train_one`` / ``suite_one``: a run folder
+per arm, seed and config hash in ``benchmarks/out/aal_study/``; finished runs' small files in
+``benchmarks/results/aal_study_runs/``, committed, never retrained). Evaluation per run: clean and
+PGD-20 on the full test set (10,000 images; AToP's PGD-20 there draws one random transform per
+step, no EOT), then the standard suite (APGD-CE -> APGD-T -> FAB-T -> Square, AutoAttack's
+standard version) on the first ``--suite-n`` test images, or for a randomised model (AToP)
+AutoAttack's ``rand`` version (APGD-CE -> APGD-DLR) with EOT over 20 draws per step.
+
+What the report states and tests:
+
+* **Left chance by the end of epoch 1**: the epoch-1 PGD-10 accuracy on the epoch-evaluation
+  images (the first 1,000 test images) must be at least twice chance (20 %); the table says
+  per method whether every seed did. **Close to converged**: the change of that accuracy over the
+  last epoch, in points (the per-epoch curves are plotted).
+* **"A beats B"** only where a hierarchical bootstrap over seeds and test images (2,000 resamples:
+  seeds with replacement, then images with replacement within each drawn seed, on the per-image
+  outcomes) puts the difference's two-sided p below 0.05 after Holm's correction over all pairs of
+  that column; otherwise "no difference measured". The paired t-test over seeds is given next to
+  it. The suite column uses the suite's images only.
+
+    python benchmarks/methods_rank.py train --seeds 0 --lock /tmp/aal-study.lock   # ~6 h per seed, 1 thread
+    python benchmarks/methods_rank.py suite --seeds 0 --suite-n 1000
+    python benchmarks/methods_rank.py report
+
+``train`` and ``suite`` can run in several processes (``--methods``, ``--seeds``) and on
+several days; a killed run resumes from its last epoch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import aal_study as study  # noqa: E402
+
+DATASET = "fashion_mnist"
+METHODS = ["pgd_at", "trades", "awp_pgd_at", "awp_trades", "mart", "uiat", "spat", "aal_pgd", "atop"]
+PREREQUISITES = {"atop": ["standard", "atop_pretrain"]}  # pipeline stages trained first, same seed
+CHANCE, LEFT_CHANCE = 0.1, 0.2  # 10 classes; the epoch-1 rule: robust accuracy >= 2x chance
+COLUMNS = {"clean": "clean (10k)", "pgd20": "PGD-20 (10k)", "suite": "suite (n)"}
+ALPHA, BOOT = 0.05, 2000
+OUT_NAME = "methods_rank"
+
+
+def train(methods: list[str], seeds: list[int], lock: str | None) -> None:
+    for seed in seeds:  # seed-major: a cut-short study still has whole seeds
+        for m in methods:
+            for arm in [*PREREQUISITES.get(m, []), m]:
+                t0 = time.time()
+                with study._held(lock):
+                    print(f"[{time.strftime('%H:%M:%S')}] train {arm} seed {seed}", flush=True)
+                    r = study.train_one(DATASET, arm, seed)
+                print(f"  clean {r['accuracy']['clean']:.4f} pgd20 {r['accuracy']['pgd20']:.4f} "
+                      f"({time.time() - t0:.0f} s)", flush=True)
+
+
+def suite(methods: list[str], seeds: list[int], n: int, lock: str | None) -> None:
+    for seed in seeds:
+        for m in methods:
+            with study._held(lock):
+                print(f"[{time.strftime('%H:%M:%S')}] suite {m} seed {seed} (n={n})", flush=True)
+                study.suite_one(DATASET, m, seed, n)
+
+
+# ----------------------------------------------------------------------------- statistics
+def outcomes(rec: dict, column: str):
+    """Per-image outcomes (bool array) of a run for a column; None when not measured."""
+    import numpy as np
+
+    root = study.ROOT / rec["run_dir"]
+    if column == "suite":
+        path = root / "suite_correct.npz"
+        return np.load(path)["robust"] if path.exists() else None
+    return np.load(root / "correct.npz")[column]
+
+
+def bootstrap_p(a: dict, b: dict, rng, reps: int = BOOT) -> tuple[float, float, float]:
+    """Hierarchical bootstrap of mean(A) - mean(B) over seeds, then images (paired: the same
+    images for both). ``a``/``b``: seed -> per-image bool array. Returns (p two-sided, lo, hi) of
+    the 95 % interval, in points."""
+    import numpy as np
+
+    seeds = sorted(set(a) & set(b))
+    diffs = np.empty(reps)
+    per_seed = {s: a[s].astype(np.float64) - b[s].astype(np.float64) for s in seeds}
+    n = len(next(iter(per_seed.values())))
+    for i in range(reps):
+        drawn = rng.choice(seeds, size=len(seeds), replace=True)
+        diffs[i] = np.mean([per_seed[s][rng.integers(0, n, n)].mean() for s in drawn])
+    p = 2 * min((diffs <= 0).mean(), (diffs >= 0).mean())
+    return float(min(p, 1.0)), float(100 * np.percentile(diffs, 2.5)), float(100 * np.percentile(diffs, 97.5))
+
+
+def holm(pvals: list[float]) -> list[float]:
+    """Holm-Bonferroni adjusted p-values, in the input order."""
+    order = sorted(range(len(pvals)), key=lambda i: pvals[i])
+    adj, running = [0.0] * len(pvals), 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (len(pvals) - rank) * pvals[i]))
+        adj[i] = running
+    return adj
+
+
+def curve(rec: dict) -> list[float | None]:
+    """Per-epoch PGD-10 accuracy on the epoch-evaluation images."""
+    return [next((v for k, v in e.items() if k.startswith("test_pgd")), None) for e in rec["epoch_eval"]]
+
+
+def collect() -> dict:
+    recs = study.collect().get(DATASET, {})
+    return {k: r for k, r in recs.items() if k[0] in METHODS}
+
+
+def analyse(recs: dict) -> dict:
+    import numpy as np
+
+    rows = []
+    for m in METHODS:
+        rs = [recs[k] for k in sorted(recs) if k[0] == m]
+        if not rs:
+            continue
+        vals = {c: [100 * r["accuracy"][c] for r in rs] for c in ("clean", "pgd20")}
+        vals["suite"] = [100 * r["suite"]["accuracy"]["robust"] for r in rs if r["suite"]]
+        curves = [curve(r) for r in rs]
+        first = [c[0] for c in curves if c and c[0] is not None]
+        last_delta = [100 * (c[-1] - c[-2]) for c in curves if len(c) > 1 and None not in c[-2:]]
+        suites = {r["suite"]["suite"] for r in rs if r["suite"]}
+        rows.append({
+            "method": m, "label": study.ARMS[m].label, "seeds": [r["seed"] for r in rs],
+            "mean": {c: statistics.fmean(v) if v else None for c, v in vals.items()},
+            "std": {c: statistics.stdev(v) if len(v) > 1 else None for c, v in vals.items()},
+            "values": vals, "suite_n": next((r["suite"]["n"] for r in rs if r["suite"]), None),
+            "suite_name": "/".join(sorted(suites)) or None,
+            "epoch1_pgd10": first, "left_chance": bool(first) and min(first) >= LEFT_CHANCE,
+            "last_epoch_delta": last_delta, "curves": curves, "epochs": rs[0]["epochs"],
+            "train_seconds": [r["train_seconds"] for r in rs],
+        })  # fmt: skip
+    comps = {}
+    rng = np.random.default_rng(0)
+    for col in COLUMNS:
+        pairs = []
+        for ra, rb in itertools.combinations(rows, 2):
+            a = {r["seed"]: o for r in (recs[(ra["method"], s)] for s in ra["seeds"]) if (o := outcomes(r, col)) is not None}
+            b = {r["seed"]: o for r in (recs[(rb["method"], s)] for s in rb["seeds"]) if (o := outcomes(r, col)) is not None}
+            common = sorted(set(a) & set(b))
+            if not common or any(len(a[s]) != len(b[s]) for s in common):
+                continue
+            p, lo, hi = bootstrap_p(a, b, rng)
+            d = [100 * (a[s].mean() - b[s].mean()) for s in common]
+            pairs.append({"a": ra["method"], "b": rb["method"], "seeds": common, "diff": statistics.fmean(d),
+                          "ci95": [lo, hi], "p_boot": p, "p_paired_t": study.paired_t(d)})
+        for c, adj in zip(pairs, holm([c["p_boot"] for c in pairs])):
+            c["p_holm"] = adj
+            winner, loser = (c["a"], c["b"]) if c["diff"] > 0 else (c["b"], c["a"])
+            c["verdict"] = f"{winner} beats {loser}" if adj < ALPHA else "no difference measured"
+        comps[col] = pairs
+    return {"rows": rows, "comparisons": comps}
+
+
+def _pm(mean, std) -> str:
+    if mean is None:
+        return "-"
+    return f"{mean:.2f} ± {std:.2f}" if std is not None else f"{mean:.2f}"
+
+
+def markdown(doc: dict) -> str:
+    ds = study.DATASETS[DATASET]
+    lines = ["# Seed methods ranked (issue 16)", "",
+             f"Generated by `python benchmarks/methods_rank.py report`. Setting: {ds.label}, eps {ds.eps}; every method "
+             "the same model, data and schedule (AToP: purifier stages of the same length on a standard-trained "
+             "classifier of that model). Accuracy in % (mean ± std over seeds). Clean and PGD-20 (step 2.5 eps/20, "
+             "random start): full test set, 10,000 images (AToP: one random draw per step, no EOT). Suite: AutoAttack's "
+             "standard version on the first n test images (randomised models: its `rand` version with EOT-20). "
+             f"Epoch 1: PGD-10 accuracy on the first 1,000 test images after epoch 1 (rule: >= {100 * LEFT_CHANCE:.0f} %, "
+             "twice chance). Last-epoch change: the same accuracy's change over the last epoch, in points.", "",
+             "| method | seeds | clean | PGD-20 | suite (n) | epoch 1 PGD-10 | left chance | last-epoch change | train s |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in doc["rows"]:
+        suite = _pm(r["mean"]["suite"], r["std"]["suite"]) + (f" ({r['suite_n']}, {r['suite_name']})" if r["suite_n"] else "")
+        e1 = ", ".join(f"{100 * v:.1f}" for v in r["epoch1_pgd10"]) or "-"
+        delta = ", ".join(f"{v:+.1f}" for v in r["last_epoch_delta"]) or "-"
+        secs = [s for s in r["train_seconds"] if s]
+        secs_txt = f"{statistics.fmean(secs):.0f}" if secs else "-"
+        lines.append(f"| `{r['method']}`: {r['label']} | {len(r['seeds'])} | {_pm(r['mean']['clean'], r['std']['clean'])} | "
+                     f"{_pm(r['mean']['pgd20'], r['std']['pgd20'])} | {suite} | {e1} | {'yes' if r['left_chance'] else 'NO'} | "
+                     f"{delta} | {secs_txt} |")
+    lines += ["", f"Pairwise comparisons (A minus B, points; hierarchical bootstrap over seeds and images, {BOOT} resamples, "
+              f"95 % interval; Holm-corrected over the pairs of each column, alpha {ALPHA}; paired t over seeds for "
+              "reference). Only pairs with a verdict other than \"no difference measured\" are listed; the JSON has all.", ""]
+    for col, label in COLUMNS.items():
+        pairs = doc["comparisons"].get(col, [])
+        won = [c for c in pairs if c["verdict"] != "no difference measured"]
+        lines.append(f"- **{label}**: {len(pairs)} pairs, {len(won)} with a measured difference"
+                     + (":" if won else "; no difference measured between any two methods."))
+        for c in sorted(won, key=lambda c: -abs(c["diff"])):
+            pt = "-" if c["p_paired_t"] is None else f"{c['p_paired_t']:.3g}"
+            lines.append(f"  - {c['verdict']}: `{c['a']}` - `{c['b']}` = {c['diff']:+.2f} "
+                         f"[{c['ci95'][0]:+.2f}, {c['ci95'][1]:+.2f}] (p Holm {c['p_holm']:.3g}, paired t {pt}, "
+                         f"seeds {c['seeds']})")
+    return "\n".join(lines) + "\n"
+
+
+def plot(doc: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(1, 2, figsize=(13, 4.2))
+    for i, r in enumerate(doc["rows"]):
+        color = plt.cm.tab10(i % 10)
+        for j, c in enumerate(r["curves"]):
+            ax[0].plot(range(1, len(c) + 1), [None if v is None else 100 * v for v in c], "-o", ms=3, color=color,
+                       label=r["method"] if j == 0 else None)
+        for j, (cl, rb) in enumerate(zip(r["values"]["clean"], r["values"]["suite"] or r["values"]["pgd20"])):
+            ax[1].scatter(cl, rb, color=color, s=25, label=r["method"] if j == 0 else None)
+    ax[0].axhline(100 * LEFT_CHANCE, color="0.5", ls="--")
+    ax[0].set(title="PGD-10 % per epoch (first 1,000 test images; dashed: 2x chance)", xlabel="epoch", ylabel="PGD-10 %")
+    ax[1].set(title="final: clean (10k) vs suite robust (n; PGD-20 10k where no suite)", xlabel="clean %", ylabel="robust %")
+    for a in ax:
+        a.title.set_fontsize(9)
+    ax[1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def report() -> str:
+    doc = analyse(collect())
+    results = study.RESULTS
+    (results / f"{OUT_NAME}.json").write_text(json.dumps(doc, indent=1))
+    if doc["rows"]:
+        plot(doc, results / f"{OUT_NAME}.png")
+    text = markdown(doc)
+    (results / f"{OUT_NAME}.md").write_text(text)
+    return text
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("phase", choices=("train", "suite", "report"))
+    p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, from: {', '.join(METHODS)}")
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--suite-n", type=int, default=1000)
+    p.add_argument("--lock", default=None, help="hold this file's lock (flock) during each run: share a core politely")
+    args = p.parse_args(argv)
+    methods = [m for m in args.methods.split(",") if m]
+    if unknown := [m for m in methods if m not in METHODS]:
+        p.error(f"unknown methods {unknown}; choose from {', '.join(METHODS)}")
+    seeds = [int(s) for s in args.seeds.split(",") if s]
+    if args.phase == "train":
+        train(methods, seeds, args.lock)
+    elif args.phase == "suite":
+        suite(methods, seeds, args.suite_n, args.lock)
+    else:
+        print(report())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,81 @@
+"""The ranking study (benchmarks/methods_rank.py): pipeline arms, the bootstrap and Holm, the report."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+aal_study = pytest.importorskip("aal_study")
+methods_rank = pytest.importorskip("methods_rank")
+
+
+def test_every_ranked_method_is_an_arm_with_the_study_setting():
+    for m in methods_rank.METHODS:
+        over = aal_study.overrides_for("fashion_mnist", m, 0) if m != "atop" else None
+        if over is not None:
+            cfg = aal_study.config_for("fashion_mnist", m, over)
+            assert cfg.epochs == 5 and cfg.model.attention == "cbam_in" and cfg.eval.n is None, m
+    assert aal_study.ARMS["atop"].study == "rank" and aal_study.ARMS["pgd_at"].study == "aal"
+
+
+def test_a_pipeline_stage_needs_its_same_seed_run_with_a_checkpoint(tmp_path, monkeypatch):
+    monkeypatch.setattr(aal_study, "OUT", tmp_path / "out")
+    monkeypatch.setattr(aal_study, "RECORDS", tmp_path / "records")
+    with pytest.raises(LookupError, match="needs the standard run of the same seed"):
+        aal_study.overrides_for("fashion_mnist", "atop_pretrain", 0)
+    std = tmp_path / "records" / "fashion_mnist" / "standard-s0-abcdef12"
+    std.mkdir(parents=True)
+    for name, text in (("study.json", "{}"), ("results.json", json.dumps({"eval": {"accuracy": {}, "n": 1}})),
+                       ("metrics.jsonl", json.dumps({"epoch": 1, "logs": {}}) + "\n")):
+        (std / name).write_text(text)
+    with pytest.raises(LookupError, match="with its checkpoint"):  # published, but trained elsewhere
+        aal_study.overrides_for("fashion_mnist", "atop_pretrain", 0)
+    (tmp_path / "out" / "fashion_mnist" / "standard-s0-abcdef12" / "checkpoints").mkdir(parents=True)
+    over = aal_study.overrides_for("fashion_mnist", "atop_pretrain", 0)
+    assert f"model.classifier_run={tmp_path / 'out' / 'fashion_mnist' / 'standard-s0-abcdef12'}" in over
+    assert "model.attention=cbam_in" not in over and "epochs=5" in over  # dropped / kept dataset overrides
+    ident = aal_study.identity(aal_study.config_for("fashion_mnist", "atop_pretrain", over))
+    assert ident["model"]["classifier_run"] == "standard-s0-abcdef12"  # the run, not where this checkout keeps it
+
+
+def test_holm_and_bootstrap():
+    assert methods_rank.holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
+    rng = np.random.default_rng(0)
+    same = {s: rng.random(2000) < 0.5 for s in range(3)}
+    p, lo, hi = methods_rank.bootstrap_p(same, same, np.random.default_rng(1), reps=300)
+    assert p == 1.0 and lo == hi == 0.0
+    better = {s: v | (rng.random(2000) < 0.3) for s, v in same.items()}  # ~15 points higher on every seed
+    p, lo, hi = methods_rank.bootstrap_p(better, same, np.random.default_rng(1), reps=300)
+    assert p < 0.01 and 10 < lo < hi < 20
+
+
+def test_report_from_synthetic_runs(tmp_path, monkeypatch):
+    """Two methods, three seeds, one clearly more robust: the table, the epoch-1 rule and the verdicts."""
+    rng = np.random.default_rng(0)
+    recs = {}
+    for m, (clean, rob, e1) in {"pgd_at": (0.85, 0.70, 0.45), "mart": (0.85, 0.60, 0.12)}.items():
+        for s in range(3):
+            run = tmp_path / f"{m}-s{s}"
+            run.mkdir()
+            np.savez(run / "correct.npz", clean=rng.random(10_000) < clean, pgd20=rng.random(10_000) < rob)
+            np.savez(run / "suite_correct.npz", robust=rng.random(1000) < rob - 0.02)
+            recs[(m, s)] = {
+                "arm": m, "seed": s, "run_dir": str(run), "accuracy": {"clean": clean, "pgd20": rob},
+                "suite": {"accuracy": {"robust": rob - 0.02}, "n": 1000, "suite": "standard"}, "epochs": 2,
+                "epoch_eval": [{"test_pgd10": e1}, {"test_pgd10": rob}], "train_seconds": 100.0,
+            }
+    monkeypatch.setattr(methods_rank, "collect", lambda: recs)
+    monkeypatch.setattr(aal_study, "RESULTS", tmp_path)
+    text = methods_rank.report()
+    doc = json.loads((tmp_path / "methods_rank.json").read_text())
+    rows = {r["method"]: r for r in doc["rows"]}
+    assert rows["pgd_at"]["left_chance"] and not rows["mart"]["left_chance"]
+    verdicts = {c: [p["verdict"] for p in pairs] for c, pairs in doc["comparisons"].items()}
+    assert verdicts["pgd20"] == ["pgd_at beats mart"] and verdicts["suite"] == ["pgd_at beats mart"]
+    assert verdicts["clean"] == ["no difference measured"]
+    assert "| NO |" in text and (tmp_path / "methods_rank.png").stat().st_size > 10_000
