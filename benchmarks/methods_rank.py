@@ -21,8 +21,9 @@ What the report states and tests:
 * **"A beats B"** only where a hierarchical bootstrap over seeds and test images (2,000 resamples:
   seeds with replacement, then images with replacement within each drawn seed, on the per-image
   outcomes) puts the difference's two-sided p below 0.05 after Holm's correction over all pairs of
-  that column; otherwise "no difference measured". The paired t-test over seeds is given next to
-  it. The suite column uses the suite's images only.
+  that column; otherwise "no difference measured". With a single seed the bootstrap sees two
+  trained models, not two methods, and the verdict says so. The paired t-test over seeds is given
+  next to it. The suite column uses the suite's images only.
 
     python benchmarks/methods_rank.py train --seeds 0 --lock /tmp/aal-study.lock   # ~6 h per seed, 1 thread
     python benchmarks/methods_rank.py suite --seeds 0 --suite-n 1000
@@ -51,6 +52,7 @@ PREREQUISITES = {"atop": ["standard", "atop_pretrain"]}  # pipeline stages train
 CHANCE, LEFT_CHANCE = 0.1, 0.2  # 10 classes; the epoch-1 rule: robust accuracy >= 2x chance
 COLUMNS = {"clean": "clean (10k)", "pgd20": "PGD-20 (10k)", "suite": "suite (n)"}
 ALPHA, BOOT = 0.05, 2000
+MIN_SEEDS = 2  # a method comparison needs seed-to-seed variation in it
 OUT_NAME = "methods_rank"
 
 
@@ -164,7 +166,12 @@ def analyse(recs: dict) -> dict:
         for c, adj in zip(pairs, holm([c["p_boot"] for c in pairs])):
             c["p_holm"] = adj
             winner, loser = (c["a"], c["b"]) if c["diff"] > 0 else (c["b"], c["a"])
-            c["verdict"] = f"{winner} beats {loser}" if adj < ALPHA else "no difference measured"
+            if adj >= ALPHA:
+                c["verdict"] = "no difference measured"
+            elif len(c["seeds"]) < MIN_SEEDS:  # the bootstrap then sees two trained models, not two methods
+                c["verdict"] = f"{winner}'s model beats {loser}'s ({len(c['seeds'])} seed: not a method comparison yet)"
+            else:
+                c["verdict"] = f"{winner} beats {loser}"
         comps[col] = pairs
     return {"rows": rows, "comparisons": comps}
 
