@@ -5,7 +5,8 @@ channels_last, batch 128, parameters frozen as in aal's attacks), eager vs ``tor
 (inductor, default mode), and aal's own ``FGSM`` call on the same model (its whole loop: checks,
 threat model, mode context), interleaved rounds, median seconds per call; also whether compiled
 and eager give identical examples. Issue 12 asked whether compiling the attack loop closes the
-small-CNN FGSM gap; the aal row says how far aal's loop is from a minimal FGSM.
+small-CNN FGSM gap; the aal rows say how far aal's FGSM (and the same step through the generic
+loop, i.e. without FGSM's fast path) is from a minimal FGSM.
 
     OMP_NUM_THREADS=1 python benchmarks/compile_speed.py --out benchmarks/results/compile_speed.json
 """
@@ -20,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from aal.attacks import FGSM
+from aal.attacks.base import IterativeAttack
 from aal.models import create_model
 
 
@@ -47,15 +49,20 @@ def main() -> None:
     for _ in range(10):
         fgsm(compiled), fgsm(m)
     aal_fgsm = FGSM(8 / 255)
-    calls = {"eager": lambda: fgsm(m), "compiled": lambda: fgsm(compiled), "aal": lambda: aal_fgsm(m, x, y)}
+    # the same one step through the generic loop (latent u = 0, straight-through clip): FGSM without its fast path
+    generic = IterativeAttack(8 / 255, steps=1, step_size=8 / 255, rand_init=False)
+    calls = {"eager": lambda: fgsm(m), "compiled": lambda: fgsm(compiled), "aal": lambda: aal_fgsm(m, x, y),
+             "aal_generic": lambda: generic(m, x, y)}
     t = {k: [] for k in calls}
     for r in range(args.rounds):
         for k in (list(calls) if r % 2 == 0 else list(calls)[::-1]):
             s = time.perf_counter()
             calls[k]()
             t[k].append(time.perf_counter() - s)
-    e, c, a = (statistics.median(t[k]) for k in ("eager", "compiled", "aal"))
+    e, c, a, gen = (statistics.median(t[k]) for k in ("eager", "compiled", "aal", "aal_generic"))
     out = {"eager_s": e, "compiled_s": c, "speedup": e / c, "aal_fgsm_s": a, "aal_over_minimal": a / e,
+           "aal_generic_loop_s": gen, "fast_path_gain": gen / a,
+           "fast_path_identical": bool(torch.equal(aal_fgsm(m, x, y), generic(m, x, y))),
            "first_call_s": compile_s,
            "identical": bool(torch.equal(fgsm(m), fgsm(compiled))), "threads": torch.get_num_threads(),
            "load": os.getloadavg(), "torch": torch.__version__}

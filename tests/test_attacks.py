@@ -640,3 +640,19 @@ def test_matches_torchattacks():
     ref = torchattacks.PGD(model, eps=eps, alpha=0.02, steps=10, random_start=False)(x, y)
     ours = PGD(eps, steps=10, step_size=0.02, rand_init=False)(model, x, y)
     torch.testing.assert_close(ours, ref, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+@pytest.mark.parametrize("kw", [{}, {"targeted": True}, {"minimize": True}, {"loss": "cw"}])
+def test_fgsm_fast_path_equals_the_generic_loop(norm, kw):
+    """FGSM without a mask takes its gradient at x itself; the generic loop (latent u = 0,
+    straight-through clip) must give bit-identical examples for images in [0,1]."""
+    from aal.attacks.base import IterativeAttack
+
+    model = tiny()
+    x, y = batch()
+    eps = EPS[norm]
+    fast = FGSM(eps, norm=norm, **kw)(model, x, y)
+    generic = IterativeAttack(eps, steps=1, step_size=eps, rand_init=False, norm=norm, **kw)(model, x, y)
+    assert torch.equal(fast, generic)
+    assert not torch.equal(fast, x)
