@@ -353,6 +353,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--repeats", type=int, default=3, help="timed rounds of the ResNet-18 PGD-10 / AT steps")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--small-rounds", type=int, default=0,
+                   help="timed rounds of the small-CNN attacks (default 2 x --repeats)")
     p.add_argument("--peak-n", type=int, default=4096, help="matmul size for the peak")
     p.add_argument("--out", default=None, help="also write the report to this file")
     p.add_argument("--note", default="", help="a line about the machine's state (e.g. shared with other jobs)")
@@ -419,6 +421,8 @@ def main(argv=None) -> int:
     cases = [(m, a) for m in MODELS for a in ("pgd10", "fgsm")]
     # the cheap cases get more rounds: their times are short and noisier
     rounds = {c: args.repeats if c == ("resnet18", "pgd10") else 2 * args.repeats for c in cases}
+    if args.small_rounds:  # the small CNN's calls take milliseconds: many rounds to resolve a few per cent
+        rounds.update({c: args.small_rounds for c in cases if c[0] == "small_cnn"})
     times = {c: {"aal": [], "torchattacks": [], "aal_unfolded": []} for c in cases}
     peaks = [matmul_peak(dev, args.peak_n, repeats=3)]  # sampled through the run; the best counts
     for c in cases:  # warm-up both sides (lazy init, first allocations); a PGD step allocates what
