@@ -8,7 +8,12 @@ and eager give identical examples. Issue 12 asked whether compiling the attack l
 small-CNN FGSM gap; the aal rows say how far aal's FGSM (and the same step through the generic
 loop, i.e. without FGSM's fast path) is from a minimal FGSM.
 
-    OMP_NUM_THREADS=1 python benchmarks/compile_speed.py --out benchmarks/results/compile_speed.json
+Training (``--train``): a whole training step (the method's attack + loss, backward, SGD step)
+eager vs through ``torch.compile(model)`` as ``compile: true`` runs it, for FGSM-AT and PGD-10-AT on
+the small CNN (Fashion-MNIST shape) and on the CIFAR-10 CPU model (PreAct-ResNet-18 width 16 with
+input-level CBAM), batch 128, interleaved rounds after a warm-up that includes the compilation.
+
+    python benchmarks/compile_speed.py --out benchmarks/results/compile_speed.json --train
 """
 
 import argparse
@@ -29,6 +34,8 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--rounds", type=int, default=200)
     p.add_argument("--out", default=None)
+    p.add_argument("--train", action="store_true", help="also time training steps, eager vs compile")
+    p.add_argument("--train-rounds", type=int, default=6)
     args = p.parse_args()
     torch.manual_seed(0)
     m = create_model("small_cnn", num_classes=10, in_channels=1, channels_last=True).eval()
@@ -66,10 +73,58 @@ def main() -> None:
            "first_call_s": compile_s,
            "identical": bool(torch.equal(fgsm(m), fgsm(compiled))), "threads": torch.get_num_threads(),
            "load": os.getloadavg(), "torch": torch.__version__}
+    if args.train:
+        out["train"] = train_steps(args.train_rounds)
     print(json.dumps(out, indent=1))
     if args.out:
         with open(args.out, "w") as f:
             json.dump(out, f, indent=1)
+
+
+def train_steps(rounds: int) -> dict:
+    """Median seconds of a training step, eager vs ``torch.compile``, per (model, method)."""
+    from aal.methods import create_method
+
+    models = {  # name -> (factory, input shape, eps)
+        "small_cnn": (lambda: create_model("small_cnn", num_classes=10, in_channels=1, channels_last=True), (1, 28), 0.1),
+        "cifar_cpu": (lambda: create_model("preact_resnet18", num_classes=10, attention="cbam_in", width=16,
+                                           channels_last=True), (3, 32), 8 / 255),
+    }
+    out = {}
+    for mname, (factory, (c, hw), eps) in models.items():
+        x = torch.rand(128, c, hw, hw).contiguous(memory_format=torch.channels_last)
+        y = torch.randint(0, 10, (128,))
+        for method_name, kw in (("fgsm_at", {}), ("pgd_at", {"steps": 10})):
+            method = create_method(method_name, eps=eps, **kw)
+            steps, first = {}, {}
+            for compiled in (False, True):
+                torch.manual_seed(0)
+                model = factory().train()
+                run_model = torch.compile(model) if compiled else model
+                opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+
+                def step(run_model=run_model, opt=opt):
+                    o = method(run_model, (x, y))
+                    opt.zero_grad(set_to_none=True)
+                    o.loss.backward()
+                    opt.step()
+
+                t0 = time.perf_counter()
+                step()
+                first[compiled] = time.perf_counter() - t0
+                step()
+                steps[compiled] = step
+            t = {False: [], True: []}
+            for r in range(rounds):
+                for k in ((False, True) if r % 2 == 0 else (True, False)):
+                    s = time.perf_counter()
+                    steps[k]()
+                    t[k].append(time.perf_counter() - s)
+            e, cmp = statistics.median(t[False]), statistics.median(t[True])
+            out[f"{mname}/{method_name}"] = {"eager_s": e, "compiled_s": cmp, "speedup": e / cmp,
+                                             "first_step_s": {"eager": first[False], "compiled": first[True]}}
+            print(mname, method_name, out[f"{mname}/{method_name}"], flush=True)
+    return out
 
 
 if __name__ == "__main__":
