@@ -86,11 +86,12 @@ def build(model_name: str, method_key: str):
     return model, create_method(method_name, eps=eps, **params)
 
 
-def make_trainer(model, method, loader, precision: str):
+def make_trainer(model, method, loader, precision: str, compile: bool = False):
     from aal.engine import Trainer
 
     opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, weight_decay=5e-4)
-    return Trainer(model, method, loader, opt, epochs=1, progress=False, seed=None, distributed=False, precision=precision)
+    return Trainer(model, method, loader, opt, epochs=1, progress=False, seed=None, distributed=False, precision=precision,
+                   compile=compile)
 
 
 def random_split(model_name: str, n: int):
@@ -110,15 +111,34 @@ def step_runner(case, precision: str) -> Callable[[], None]:
     return lambda: trainer.train_epoch(0)
 
 
-def epoch_runner(case, precision: str, batches: int) -> Callable[[], None]:
+def epoch_runner(case, precision: str, batches: int, compile: bool = False) -> Callable[[], None]:
     """A short epoch of ``batches`` batches through the Trainer and aal's BatchLoader."""
     from aal.data.loader import BatchLoader
 
     model, method = build(*case)
     loader = BatchLoader(random_split(case[0], batches * BATCH), batch_size=BATCH, shuffle=True, drop_last=True,
                          augment=MODELS[case[0]][3], padding=4, channels_last=True)
-    trainer = make_trainer(model, method, loader, precision)
+    trainer = make_trainer(model, method, loader, precision, compile)
     return lambda: trainer.train_epoch(0)
+
+
+def compile_epochs(args) -> int:
+    """``--compile-epochs MODEL``: short PGD-10-AT and FGSM-AT epochs of MODEL, fp32 vs bf16 vs
+    bf16 + ``compile: true``, interleaved (the first call of each, the warm-up, includes compiling)."""
+    model = args.compile_epochs
+    n = {k: int(v) for k, v in (item.split("=") for item in args.epoch_batches.split(","))}[model]
+    res = {"uptime": subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip(),
+           "threads": torch.get_num_threads(), "batches": n}
+    for method in ("pgd10_at", "fgsm_at"):
+        runners = {"fp32": epoch_runner((model, method), "fp32", n), "bf16": epoch_runner((model, method), "bf16", n),
+                   "bf16+compile": epoch_runner((model, method), "bf16", n, compile=True)}
+        t = interleaved(runners, args.epoch_repeats)
+        med = {k: statistics.median(v) for k, v in t.items()}
+        res[f"{model}/{method}"] = {"seconds": t, "median": med, "speedup_vs_fp32": {k: med["fp32"] / v for k, v in med.items()}}
+        print(f"{model} {method} " + "  ".join(f"{k} {v:.2f}s ({med['fp32'] / v:.2f}x)" for k, v in med.items()), flush=True)
+    if args.out:
+        Path(f"{args.out}_compile.json").write_text(json.dumps(res, indent=1))
+    return 0
 
 
 def interleaved(runners: dict[str, Callable[[], None]], repeats: int) -> dict[str, list[float]]:
@@ -165,10 +185,14 @@ def main(argv=None) -> int:
     p.add_argument("--peak-n", type=int, default=4096)
     p.add_argument("--profile-rows", type=int, default=12)
     p.add_argument("--out", default=None, help="write OUT.json and OUT.txt")
+    p.add_argument("--compile-epochs", default=None, choices=sorted(MODELS),
+                   help="only: short epochs of this model, fp32 vs bf16 vs bf16 + compile (writes OUT_compile.json)")
     args = p.parse_args(argv)
     from aal.utils.runtime import tune_malloc
 
     tune_malloc()  # as the aal CLI does at start-up
+    if args.compile_epochs:
+        return compile_epochs(args)
     torch.manual_seed(0)
     epoch_batches = {k: int(v) for k, v in (item.split("=") for item in args.epoch_batches.split(","))}
     uptime0 = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()

@@ -209,3 +209,15 @@ def test_compiled_models_are_left_alone():
     wrapped._orig_mod = model  # what torch.compile's OptimizedModule holds
     with folded_batchnorm(wrapped, x) as fold:
         assert fold.pairs == []
+
+
+def test_the_analysis_ignores_an_enclosing_bf16_autocast():
+    """Under bf16 training the attack runs inside autocast; the fold is still checked in fp32."""
+    import warnings
+
+    model, x = resnet("cbam_in", name="preact_resnet18"), images()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with torch.autocast("cpu", dtype=torch.bfloat16), folded_batchnorm(model, x) as fold:
+            out = model(x)
+    assert len(fold.pairs) == 8 and out.dtype == torch.bfloat16

@@ -16,8 +16,8 @@ per forward, and no other torch call reads the convolution's output nor is it pa
 output (counted by a :class:`~torch.overrides.TorchFunctionMode` over that forward; calls that
 read metadata only, such as ``dim``, do not count). A second, folded forward must then reproduce
 the first (relative :data:`FOLD_RTOL`), or nothing is folded for that model and a warning says
-so. Both forwards run without gradients and with the random streams forked, so a randomised
-model's draws are not used up. The result is cached by the model's structure (see
+so. Both forwards run without gradients, outside any autocast (in the model's own dtype) and with
+the random streams forked, so a randomised model's draws are not used up. The result is cached by the model's structure (see
 :func:`_signature`), so the analysis runs once per model and mode, not per attack call; the
 folding itself, a few per-channel products, is redone on every entry because the weights change
 between training steps. In the folded forwards each convolution's weight and bias entries are
@@ -157,7 +157,7 @@ def _probe(model: nn.Module, x: Tensor) -> tuple[list[tuple[str, str]], Any]:
     counter = _ConsumerCount(outputs)
     devices = [x.device] if x.device.type == "cuda" else []
     try:
-        with torch.random.fork_rng(devices=devices), torch.no_grad(), counter:
+        with torch.random.fork_rng(devices=devices), torch.no_grad(), _no_autocast(x), counter:
             out = model(x)
         counter.visit(out)  # a conv output returned by the model is read by the caller
     finally:
@@ -214,6 +214,12 @@ class Fold:
         self._undo.clear()
 
 
+def _no_autocast(x: Tensor) -> contextlib.AbstractContextManager:
+    """The analysis runs in the model's own dtype: under a bf16 autocast the folded and unfolded
+    forwards would differ by bf16 rounding, not by a wrong fold."""
+    return torch.autocast(x.device.type, enabled=False)
+
+
 def _checked_pairs(model: nn.Module, x: Tensor) -> list[tuple[str, str]]:
     """:func:`find_conv_bn_pairs`, kept only if a folded forward reproduces the unfolded one."""
     pairs, out = _probe(model, x)
@@ -224,7 +230,7 @@ def _checked_pairs(model: nn.Module, x: Tensor) -> list[tuple[str, str]]:
     with torch.no_grad():
         try:
             fold.apply(pairs)
-            with torch.random.fork_rng(devices=devices):
+            with torch.random.fork_rng(devices=devices), _no_autocast(x):
                 got = _tensors(model(x))
         finally:
             fold.restore()
