@@ -77,7 +77,8 @@ class Dataset:
 
 DATASETS = {
     "cifar10": Dataset(
-        "configs/cifar10_cpu", "8/255", ("model.attention=cbam_in",),
+        # fp32 and eager as the study's first runs: the recipe's bf16 + compile would change the arithmetic mid-study
+        "configs/cifar10_cpu", "8/255", ("model.attention=cbam_in", "precision=fp32", "compile=false"),
         "CIFAR-10, PreAct-ResNet-18 width 16 + CBAM (cbam_in), 6 epochs, batch 128, all 50,000 training images",
     ),
     "fashion_mnist": Dataset(

@@ -30,6 +30,7 @@ def test_two_training_steps_on_cpu(path, cifar_zip, tmp_path, monkeypatch):
         f"data.root={cifar_zip}", "epochs=1", "data.train_n=4", "data.batch_size=2", "eval.n=2",
         "eval.attacks=[clean]", "eval.epoch_n=0", "progress=false", "threads=1", f"out_dir={tmp_path}", "name=run",
         "schedule.name=cosine", "schedule.milestones=[]",  # the paper's multistep milestones lie beyond a one-epoch test
+        "compile=false",  # ~40 s of compilation per config; the shipped compile=true has its own slow test
     ])  # fmt: skip
     run_dir, result = train_run(cfg, log=lambda _m: None)
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -37,6 +38,18 @@ def test_two_training_steps_on_cpu(path, cifar_zip, tmp_path, monkeypatch):
     results = json.loads((run_dir / "results.json").read_text())
     assert results["dataset_source"] == "CIFAR-10 (JPEG-q75 re-encoding)"
     assert 0.0 <= result.accuracy["clean"] <= 1.0
+
+
+@pytest.mark.slow  # torch.compile: ~40 s
+def test_the_cpu_recipe_trains_as_shipped_in_bf16_and_compiled(cifar_zip, tmp_path, monkeypatch):
+    monkeypatch.setenv("AAL_CACHE_DIR", str(tmp_path / "cache"))
+    path = ROOT / "configs" / "cifar10_cpu" / "fgsm_at.yaml"
+    cfg = load_config(path, [f"data.root={cifar_zip}", "epochs=1", "data.train_n=4", "data.batch_size=2", "eval.n=2",
+                             "eval.attacks=[clean]", "eval.epoch_n=0", "progress=false", f"out_dir={tmp_path}", "name=run"])
+    assert cfg.precision == "bf16" and cfg.compile is True
+    run_dir, _ = train_run(cfg, log=lambda _m: None)
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["precision"] == {"train": "bf16", "eval": "fp32"}
 
 
 def test_device_option_is_validated_before_any_work(tmp_path):
