@@ -17,6 +17,7 @@ input-level CBAM), batch 128, interleaved rounds after a warm-up that includes t
 """
 
 import argparse
+import itertools
 import json
 import os
 import statistics
@@ -36,6 +37,8 @@ def main() -> None:
     p.add_argument("--out", default=None)
     p.add_argument("--train", action="store_true", help="also time training steps, eager vs compile")
     p.add_argument("--train-rounds", type=int, default=6)
+    p.add_argument("--precisions", default="fp32", help="comma-separated: fp32,bf16")
+    p.add_argument("--only-model", default=None, choices=("small_cnn", "cifar_cpu"))
     args = p.parse_args()
     torch.manual_seed(0)
     m = create_model("small_cnn", num_classes=10, in_channels=1, channels_last=True).eval()
@@ -74,16 +77,18 @@ def main() -> None:
            "identical": bool(torch.equal(fgsm(m), fgsm(compiled))), "threads": torch.get_num_threads(),
            "load": os.getloadavg(), "torch": torch.__version__}
     if args.train:
-        out["train"] = train_steps(args.train_rounds)
+        out["train"] = train_steps(args.train_rounds, tuple(args.precisions.split(",")), args.only_model)
     print(json.dumps(out, indent=1))
     if args.out:
         with open(args.out, "w") as f:
             json.dump(out, f, indent=1)
 
 
-def train_steps(rounds: int) -> dict:
-    """Median seconds of a training step, eager vs ``torch.compile``, per (model, method)."""
+def train_steps(rounds: int, precisions: tuple[str, ...] = ("fp32",), only: str | None = None) -> dict:
+    """Median seconds of a training step, eager vs ``torch.compile``, per (model, method, precision);
+    a precision other than fp32 runs the method under its autocast as the Trainer does."""
     from aal.methods import create_method
+    from aal.utils.precision import autocast_context
 
     models = {  # name -> (factory, input shape, eps)
         "small_cnn": (lambda: create_model("small_cnn", num_classes=10, in_channels=1, channels_last=True), (1, 28), 0.1),
@@ -91,7 +96,9 @@ def train_steps(rounds: int) -> dict:
                                            channels_last=True), (3, 32), 8 / 255),
     }
     out = {}
-    for mname, (factory, (c, hw), eps) in models.items():
+    for (mname, (factory, (c, hw), eps)), prec in itertools.product(models.items(), precisions):
+        if only and mname != only:
+            continue
         x = torch.rand(128, c, hw, hw).contiguous(memory_format=torch.channels_last)
         y = torch.randint(0, 10, (128,))
         for method_name, kw in (("fgsm_at", {}), ("pgd_at", {"steps": 10})):
@@ -104,7 +111,8 @@ def train_steps(rounds: int) -> dict:
                 opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
 
                 def step(run_model=run_model, opt=opt):
-                    o = method(run_model, (x, y))
+                    with autocast_context(prec, "cpu"):
+                        o = method(run_model, (x, y))
                     opt.zero_grad(set_to_none=True)
                     o.loss.backward()
                     opt.step()
@@ -121,9 +129,10 @@ def train_steps(rounds: int) -> dict:
                     steps[k]()
                     t[k].append(time.perf_counter() - s)
             e, cmp = statistics.median(t[False]), statistics.median(t[True])
-            out[f"{mname}/{method_name}"] = {"eager_s": e, "compiled_s": cmp, "speedup": e / cmp,
-                                             "first_step_s": {"eager": first[False], "compiled": first[True]}}
-            print(mname, method_name, out[f"{mname}/{method_name}"], flush=True)
+            key = f"{mname}/{method_name}" + ("" if prec == "fp32" else f"/{prec}")
+            out[key] = {"eager_s": e, "compiled_s": cmp, "speedup": e / cmp,
+                        "first_step_s": {"eager": first[False], "compiled": first[True]}}
+            print(key, out[key], flush=True)
     return out
 
 
