@@ -46,9 +46,9 @@ def test_labels_follow_alphabetical_folder_order_and_counts(tmp_path):
     assert classes == ("a_cls", "b_cls", "c_cls")
     assert len(train) == 6 and len(test) == 3
     assert train.images.shape == (6, 3, 32, 32) and train.images.dtype == torch.uint8
-    assert train.labels.tolist() == [0, 0, 1, 1, 2, 2] and test.labels.tolist() == [0, 1, 2]
+    assert train.labels.tolist() == [0, 1, 2, 0, 1, 2] and test.labels.tolist() == [0, 1, 2]  # classes interleaved
     # a_cls was written second (index 1 in the writer): its pixels are ~30, b_cls' ~10
-    assert abs(int(train.images[0].float().mean()) - 30) <= 2 and abs(int(train.images[2].float().mean()) - 10) <= 2
+    assert abs(int(train.images[0].float().mean()) - 30) <= 2 and abs(int(train.images[1].float().mean()) - 10) <= 2
     assert q == 75
 
 
@@ -151,3 +151,7 @@ def test_the_real_zip():
     # the shared README's per-channel means over all 60,000 images: 0.4917 / 0.4826 / 0.4472
     means = torch.cat([b.train.images, b.test.images]).float().mean((0, 2, 3)) / 255
     assert torch.allclose(means, torch.tensor([0.4917, 0.4826, 0.4472]), atol=2e-4)
+    # classes interleaved: every prefix of the test set is balanced (the zip stores them by class)
+    assert b.test.labels[:10].tolist() == list(range(10))
+    assert torch.bincount(b.test.labels[:1000], minlength=10).tolist() == [100] * 10
+    assert torch.bincount(b.train.labels[:500], minlength=10).tolist() == [50] * 10

@@ -7,8 +7,12 @@ a public re-encoding at JPEG quality 75). :func:`read_cifar_image_zip` reads suc
 * **Labels**: the class folders' names in alphabetical order (for CIFAR-10 this is the
   official label order, ``airplane`` = 0 ... ``truck`` = 9); train and test must name the same
   classes.
-* **Order**: within a split, images are ordered by (class, file name), so a given zip always
-  gives the same tensors.
+* **Order**: within a split, the classes are *interleaved*: the k-th file (by name) of every class,
+  in label order, then the (k+1)-th, and so on (``0 1 2 ... 9 0 1 2 ...`` for CIFAR-10). A zip
+  stores the images by class, so in file order "the first n test images" (per-epoch evaluation,
+  ``eval.n``, the suite on n images) would all be airplanes; interleaved, every prefix is balanced
+  over the classes (within one image per class). The official python batches' order is not
+  recoverable from such a zip. A given zip always gives the same tensors.
 * **Decoding** (Pillow, already a dependency through matplotlib) happens once; the uint8 arrays
   are cached in ``<cache_dir>/<zip stem>-<sha256 prefix>.npz``, so a changed zip is never served
   from a stale cache. ``cache_dir``: the argument, else ``$AAL_CACHE_DIR``, else
@@ -143,6 +147,17 @@ def _decode_zip(path: Path, size: tuple[int, int]) -> dict[str, np.ndarray]:
     return out
 
 
+def _interleaved(images: np.ndarray, labels: np.ndarray) -> Split:
+    """The split with its classes interleaved (see the module doc): order by (rank within class, label)."""
+    labels_t = torch.from_numpy(labels)
+    rank = torch.empty_like(labels_t)
+    for c in labels_t.unique():
+        where = (labels_t == c).nonzero().squeeze(1)  # already in file-name order within the class
+        rank[where] = torch.arange(len(where))
+    order = torch.from_numpy(np.lexsort((labels, rank.numpy())))
+    return Split(torch.from_numpy(images)[order], labels_t[order])
+
+
 def _load_cache(cache: Path) -> dict[str, np.ndarray] | None:
     try:
         with np.load(cache, allow_pickle=False) as z:
@@ -187,8 +202,7 @@ def read_cifar_image_zip(
         except OSError:
             pass  # an unwritable cache only costs the next call another decode
     q = int(arrays["jpeg_quality"])
-    train = Split(torch.from_numpy(arrays["train_images"]), torch.from_numpy(arrays["train_labels"]))
-    test = Split(torch.from_numpy(arrays["test_images"]), torch.from_numpy(arrays["test_labels"]))
+    train, test = (_interleaved(arrays[f"{s}_images"], arrays[f"{s}_labels"]) for s in ("train", "test"))
     return tuple(str(c) for c in arrays["classes"]), train, test, (q if q > 0 else None)
 
 
