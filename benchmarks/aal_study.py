@@ -437,7 +437,10 @@ def report() -> str:
     for dataset, recs in sorted(all_recs.items()):
         arms = [a for a in ARMS if any(k[0] == a for k in recs)]
         src = next(iter(recs.values()))["source"]
-        lines += [f"## {DATASETS[dataset].label}", "", f"Data: {src}. eps {DATASETS[dataset].eps}.", "",
+        order_note = (" Per-epoch curves of runs trained before 2026-12-01 (all seed-0 runs) are on the first 500 test "
+                      "images in the zip's file order, i.e. airplanes only (fixed since: classes interleaved); the "
+                      "full-test figures are not affected." if dataset == "cifar10" else "")
+        lines += [f"## {DATASETS[dataset].label}", "", f"Data: {src}. eps {DATASETS[dataset].eps}.{order_note}", "",
                   "| arm | seeds | clean | PGD-20 | suite (n) | mean k | std k | mean M | backtracked | train s | note |",
                   "|---|---|---|---|---|---|---|---|---|---|---|"]
         for a in arms:
