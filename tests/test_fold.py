@@ -156,15 +156,18 @@ def test_everything_is_the_original_object_again_even_after_an_exception():
 
 
 def test_the_analysis_neither_uses_random_draws_nor_gradients_and_is_cached():
+    from aal.utils.fold import analysing
+
     model, x = resnet(), images()
     calls = []
-    model.register_forward_pre_hook(lambda m, a: calls.append(torch.is_grad_enabled()))
+    model.register_forward_pre_hook(lambda m, a: calls.append((torch.is_grad_enabled(), analysing())))
     torch.manual_seed(5)
     with torch.enable_grad(), folded_batchnorm(model, x) as fold:
         after = torch.rand(3)
     torch.manual_seed(5)
     assert torch.equal(after, torch.rand(3))  # the global stream is where it was
-    assert calls == [False, False] and len(fold.pairs) == 20  # analysis + its check, no grad
+    assert calls == [(False, True), (False, True)] and len(fold.pairs) == 20  # analysis + its check, no grad
+    assert not analysing()
     with folded_batchnorm(model, x):
         pass
     assert len(calls) == 2  # cached: no more forwards

@@ -52,7 +52,10 @@ class AutocastSpy:
                 m.register_forward_pre_hook(self)
 
     def __call__(self, module: nn.Module, args) -> None:
-        self.calls.append((module.training, torch.is_autocast_enabled("cpu")))
+        from aal.utils.fold import analysing
+
+        if not analysing():  # BatchNorm folding's own structure probe runs in fp32 by design
+            self.calls.append((module.training, torch.is_autocast_enabled("cpu")))
 
 
 def one_bf16_step(model: nn.Module, method, batch) -> tuple[Trainer, dict]:

@@ -214,6 +214,24 @@ class Fold:
         self._undo.clear()
 
 
+_ANALYSING = [0]  # > 0 while the analysis forwards run
+
+
+def analysing() -> bool:
+    """True while the fold's own analysis forwards run (no grad, fp32, random streams forked):
+    a forward hook that counts or inspects the forwards of an attack can skip them."""
+    return _ANALYSING[0] > 0
+
+
+@contextlib.contextmanager
+def _analysis() -> Iterator[None]:
+    _ANALYSING[0] += 1
+    try:
+        yield
+    finally:
+        _ANALYSING[0] -= 1
+
+
 def _no_autocast(x: Tensor) -> contextlib.AbstractContextManager:
     """The analysis runs in the model's own dtype: under a bf16 autocast the folded and unfolded
     forwards would differ by bf16 rounding, not by a wrong fold."""
@@ -293,7 +311,8 @@ def folded_batchnorm(model: nn.Module, x: Tensor, enabled: bool = True) -> Itera
     sig = _signature(model)
     pairs = _CACHE.get(sig)
     if pairs is None:
-        pairs = _CACHE[sig] = _checked_pairs(model, x.detach())
+        with _analysis():
+            pairs = _CACHE[sig] = _checked_pairs(model, x.detach())
         while len(_CACHE) > _CACHE_SIZE:
             _CACHE.pop(next(iter(_CACHE)))
     try:
