@@ -67,3 +67,12 @@ def test_attack_mode_is_eval_mode_with_frozen_parameters():
         with attack_mode(model, "test"):
             pass
     assert state(model) == before
+
+
+def test_uncompiled_unwraps_a_compile_wrapper_only():
+    from aal.utils.modes import uncompiled
+
+    net = torch.nn.Linear(2, 2)
+    wrapper = torch.nn.Module()
+    wrapper._orig_mod = net  # what torch.compile's OptimizedModule holds
+    assert uncompiled(wrapper) is net and uncompiled(net) is net

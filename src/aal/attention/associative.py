@@ -81,6 +81,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from aal.attacks.base import LossFn, attack_mode, ce_loss
+from aal.utils.modes import uncompiled
 
 COUPLINGS = ("indicator", "finite-difference")
 """Named coupling options for ``gamma`` of Eq. 13."""
@@ -319,6 +320,7 @@ def associative_attention(
 
     x = x.detach()
     H, W = x.shape[-2:]
+    model = uncompiled(model)  # dG/dM is taken w.r.t. the map the model returns: eager only
     with attack_mode(model, mode), torch.enable_grad():
         xr = x.detach().requires_grad_(True)
         logits, m = model(xr, return_attention=True)

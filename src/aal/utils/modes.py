@@ -57,3 +57,14 @@ def eval_mode(model: nn.Module, *, training: bool | None = False, freeze: bool =
 
 
 __all__ = ["eval_mode"]
+
+
+def uncompiled(model: nn.Module) -> nn.Module:
+    """The module a ``torch.compile`` wrapper runs (``model`` itself when it is not compiled).
+
+    Differentiating with respect to an *intermediate* the model returns (AAL's attention map,
+    ``model(x, return_attention=True)``) needs the eager module: a compiled graph returns such a
+    tensor as a separate output that the loss does not depend on in autograd's view.
+    """
+    return getattr(model, "_orig_mod", model)
+
