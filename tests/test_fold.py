@@ -224,3 +224,19 @@ def test_the_analysis_ignores_an_enclosing_bf16_autocast():
         with torch.autocast("cpu", dtype=torch.bfloat16), folded_batchnorm(model, x) as fold:
             out = model(x)
     assert len(fold.pairs) == 8 and out.dtype == torch.bfloat16
+
+
+def test_a_new_model_at_a_reused_address_is_analysed_afresh(monkeypatch):
+    """The cache keys on module ids; a garbage-collected model's ids can come back. The weak
+    references in the cache entry must send a new model to a fresh analysis."""
+    import aal.utils.fold as fold_mod
+
+    model, x = resnet(), images()
+    with folded_batchnorm(model, x):
+        pass
+    sig = fold_mod._signature(model)
+    refs, pairs = fold_mod._CACHE[sig]
+    fake = [lambda: None for _ in refs]  # as if every module had died
+    fold_mod._CACHE[sig] = (tuple(fake), [("no.such", "module")])
+    with folded_batchnorm(model, x) as fold:  # not the stale entry: analysed again
+        assert fold.pairs == pairs

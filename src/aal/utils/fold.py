@@ -18,7 +18,7 @@ read metadata only, such as ``dim``, do not count). A second, folded forward mus
 the first (relative :data:`FOLD_RTOL`), or nothing is folded for that model and a warning says
 so. Both forwards run without gradients, outside any autocast (in the model's own dtype) and with
 the random streams forked, so a randomised model's draws are not used up. The result is cached by the model's structure (see
-:func:`_signature`), so the analysis runs once per model and mode, not per attack call; the
+:func:`_signature`; weak references confirm that the modules are still the same objects), so the analysis runs once per model and mode, not per attack call; the
 folding itself, a few per-channel products, is redone on every entry because the weights change
 between training steps. In the folded forwards each convolution's weight and bias entries are
 swapped and each folded BatchNorm's ``forward`` is an identity on the instance, so a BatchNorm
@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
+import weakref
 from typing import Any, Iterator
 
 import torch
@@ -54,7 +55,7 @@ from torch.overrides import TorchFunctionMode
 FOLD_RTOL = 1e-3
 """The analysis check: folded and unfolded outputs agree within this fraction of the largest |output|."""
 
-_CACHE: dict[tuple, list[tuple[str, str]]] = {}  # signature -> pairs (insertion order: oldest first)
+_CACHE: dict[tuple, tuple[tuple, list[tuple[str, str]]]] = {}  # signature -> (weakrefs, pairs); oldest first
 _CACHE_SIZE = 64
 
 _METADATA = frozenset({"dim", "ndimension", "size", "stride", "numel", "is_contiguous", "is_floating_point", "__get__", "__len__"})
@@ -309,10 +310,17 @@ def folded_batchnorm(model: nn.Module, x: Tensor, enabled: bool = True) -> Itera
         yield fold
         return
     sig = _signature(model)
-    pairs = _CACHE.get(sig)
-    if pairs is None:
+    stateful = [m for m in model.modules() if m._parameters or m._buffers]
+    entry = _CACHE.get(sig)
+    # the signature holds ids; the weak references make sure they are still *these* modules (an id
+    # can be reused by a new module once the old one is garbage-collected)
+    if entry is not None and len(entry[0]) == len(stateful) and all(r() is m for r, m in zip(entry[0], stateful)):
+        pairs = entry[1]
+    else:
         with _analysis():
-            pairs = _CACHE[sig] = _checked_pairs(model, x.detach())
+            pairs = _checked_pairs(model, x.detach())
+        _CACHE.pop(sig, None)
+        _CACHE[sig] = (tuple(weakref.ref(m) for m in stateful), pairs)
         while len(_CACHE) > _CACHE_SIZE:
             _CACHE.pop(next(iter(_CACHE)))
     try:
