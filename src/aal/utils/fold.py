@@ -17,11 +17,12 @@ output (counted by a :class:`~torch.overrides.TorchFunctionMode` over that forwa
 read metadata only, such as ``dim``, do not count). A second, folded forward must then reproduce
 the first (relative :data:`FOLD_RTOL`), or nothing is folded for that model and a warning says
 so. Both forwards run without gradients, outside any autocast (in the model's own dtype) and with
-the random streams forked, so a randomised model's draws are not used up. The result is cached by the model's structure (see
-:func:`_signature`; weak references confirm that the modules are still the same objects), so the analysis runs once per model and mode, not per attack call; the
-folding itself, a few per-channel products, is redone on every entry because the weights change
-between training steps. In the folded forwards each convolution's weight and bias entries are
-swapped and each folded BatchNorm's ``forward`` is an identity on the instance, so a BatchNorm
+the random streams forked, so a randomised model's draws are not used up. The result is cached by
+the model's structure (:func:`_signature`; weak references confirm that the modules are still the
+same objects), so the analysis runs once per model and mode, not per attack call; the folding
+itself, a few per-channel products, is redone on every entry because the weights change between
+training steps. In the folded forwards each convolution's weight and bias entries are swapped
+and each folded BatchNorm's ``forward`` is an identity on the instance, so a BatchNorm
 reached through any reference is skipped alike.
 
 Pre-activation networks (PreAct-ResNet, WRN) fold only the conv -> BN inside each block (their
