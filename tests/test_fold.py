@@ -234,7 +234,7 @@ def test_a_new_model_at_a_reused_address_is_analysed_afresh(monkeypatch):
     model, x = resnet(), images()
     with folded_batchnorm(model, x):
         pass
-    sig = fold_mod._signature(model)
+    sig = fold_mod._signature(list(model.modules()))
     refs, pairs = fold_mod._CACHE[sig]
     fake = [lambda: None for _ in refs]  # as if every module had died
     fold_mod._CACHE[sig] = (tuple(fake), [("no.such", "module")])

@@ -340,8 +340,8 @@ class Attack:
         mode: model mode during the attack (``"eval"``, ``"train"``, ``"keep"``).
         seed: if given, random starts use a generator seeded with it on every call (repeatable).
         fold_bn: in eval mode, fold each BatchNorm into the convolution before it for the attack's
-            passes (:func:`aal.utils.fold.folded_batchnorm`; same function up to rounding, 1.19x
-            faster PGD steps on ResNet-18 here); ``False`` runs the model exactly as it is.
+            passes (:func:`aal.utils.fold.folded_batchnorm`; same function up to rounding, 1.09x
+            faster PGD steps on ResNet-18 here, measured on a quiet machine); ``False`` runs the model exactly as it is.
     """
 
     name = "attack"

@@ -53,6 +53,8 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 from torch.overrides import TorchFunctionMode
 
+from aal.utils.modes import uncompiled
+
 FOLD_RTOL = 1e-3
 """The analysis check: folded and unfolded outputs agree within this fraction of the largest |output|."""
 
@@ -83,18 +85,16 @@ def _foldable_bn(m: nn.Module) -> bool:
     )
 
 
-def _compiled(model: nn.Module) -> bool:
-    """A ``torch.compile``d model (or one containing one): swapping its modules would recompile it."""
-    return any(hasattr(m, "_orig_mod") for m in model.modules())
+def _stateful(m: nn.Module) -> bool:
+    return bool(m._parameters or m._buffers)
 
 
-def _signature(model: nn.Module) -> tuple:
-    """The model's structure as the cache sees it: each submodule's type and mode, and the
-    identity of those that hold parameters or buffers. A wrapper without state created afresh per
-    step (AAL's fixed-map model) therefore hits the cache of the model it wraps."""
-    return tuple(
-        (type(m), m.training, id(m) if (m._parameters or m._buffers) else None) for m in model.modules()
-    )
+def _signature(modules: list[nn.Module]) -> tuple:
+    """The model's structure as the cache sees it (``modules``: ``list(model.modules())``): each
+    submodule's type and mode, and the identity of those that hold parameters or buffers. A
+    wrapper without state created afresh per step (AAL's fixed-map model) therefore hits the cache
+    of the model it wraps."""
+    return tuple((type(m), m.training, id(m) if _stateful(m) else None) for m in modules)
 
 
 class _ConsumerCount(TorchFunctionMode):
@@ -307,11 +307,13 @@ def folded_batchnorm(model: nn.Module, x: Tensor, enabled: bool = True) -> Itera
     the pixels (a near-zero gradient's sign; ``tests/test_fold.py`` bounds both).
     """
     fold = Fold(model)
-    if not enabled or _compiled(model) or not any(_foldable_bn(m) for m in model.modules()):
+    modules = list(model.modules()) if enabled else []
+    # a torch.compile'd model (or one containing one) is left alone: swapping its modules would recompile it
+    if any(uncompiled(m) is not m for m in modules) or not any(_foldable_bn(m) for m in modules):
         yield fold
         return
-    sig = _signature(model)
-    stateful = [m for m in model.modules() if m._parameters or m._buffers]
+    sig = _signature(modules)
+    stateful = [m for m in modules if _stateful(m)]
     entry = _CACHE.get(sig)
     # the signature holds ids; the weak references make sure they are still *these* modules (an id
     # can be reused by a new module once the old one is garbage-collected)

@@ -56,9 +56,6 @@ def eval_mode(model: nn.Module, *, training: bool | None = False, freeze: bool =
             m.training = was
 
 
-__all__ = ["eval_mode"]
-
-
 def uncompiled(model: nn.Module) -> nn.Module:
     """The module a ``torch.compile`` wrapper runs (``model`` itself when it is not compiled).
 
@@ -68,3 +65,5 @@ def uncompiled(model: nn.Module) -> nn.Module:
     """
     return getattr(model, "_orig_mod", model)
 
+
+__all__ = ["eval_mode", "uncompiled"]
