@@ -21,10 +21,15 @@ import itertools
 import json
 import os
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from precision_speed import interleaved  # noqa: E402  (the same interleaved timing)
 
 from aal.attacks import FGSM
 from aal.attacks.base import IterativeAttack
@@ -63,12 +68,7 @@ def main() -> None:
     generic = IterativeAttack(8 / 255, steps=1, step_size=8 / 255, rand_init=False)
     calls = {"eager": lambda: fgsm(m), "compiled": lambda: fgsm(compiled), "aal": lambda: aal_fgsm(m, x, y),
              "aal_generic": lambda: generic(m, x, y)}
-    t = {k: [] for k in calls}
-    for r in range(args.rounds):
-        for k in (list(calls) if r % 2 == 0 else list(calls)[::-1]):
-            s = time.perf_counter()
-            calls[k]()
-            t[k].append(time.perf_counter() - s)
+    t = interleaved(calls, args.rounds)
     e, c, a, gen = (statistics.median(t[k]) for k in ("eager", "compiled", "aal", "aal_generic"))
     out = {"eager_s": e, "compiled_s": c, "speedup": e / c, "aal_fgsm_s": a, "aal_over_minimal": a / e,
            "aal_generic_loop_s": gen, "fast_path_gain": gen / a,
@@ -120,14 +120,8 @@ def train_steps(rounds: int, precisions: tuple[str, ...] = ("fp32",), only: str 
                 t0 = time.perf_counter()
                 step()
                 first[compiled] = time.perf_counter() - t0
-                step()
                 steps[compiled] = step
-            t = {False: [], True: []}
-            for r in range(rounds):
-                for k in ((False, True) if r % 2 == 0 else (True, False)):
-                    s = time.perf_counter()
-                    steps[k]()
-                    t[k].append(time.perf_counter() - s)
+            t = interleaved(steps, rounds)  # its warm-up call is each side's second step
             e, cmp = statistics.median(t[False]), statistics.median(t[True])
             key = f"{mname}/{method_name}" + ("" if prec == "fp32" else f"/{prec}")
             out[key] = {"eager_s": e, "compiled_s": cmp, "speedup": e / cmp,

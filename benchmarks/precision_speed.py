@@ -142,7 +142,8 @@ def compile_epochs(args) -> int:
 
 
 def interleaved(runners: dict[str, Callable[[], None]], repeats: int) -> dict[str, list[float]]:
-    """Wall seconds per precision: a warm-up call each, then ``repeats`` rounds, alternating who goes first."""
+    """Wall seconds per runner (a precision, a variant): a warm-up call each, then ``repeats`` rounds,
+    alternating who goes first."""
     for fn in runners.values():
         fn()  # warm-up: oneDNN builds its bf16 primitives at the first call of each shape
     times: dict[str, list[float]] = {p: [] for p in runners}
