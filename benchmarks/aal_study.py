@@ -36,9 +36,10 @@ per-image correctness) are published to ``benchmarks/results/aal_study_runs/``, 
 committed: a finished run is never retrained, in any checkout. Runs can be split across
 processes (``--arms``, ``--seeds``, ``--lock``) and days. The suite phase needs the run's
 checkpoint, so it runs where the run was trained (a published run without its checkpoint is
-reported as "suite not run").
+reported as "suite not run"); ``train --then-suite`` runs it right after each run. Comparisons
+cover the suite column on the seeds where both runs have it (same first n images).
 
-    python benchmarks/aal_study.py train --dataset cifar10 --arms fgsm_at,aal_fgsm --seeds 0
+    python benchmarks/aal_study.py train --dataset cifar10 --arms fgsm_at,aal_fgsm --seeds 0 [--then-suite]
     python benchmarks/aal_study.py suite --dataset cifar10 --suite-n 1000
     python benchmarks/aal_study.py report
 """
@@ -385,16 +386,39 @@ def compare(dataset: str, arm: str, ref: str, recs: dict) -> dict | None:
             ca = np.load(ROOT / recs[(arm, seeds[0])]["run_dir"] / "correct.npz")[metric]
             cb = np.load(ROOT / recs[(ref, seeds[0])]["run_dir"] / "correct.npz")[metric]
             out[metric]["p_mcnemar"] = mcnemar(ca, cb)
+    # the suite column: only the seeds where both runs have it, on the same images (the first n)
+    both = [s for s in seeds if _suite_outcomes(recs[(arm, s)]) is not None and _suite_outcomes(recs[(ref, s)]) is not None
+            and recs[(arm, s)]["suite"]["n"] == recs[(ref, s)]["suite"]["n"]]
+    if both:
+        d = [100 * (recs[(arm, s)]["suite"]["accuracy"]["robust"] - recs[(ref, s)]["suite"]["accuracy"]["robust"])
+             for s in both]
+        out["suite"] = {"mean_diff": statistics.fmean(d), "std": statistics.stdev(d) if len(d) > 1 else None,
+                        "p_paired_t": paired_t(d), "seeds": both, "n": recs[(arm, both[0])]["suite"]["n"]}
+        if len(both) == 1:
+            out["suite"]["p_mcnemar"] = mcnemar(_suite_outcomes(recs[(arm, both[0])]), _suite_outcomes(recs[(ref, both[0])]))
     return out
+
+
+def _suite_outcomes(rec: dict):
+    """Per-image robust outcomes of a run's suite (None when it has none)."""
+    import numpy as np
+
+    path = ROOT / rec["run_dir"] / "suite_correct.npz"
+    return np.load(path)["robust"] if rec.get("suite") and path.exists() else None
 
 
 def verdict(c: dict, alpha: float = 0.05) -> str:
     parts = []
-    for metric in ("clean", "pgd20"):
+    for metric in ("clean", "pgd20", "suite"):
+        if metric not in c:
+            continue
         m = c[metric]
         p = m["p_paired_t"] if m["p_paired_t"] is not None else m.get("p_mcnemar")
         one_seed = m["p_paired_t"] is None
-        test = "McNemar, 1 seed" if one_seed else f"paired t over {len(c['seeds'])} seeds"
+        seeds = m.get("seeds", c["seeds"])
+        test = "McNemar, 1 seed" if one_seed else f"paired t over {len(seeds)} seeds"
+        if metric == "suite":
+            test += f", first {m['n']} images, seeds {seeds}"
         sig = p is not None and p < alpha
         if one_seed:  # the test sees these two trained models, not the spread between seeds
             word = ("the two models differ" if sig else "no difference measured") + "; not a method comparison yet"
@@ -546,6 +570,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", default="0")
     p.add_argument("--suite-n", type=int, default=1000)
     p.add_argument("--lock", default=None, help="hold this file's lock (flock) during each run: share a core politely")
+    p.add_argument("--then-suite", action="store_true",
+                   help="train: run the suite on each run right after it, while its checkpoint is on this machine "
+                        "(checkpoints are not committed, so a later checkout cannot)")
     args = p.parse_args(argv)
     if args.phase == "report":
         print(report())
@@ -563,6 +590,8 @@ def main(argv: list[str] | None = None) -> int:
                     r = train_one(args.dataset, arm, seed)
                     print(f"  clean {r['accuracy']['clean']:.4f} pgd20 {r['accuracy']['pgd20']:.4f} "
                           f"diag {r['last_epoch']} ({time.time() - t0:.0f} s)", flush=True)
+                    if args.then_suite:
+                        suite_one(args.dataset, arm, seed, args.suite_n)
                 else:
                     suite_one(args.dataset, arm, seed, args.suite_n)
     return 0

@@ -25,7 +25,7 @@ What the report states and tests:
   trained models, not two methods, and the verdict says so. The paired t-test over seeds is given
   next to it. The suite column uses the suite's images only.
 
-    python benchmarks/methods_rank.py train --seeds 0 --lock /tmp/aal-study.lock   # ~6 h per seed, 1 thread
+    python benchmarks/methods_rank.py train --seeds 0 --then-suite --lock /tmp/aal-study.lock   # ~6 h per seed, 1 thread
     python benchmarks/methods_rank.py suite --seeds 0 --suite-n 1000
     python benchmarks/methods_rank.py report
 
@@ -56,7 +56,9 @@ MIN_SEEDS = 2  # a method comparison needs seed-to-seed variation in it
 OUT_NAME = "methods_rank"
 
 
-def train(methods: list[str], seeds: list[int], lock: str | None) -> None:
+def train(methods: list[str], seeds: list[int], lock: str | None, suite_n: int = 0) -> None:
+    """Train every method (and its pipeline stages) per seed; with ``suite_n`` > 0 run each method's
+    suite right after it, while its checkpoint is on this machine (checkpoints are not committed)."""
     for seed in seeds:  # seed-major: a cut-short study still has whole seeds
         for m in methods:
             for arm in [*PREREQUISITES.get(m, []), m]:
@@ -64,6 +66,8 @@ def train(methods: list[str], seeds: list[int], lock: str | None) -> None:
                 with study._held(lock):
                     print(f"[{time.strftime('%H:%M:%S')}] train {arm} seed {seed}", flush=True)
                     r = study.train_one(DATASET, arm, seed)
+                    if suite_n and arm == m:
+                        study.suite_one(DATASET, m, seed, suite_n)
                 print(f"  clean {r['accuracy']['clean']:.4f} pgd20 {r['accuracy']['pgd20']:.4f} "
                       f"({time.time() - t0:.0f} s)", flush=True)
 
@@ -262,13 +266,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--suite-n", type=int, default=1000)
     p.add_argument("--lock", default=None, help="hold this file's lock (flock) during each run: share a core politely")
+    p.add_argument("--then-suite", action="store_true", help="train: each method's suite right after it (same machine)")
     args = p.parse_args(argv)
     methods = [m for m in args.methods.split(",") if m]
     if unknown := [m for m in methods if m not in METHODS]:
         p.error(f"unknown methods {unknown}; choose from {', '.join(METHODS)}")
     seeds = [int(s) for s in args.seeds.split(",") if s]
     if args.phase == "train":
-        train(methods, seeds, args.lock)
+        train(methods, seeds, args.lock, args.suite_n if args.then_suite else 0)
     elif args.phase == "suite":
         suite(methods, seeds, args.suite_n, args.lock)
     else:

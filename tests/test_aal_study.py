@@ -83,3 +83,47 @@ def test_published_run_found_by_content_not_by_folder_hash(tmp_path, monkeypatch
     assert aal_study.finished_record("fashion_mnist", "aal_fgsm", 0, over) == run
     assert aal_study.finished_record("fashion_mnist", "aal_fgsm", 0, [*over, "method.xi2=0.2"]) is None
     assert aal_study.finished_record("fashion_mnist", "aal_fgsm", 1, aal_study.overrides_for("fashion_mnist", "aal_fgsm", 1)) is None
+
+
+def test_comparisons_cover_the_suite_column_where_both_runs_have_it(tmp_path):
+    """The suite column is compared on the seeds where both arms ran it (same first n images): McNemar on
+    the per-image suite outcomes with one such seed; seeds without a suite leave it out."""
+    rng = np.random.default_rng(0)
+
+    def run(arm, seed, clean, robust, suite_robust=None):
+        d = tmp_path / f"{arm}-s{seed}"
+        d.mkdir()
+        np.savez(d / "correct.npz", clean=rng.random(400) < clean, pgd20=rng.random(400) < robust)
+        suite = None
+        if suite_robust is not None:
+            outcome = np.zeros(200, dtype=bool)
+            outcome[: int(200 * suite_robust)] = True
+            np.savez(d / "suite_correct.npz", robust=outcome)
+            suite = {"n": 200, "accuracy": {"robust": float(outcome.mean())}}
+        return {"arm": arm, "seed": seed, "run_dir": str(d), "accuracy": {"clean": clean, "pgd20": robust}, "suite": suite}
+
+    recs = {("fgsm_at", 0): run("fgsm_at", 0, 0.6, 0.35), ("aal_fgsm", 0): run("aal_fgsm", 0, 0.75, 0.15),
+            ("fgsm_at", 1): run("fgsm_at", 1, 0.61, 0.34, 0.30), ("aal_fgsm", 1): run("aal_fgsm", 1, 0.76, 0.16, 0.10)}
+    c = aal_study.compare("cifar10", "aal_fgsm", "fgsm_at", recs)
+    assert c["seeds"] == [0, 1] and c["suite"]["seeds"] == [1] and c["suite"]["n"] == 200
+    assert c["suite"]["mean_diff"] == pytest.approx(-20.0) and c["suite"]["p_mcnemar"] < 1e-6
+    text = aal_study.verdict(c)
+    assert "suite -20.00 pt (McNemar, 1 seed, first 200 images, seeds [1]" in text and "paired t over 2 seeds" in text
+    recs[("aal_fgsm", 1)]["suite"] = None  # no suite on one side: no suite comparison at all
+    assert "suite" not in aal_study.compare("cifar10", "aal_fgsm", "fgsm_at", recs)
+
+
+def test_then_suite_runs_each_suite_right_after_its_run(monkeypatch):
+    """``train --then-suite``: the suite of each run follows it in the same process (its checkpoint is only
+    on the machine that trained it); without the flag no suite runs."""
+    calls = []
+    acc = {"accuracy": {"clean": 0.5, "pgd20": 0.2}, "last_epoch": {}}
+    monkeypatch.setattr(aal_study, "train_one", lambda d, a, s: calls.append(("train", a, s)) or acc)
+    monkeypatch.setattr(aal_study, "suite_one", lambda d, a, s, n: calls.append(("suite", a, s, n)))
+    aal_study.main(["train", "--dataset", "fashion_mnist", "--arms", "fgsm_at,aal_fgsm", "--seeds", "1",
+                    "--then-suite", "--suite-n", "300"])
+    assert calls == [("train", "fgsm_at", 1), ("suite", "fgsm_at", 1, 300), ("train", "aal_fgsm", 1),
+                     ("suite", "aal_fgsm", 1, 300)]
+    calls.clear()
+    aal_study.main(["train", "--dataset", "fashion_mnist", "--arms", "fgsm_at", "--seeds", "0"])
+    assert calls == [("train", "fgsm_at", 0)]

@@ -79,3 +79,13 @@ def test_report_from_synthetic_runs(tmp_path, monkeypatch):
     assert verdicts["pgd20"] == ["pgd_at beats mart"] and verdicts["suite"] == ["pgd_at beats mart"]
     assert verdicts["clean"] == ["no difference measured"]
     assert "| NO |" in text and (tmp_path / "methods_rank.png").stat().st_size > 10_000
+
+
+def test_then_suite_follows_each_method_not_its_pipeline_stages(monkeypatch):
+    calls = []
+    acc = {"accuracy": {"clean": 0.5, "pgd20": 0.2}}
+    monkeypatch.setattr(methods_rank.study, "train_one", lambda d, a, s: calls.append(("train", a)) or acc)
+    monkeypatch.setattr(methods_rank.study, "suite_one", lambda d, a, s, n: calls.append(("suite", a, n)))
+    methods_rank.main(["train", "--methods", "atop,trades", "--seeds", "0", "--then-suite", "--suite-n", "500"])
+    assert calls == [("train", "standard"), ("train", "atop_pretrain"), ("train", "atop"), ("suite", "atop", 500),
+                     ("train", "trades"), ("suite", "trades", 500)]
