@@ -60,13 +60,14 @@ def sign_stats(g32: torch.Tensor, g16: torch.Tensor) -> dict:
     return out
 
 
-def train_model(epochs: int, out_dir: str):
+def train_model(epochs: int, out_dir: str, extra: tuple[str, ...] = ()):
+    """FGSM-AT on Fashion-MNIST (fp32, one thread) into ``out_dir``: (run_dir, result, seconds)."""
     from aal.config import load_config
     from aal.engine.run import train_run
 
     cfg = load_config(ROOT / "configs/fashion_mnist/fgsm_at.yaml",
                       [f"epochs={epochs}", "progress=false", "eval.epoch_n=0", "eval.n=1000",
-                       "eval.attacks=clean,fgsm", f"out_dir={out_dir}", "threads=1"])
+                       "eval.attacks=clean,fgsm", f"out_dir={out_dir}", "threads=1", *extra])
     t0 = time.perf_counter()
     run_dir, result = train_run(cfg, log=lambda _m: None)
     return run_dir, result, time.perf_counter() - t0

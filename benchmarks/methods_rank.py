@@ -3,7 +3,13 @@
 Every method trains the same model on the same data with the same schedule: the AAL study's
 Fashion-MNIST setting (``benchmarks/aal_study.py``: small CNN + input-level CBAM, **all 60,000
 training images, 5 epochs**, batch 128, SGD lr 0.05 cosine, eps 0.1; AToP: its own purifier stages,
-5 epochs each, on top of a standard-trained classifier of that architecture). Runs, caching,
+5 epochs each, on top of a standard-trained classifier of that architecture), **trained under bf16
+autocast** (dataset key ``fashion_mnist_rank``; evaluation in fp32): PGD-10 training steps of this
+model are 2.7x faster than fp32 on this CPU (``benchmarks/results/precision_speed.txt``), which
+brings a seed within one machine session; bf16 and fp32 FGSM-AT reached the same accuracy
+(``precision_parity.md``), and AWP's weight perturbation survives the rounding of ``w + v`` to bf16
+(its logged ``awp_loss_gain``, the loss at ``w + v`` minus at ``w``, was 1.00x fp32's for AT-AWP
+and 0.94x for TRADES-AWP, mean of 16 batches: ``benchmarks/awp_bf16.py``). Runs, caching,
 resuming and publishing are the AAL study's (``aal_study.train_one`` / ``suite_one``: a run folder
 per arm, seed and config hash in ``benchmarks/out/aal_study/``; finished runs' small files in
 ``benchmarks/results/aal_study_runs/``, committed, never retrained). Evaluation per run: clean and
@@ -25,7 +31,7 @@ What the report states and tests:
   trained models, not two methods, and the verdict says so. The paired t-test over seeds is given
   next to it. The suite column uses the suite's images only.
 
-    python benchmarks/methods_rank.py train --seeds 0 --then-suite --lock /tmp/aal-study.lock   # ~6 h per seed, 1 thread
+    python benchmarks/methods_rank.py train --seeds 0 --then-suite --lock /tmp/aal-study.lock   # hours per seed, 1 thread
     python benchmarks/methods_rank.py suite --seeds 0 --suite-n 1000
     python benchmarks/methods_rank.py report
 
@@ -46,7 +52,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import aal_study as study  # noqa: E402
 
-DATASET = "fashion_mnist"
+DATASET = "fashion_mnist_rank"  # the AAL study's Fashion-MNIST setting, trained under bf16 autocast
 METHODS = ["pgd_at", "trades", "awp_pgd_at", "awp_trades", "mart", "uiat", "spat", "aal_pgd", "atop"]
 PREREQUISITES = {"atop": ["standard", "atop_pretrain"]}  # pipeline stages trained first, same seed
 CHANCE, LEFT_CHANCE = 0.1, 0.2  # 10 classes; the epoch-1 rule: robust accuracy >= 2x chance

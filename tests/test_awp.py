@@ -103,6 +103,10 @@ def test_perturbation_is_the_papers_formula_and_loss_is_at_w_plus_v(name):
     for k, t in model.state_dict().items():
         if k in v:
             assert torch.equal(t, before[k]), f"{k} not restored bit-exactly"
+    # the diagnostic: loss at w + v minus the loss at w on the same batch, and the ascent made it positive
+    at_w = inner_loss(name, copy.deepcopy(model), x, x_adv, y).item()
+    assert out.logs["awp_loss_gain"] == pytest.approx(out.loss.item() - at_w, rel=1e-4, abs=1e-6)
+    assert out.logs["awp_loss_gain"] > 0
 
 
 def test_restore_is_bit_identical_and_a_missing_restore_is_an_error():
@@ -158,7 +162,7 @@ def test_gamma_zero_and_warmup_are_plain_pgd_at():
     plain = create_method("pgd_at", eps=0.1, steps=2, rand_init=False)(copy.deepcopy(model), (x, y))
     for kw in ({"gamma": 0.0}, {"awp_warmup": 1}):
         out = method("awp_pgd_at", **kw)(copy.deepcopy(model), (x, y))  # fresh BN statistics each time
-        assert torch.equal(out.loss, plain.loss) and out.logs["awp_active"] == 0.0
+        assert torch.equal(out.loss, plain.loss) and out.logs["awp_active"] == out.logs["awp_loss_gain"] == 0.0
 
 
 def _run(run_dir, epochs, name="awp_pgd_at", **kw):

@@ -15,11 +15,16 @@ methods_rank = pytest.importorskip("methods_rank")
 
 
 def test_every_ranked_method_is_an_arm_with_the_study_setting():
+    ds = methods_rank.DATASET
     for m in methods_rank.METHODS:
-        over = aal_study.overrides_for("fashion_mnist", m, 0) if m != "atop" else None
+        over = aal_study.overrides_for(ds, m, 0) if m != "atop" else None
         if over is not None:
-            cfg = aal_study.config_for("fashion_mnist", m, over)
+            cfg = aal_study.config_for(ds, m, over)
             assert cfg.epochs == 5 and cfg.model.attention == "cbam_in" and cfg.eval.n is None, m
+            assert cfg.precision == "bf16" and not cfg.compile and cfg.data.name == "fashion_mnist", m
+    # its own run folders: a ranked pgd_at is not the AAL study's Fashion-MNIST pgd_at (fp32)
+    assert aal_study.run_dir_for(ds, "pgd_at", 0, aal_study.overrides_for(ds, "pgd_at", 0)).parent.name == ds
+    assert aal_study.DATASETS[ds].study == "rank" and aal_study.DATASETS["fashion_mnist"].study == "aal"
     assert aal_study.ARMS["atop"].study == "rank" and aal_study.ARMS["pgd_at"].study == "aal"
 
 

@@ -111,6 +111,7 @@ class AWPMixin:
         self.awp_step_size = self.gamma if awp_step_size is None else check_positive("awp_step_size", awp_step_size)
         self._epoch = 0
         self._saved: list[tuple[Tensor, Tensor]] = []
+        self._loss_at_w = torch.zeros(())
 
     # -- hooks called by the trainer ------------------------------------------------------
     def on_epoch_start(self, epoch: int, num_epochs: int) -> None:
@@ -141,7 +142,7 @@ class AWPMixin:
         norms = [t.norm() for t in w]
         v = [torch.zeros_like(t) for t in w]
         buffers = {n: b.clone() for n, b in plain.named_buffers()}
-        for _ in range(self.awp_steps):
+        for step in range(self.awp_steps):
             probe = [(t + d).requires_grad_(True) for t, d in zip(w, v)]
             params = dict(zip(names, probe))
 
@@ -149,6 +150,8 @@ class AWPMixin:
                 return functional_call(plain, {**params, **buffers}, (inp,))
 
             loss = self.objective(proxy, x, x_adv, y).loss
+            if step == 0:  # v = 0: the loss at w itself, kept for compute's diagnostic
+                self._loss_at_w = loss.detach()
             grads = list(torch.autograd.grad(loss, probe, allow_unused=True))
             grads = [torch.zeros_like(p) if g is None else g for p, g in zip(probe, grads)]
             _mean_over_ranks(grads)
@@ -182,13 +185,17 @@ class AWPMixin:
 
     def compute(self, model: nn.Module, x: Tensor, y: Tensor, mask: Tensor | None = None) -> Output:
         """Craft ``x'`` at ``w``; return the inner objective at ``w + v`` (weights left perturbed
-        until :meth:`after_backward`). Logs the inner method's logs and ``awp_active``."""
+        until :meth:`after_backward`). Logs the inner method's logs, ``awp_active`` and
+        ``awp_loss_gain``: the training loss at ``w + v`` minus the loss at ``w`` on the same batch,
+        the evidence that the perturbation did something (0 when inactive; it stays positive only
+        while ``v`` survives the arithmetic, e.g. the rounding of ``w + v`` to bf16 under autocast)."""
         x_adv = self.craft(model, x, y, mask)
         active = self.active
         if active:
             self.perturb(model, self.weight_perturbation(model, x, x_adv, y))
         out = self.objective(model, x, x_adv, y)
         out.logs["awp_active"] = float(active)
+        out.logs["awp_loss_gain"] = float(out.loss.detach() - self._loss_at_w) if active else 0.0
         return out
 
 
