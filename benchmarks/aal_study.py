@@ -66,6 +66,12 @@ PUBLISHED = ("config.yaml", "metrics.jsonl", "results.json", "study.json", "corr
 EOT_N = 20  # EOT draws per attack step for randomised models in the suite phase
 SHARED_CIFAR = ROOT.parent / "shared" / "data" / "cifar10"
 K_RANGE, K_STD_MIN = (0.2, 0.8), 0.1  # the degeneracy rule
+# CIFAR-10 runs trained before the loader interleaved the zip's classes (2026-12-01): their per-epoch
+# evaluation images (the first 500 test images) were all airplanes; their full-test figures are unaffected
+AIRPLANE_EPOCH_EVAL = frozenset({
+    "aal_fgsm-s0-ae3468a4", "aal_fgsm_anti-s0-a521a0a1", "aal_fgsm_bn-s0-0972a90a", "aal_fgsm_shuffle-s0-b8e572d3",
+    "aal_fgsm_uniform-s0-f108f310", "fgsm_at-s0-d12d9a75", "fgsm_at_matched-s0-ba7c17b6",
+})
 
 
 @dataclass(frozen=True)
@@ -535,13 +541,17 @@ def plot(dataset: str, recs: dict, out_dir: Path = RESULTS) -> Path:
                     ax[panel].plot(ep, vals, "-o", ms=3, color=colors[a], label=lab)
             rob = [next((v for k, v in e.items() if k.startswith("test_pgd")), None) for e in r["epoch_eval"]]
             if any(v is not None for v in rob):
-                ax[2].plot(ep, [None if v is None else 100 * v for v in rob], "-o", ms=3, color=colors[a], label=lab)
+                old_order = Path(r.get("run_dir", "")).name in AIRPLANE_EPOCH_EVAL
+                ax[2].plot(ep, [None if v is None else 100 * v for v in rob], ":" if old_order else "-o", ms=3,
+                           color=colors[a], label=lab, alpha=0.6 if old_order else 1.0)
             ax[3].scatter(100 * r["accuracy"]["clean"], 100 * r["accuracy"]["pgd20"], color=colors[a], label=lab, s=25)
     ax[0].axhspan(*K_RANGE, color="0.9", zorder=0)
     ax[1].axhline(K_STD_MIN, color="0.5", ls="--")
     for a_, t, yl in ((ax[0], "mean budget k (shaded: rule's range)", "mean k"),
                       (ax[1], "per-image std of k (dashed: rule's minimum)", "std k"),
-                      (ax[2], "robust accuracy per epoch (epoch-eval images)", "PGD-10 %"),
+                      (ax[2], "robust acc. per epoch (dotted: eval images all airplanes, "
+                               "runs before the order fix)" if dataset == "cifar10" else
+                               "robust accuracy per epoch (epoch-eval images)", "PGD-10 %"),
                       (ax[3], "final, full test set (one marker per seed)", "PGD-20 %")):
         a_.set_title(t, fontsize=9)
         a_.set_ylabel(yl)
