@@ -401,7 +401,8 @@ def compare(dataset: str, arm: str, ref: str, recs: dict) -> dict | None:
             cb = np.load(ROOT / recs[(ref, seeds[0])]["run_dir"] / "correct.npz")[metric]
             out[metric]["p_mcnemar"] = mcnemar(ca, cb)
     # the suite column: only the seeds where both runs have it, on the same images (the first n)
-    both = [s for s in seeds if _suite_outcomes(recs[(arm, s)]) is not None and _suite_outcomes(recs[(ref, s)]) is not None
+    suite = {s: (suite_outcomes(recs[(arm, s)]), suite_outcomes(recs[(ref, s)])) for s in seeds}  # loaded once
+    both = [s for s, (a, b) in suite.items() if a is not None and b is not None
             and recs[(arm, s)]["suite"]["n"] == recs[(ref, s)]["suite"]["n"]]
     if both:
         d = [100 * (recs[(arm, s)]["suite"]["accuracy"]["robust"] - recs[(ref, s)]["suite"]["accuracy"]["robust"])
@@ -409,11 +410,11 @@ def compare(dataset: str, arm: str, ref: str, recs: dict) -> dict | None:
         out["suite"] = {"mean_diff": statistics.fmean(d), "std": statistics.stdev(d) if len(d) > 1 else None,
                         "p_paired_t": paired_t(d), "seeds": both, "n": recs[(arm, both[0])]["suite"]["n"]}
         if len(both) == 1:
-            out["suite"]["p_mcnemar"] = mcnemar(_suite_outcomes(recs[(arm, both[0])]), _suite_outcomes(recs[(ref, both[0])]))
+            out["suite"]["p_mcnemar"] = mcnemar(*suite[both[0]])
     return out
 
 
-def _suite_outcomes(rec: dict):
+def suite_outcomes(rec: dict):
     """Per-image robust outcomes of a run's suite (None when it has none)."""
     import numpy as np
 

@@ -91,11 +91,9 @@ def outcomes(rec: dict, column: str):
     """Per-image outcomes (bool array) of a run for a column; None when not measured."""
     import numpy as np
 
-    root = study.ROOT / rec["run_dir"]
     if column == "suite":
-        path = root / "suite_correct.npz"
-        return np.load(path)["robust"] if path.exists() else None
-    return np.load(root / "correct.npz")[column]
+        return study.suite_outcomes(rec)
+    return np.load(study.ROOT / rec["run_dir"] / "correct.npz")[column]
 
 
 def bootstrap_p(a: dict, b: dict, rng, reps: int = BOOT) -> tuple[float, float, float]:
