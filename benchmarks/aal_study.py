@@ -17,7 +17,10 @@ differs. Arms (``ARMS``):
 * the premise without CBAM (``saliency_fgsm``): budget ranked by the smoothed clean-gradient
   magnitude, placed on the ``sal_fg`` foreground, ``sal_bg`` background, ``sal_shuffle`` at
   random, ``sal_uniform`` flat; identical budget values in all four.
-* ``pgd_at``, ``aal_pgd``, ``aal_pgd_uniform``, ``aal_pgd_anti``: the same with PGD-10.
+* ``pgd_at``, ``aal_pgd``, ``aal_pgd_uniform``, ``aal_pgd_anti``: the same with PGD-10. On
+  Fashion-MNIST these run in the ranking study's bf16 setting (``--dataset fashion_mnist_rank``,
+  where ``benchmarks/methods_rank.py`` trains ``pgd_at`` and ``aal_pgd`` anyway); the report gives
+  them their own section.
 
 Evaluation: clean and PGD-20 (step 2.5 eps/20, random start) on the **full test set** as part of
 each run (per-image correctness kept for paired tests), then, in the ``suite`` phase, the
@@ -80,7 +83,6 @@ class Dataset:
     eps: str
     overrides: tuple[str, ...]
     label: str
-    study: str = "aal"  # "aal" (this study's report) or "rank" (only benchmarks/methods_rank.py's)
 
 
 DATASETS = {
@@ -98,7 +100,7 @@ DATASETS = {
     "fashion_mnist_rank": Dataset(
         "configs/fashion_mnist", "0.1", ("epochs=5", "model.attention=cbam_in", "precision=bf16", "compile=false"),
         "Fashion-MNIST, small CNN + CBAM (cbam_in), 5 epochs, batch 128, all 60,000 training images, "
-        "trained under bf16 autocast (evaluated in fp32)", study="rank",
+        "trained under bf16 autocast (evaluated in fp32)",
     ),
 }
 
@@ -455,6 +457,14 @@ def collect() -> dict:
     return recs
 
 
+def reported(all_recs: dict) -> dict:
+    """The runs this report covers: the AAL-study arms of every dataset. The ranking study's dataset
+    (bf16) holds PGD-AT and AAL+PGD runs, and AAL+PGD's controls where trained: they get their own
+    section, never pooled with the fp32 runs of the same data; the other ranked methods do not."""
+    kept = {d: {k: r for k, r in recs.items() if ARMS[k[0]].study == "aal"} for d, recs in all_recs.items()}
+    return {d: recs for d, recs in kept.items() if recs}
+
+
 def _pm(vals: list[float]) -> str:
     if not vals:
         return "-"
@@ -471,9 +481,7 @@ def report() -> str:
              f"last training epoch. Degeneracy rule: an AAL arm tests selectivity only if its last-epoch mean budget k is in "
              f"[{K_RANGE[0]}, {K_RANGE[1]}] and the per-image std of k is >= {K_STD_MIN}.", ""]
     doc = {}
-    all_recs = {d: {k: r for k, r in recs.items() if ARMS[k[0]].study == "aal"} for d, recs in all_recs.items()
-                if DATASETS[d].study == "aal"}
-    all_recs = {d: recs for d, recs in all_recs.items() if recs}
+    all_recs = reported(all_recs)
     for dataset, recs in sorted(all_recs.items()):
         arms = [a for a in ARMS if any(k[0] == a for k in recs)]
         src = next(iter(recs.values()))["source"]

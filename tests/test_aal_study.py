@@ -127,3 +127,14 @@ def test_then_suite_runs_each_suite_right_after_its_run(monkeypatch):
     calls.clear()
     aal_study.main(["train", "--dataset", "fashion_mnist", "--arms", "fgsm_at", "--seeds", "0"])
     assert calls == [("train", "fgsm_at", 0)]
+
+
+def test_report_covers_the_aal_arms_of_every_dataset_and_no_ranked_method():
+    """PGD-AT, AAL+PGD and AAL+PGD's controls trained in the ranking study's bf16 setting get their own
+    section of the AAL report; TRADES (a ranked method only) does not, and no dataset without an AAL arm."""
+    recs = {"fashion_mnist": {("aal_fgsm", 0): {}},
+            "fashion_mnist_rank": {("pgd_at", 0): {}, ("aal_pgd_anti", 0): {}, ("trades", 0): {}, ("atop", 0): {}},
+            "cifar10": {("standard", 0): {}}}
+    kept = aal_study.reported(recs)
+    assert set(kept) == {"fashion_mnist", "fashion_mnist_rank"}
+    assert set(kept["fashion_mnist_rank"]) == {("pgd_at", 0), ("aal_pgd_anti", 0)}

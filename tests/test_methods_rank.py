@@ -24,7 +24,6 @@ def test_every_ranked_method_is_an_arm_with_the_study_setting():
             assert cfg.precision == "bf16" and not cfg.compile and cfg.data.name == "fashion_mnist", m
     # its own run folders: a ranked pgd_at is not the AAL study's Fashion-MNIST pgd_at (fp32)
     assert aal_study.run_dir_for(ds, "pgd_at", 0, aal_study.overrides_for(ds, "pgd_at", 0)).parent.name == ds
-    assert aal_study.DATASETS[ds].study == "rank" and aal_study.DATASETS["fashion_mnist"].study == "aal"
     assert aal_study.ARMS["atop"].study == "rank" and aal_study.ARMS["pgd_at"].study == "aal"
 
 
