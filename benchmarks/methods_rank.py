@@ -221,8 +221,10 @@ def markdown(doc: dict) -> str:
                      + (":" if won else "; no difference measured between any two methods."))
         for c in sorted(won, key=lambda c: -abs(c["diff"])):
             pt = "-" if c["p_paired_t"] is None else f"{c['p_paired_t']:.3g}"
+            # no resample crossed zero: the bootstrap only bounds p (2 / resamples, times Holm's factor)
+            ph = f"< {2 * len(pairs) / BOOT:.2g}" if c["p_holm"] == 0 else f"{c['p_holm']:.3g}"
             lines.append(f"  - {c['verdict']}: `{c['a']}` - `{c['b']}` = {c['diff']:+.2f} "
-                         f"[{c['ci95'][0]:+.2f}, {c['ci95'][1]:+.2f}] (p Holm {c['p_holm']:.3g}, paired t {pt}, "
+                         f"[{c['ci95'][0]:+.2f}, {c['ci95'][1]:+.2f}] (p Holm {ph}, paired t {pt}, "
                          f"seeds {c['seeds']})")
     return "\n".join(lines) + "\n"
 

@@ -82,6 +82,7 @@ def test_report_from_synthetic_runs(tmp_path, monkeypatch):
     verdicts = {c: [p["verdict"] for p in pairs] for c, pairs in doc["comparisons"].items()}
     assert verdicts["pgd20"] == ["pgd_at beats mart"] and verdicts["suite"] == ["pgd_at beats mart"]
     assert verdicts["clean"] == ["no difference measured"]
+    assert "(p Holm < 0.001," in text  # no resample crossed zero: a bound, not "p = 0"
     assert "| NO |" in text and (tmp_path / "methods_rank.png").stat().st_size > 10_000
 
 
