@@ -441,7 +441,8 @@ def verdict(c: dict, alpha: float = 0.05) -> str:
             word = ("the two models differ" if sig else "no difference measured") + "; not a method comparison yet"
         else:
             word = ("higher" if m["mean_diff"] > 0 else "lower") if sig else "no difference measured"
-        parts.append(f"{metric} {m['mean_diff']:+.2f} pt ({test} p={p:.3g}: {word})")
+        p_txt = f"={p:.3g}" if p else " < 1e-300"  # an exact binomial tail below float range underflows to 0
+        parts.append(f"{metric} {m['mean_diff']:+.2f} pt ({test} p{p_txt}: {word})")
     return "; ".join(parts)
 
 

@@ -138,3 +138,8 @@ def test_report_covers_the_aal_arms_of_every_dataset_and_no_ranked_method():
     kept = aal_study.reported(recs)
     assert set(kept) == {"fashion_mnist", "fashion_mnist_rank"}
     assert set(kept["fashion_mnist_rank"]) == {("pgd_at", 0), ("aal_pgd_anti", 0)}
+
+
+def test_verdict_prints_an_underflowed_p_as_a_bound():
+    c = {"seeds": [0], "pgd20": {"mean_diff": -15.9, "std": None, "p_paired_t": None, "p_mcnemar": 0.0}}
+    assert "McNemar, 1 seed p < 1e-300: the two models differ" in aal_study.verdict(c)
