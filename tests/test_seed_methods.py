@@ -630,3 +630,17 @@ def test_atop_purifier_in_front_of_a_standard_classifier_beats_it_under_pgd(fmni
     assert clean > 0.5, "the purified pipeline lost the classifier's accuracy"
     assert robust > std_robust + 0.05, f"AToP: PGD acc {robust:.3f} vs the classifier alone {std_robust:.3f}"
     assert torch.equal(model.classifier.head.weight, clf.head.weight)
+
+
+def test_mart_loss_is_computed_in_fp32_under_bf16():
+    """Under bf16 autocast the official guards vanish (1.0001 rounds to 1): the loss is computed in fp32
+    from the (bf16) logits, so it equals the fp32 loss of the same rounded logits, bit for bit."""
+    from aal.methods.mart import mart_loss
+
+    g = torch.Generator().manual_seed(0)
+    logits, logits_adv = (torch.randn(32, 10, generator=g) * 8).bfloat16(), (torch.randn(32, 10, generator=g) * 8).bfloat16()
+    y = torch.randint(0, 10, (32,), generator=g)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, _ = mart_loss(logits, logits_adv, y, 6.0)
+    ref, _ = mart_loss(logits.float(), logits_adv.float(), y, 6.0)
+    assert loss.dtype == torch.float32 and torch.equal(loss, ref)
