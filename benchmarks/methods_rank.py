@@ -7,8 +7,10 @@ training images, 5 epochs**, batch 128, SGD lr 0.05 cosine, eps 0.1; AToP: its o
 autocast** (dataset key ``fashion_mnist_rank``; evaluation in fp32): PGD-10 training steps of this
 model are 2.7x faster than fp32 on this CPU (``benchmarks/results/precision_speed.txt``), which
 makes each run (train + suite) fit in one machine session (~40 min at one thread, two runs at a
-time; a whole seed does not: ~8 runs per 3-h session, and AToP's stages and EOT suite not at all);
-bf16 and fp32 FGSM-AT reached the same accuracy (``precision_parity.md``), and AWP's weight perturbation survives the rounding of ``w + v`` to bf16
+time, UIAT ~60; a whole seed does not: ~6-8 runs per 3-h session, and AToP's stages and EOT suite
+only across sessions that get the same machine back, its checkpoints in ``benchmarks/out/``); bf16
+and fp32 FGSM-AT reached the same accuracy (``precision_parity.md``), and AWP's weight perturbation
+survives the rounding of ``w + v`` to bf16
 (its logged ``awp_loss_gain``, the loss at ``w + v`` minus at ``w``, was 1.00x fp32's for AT-AWP
 and 0.94x for TRADES-AWP, mean of 16 batches: ``benchmarks/awp_bf16.py``). Runs, caching,
 resuming and publishing are the AAL study's (``aal_study.train_one`` / ``suite_one``: a run folder
