@@ -85,6 +85,29 @@ def test_published_run_found_by_content_not_by_folder_hash(tmp_path, monkeypatch
     assert aal_study.finished_record("fashion_mnist", "aal_fgsm", 1, aal_study.overrides_for("fashion_mnist", "aal_fgsm", 1)) is None
 
 
+def test_a_run_trained_under_another_config_is_left_out_and_named(tmp_path, monkeypatch):
+    """A published run whose stored config is no longer its arm's (a config file changed while it
+    trained, e.g. bf16 + compile where the arm pins fp32 eager) is not pooled with that arm: collect()
+    leaves it out and says how it differs; the run that matches stays."""
+    import yaml
+
+    monkeypatch.setattr(aal_study, "RECORDS", tmp_path)
+    monkeypatch.setattr(aal_study, "OUT", tmp_path / "out")
+    monkeypatch.setattr(aal_study, "load_record", lambda d, a, s, run_dir=None: {"arm": a, "seed": s})
+    for seed, precision in ((0, "bf16"), (1, "fp32")):
+        cfg = aal_study.config_for("fashion_mnist", "fgsm_at", aal_study.overrides_for("fashion_mnist", "fgsm_at", seed))
+        cfg = cfg.to_dict()
+        cfg["precision"] = precision
+        run = tmp_path / "fashion_mnist" / f"fgsm_at-s{seed}-0000000{seed}"
+        run.mkdir(parents=True)
+        (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+        (run / "study.json").write_text('{"dataset": "fashion_mnist", "arm": "fgsm_at", "seed": %d}' % seed)
+    excluded = []
+    recs = aal_study.collect(excluded)
+    assert set(recs["fashion_mnist"]) == {("fgsm_at", 1)}
+    assert excluded == [("fashion_mnist", "fgsm_at", 0, "precision bf16 (the arm's: fp32)")]
+
+
 def test_comparisons_cover_the_suite_column_where_both_runs_have_it(tmp_path):
     """The suite column is compared on the seeds where both arms ran it (same first n images): McNemar on
     the per-image suite outcomes with one such seed; seeds without a suite leave it out."""
