@@ -131,8 +131,12 @@ def curve(rec: dict) -> list[float | None]:
     return [next((v for k, v in e.items() if k.startswith("test_pgd")), None) for e in rec["epoch_eval"]]
 
 
-def collect() -> dict:
-    recs = study.collect().get(DATASET, {})
+def collect(excluded: list | None = None) -> dict:
+    """The ranked methods' published runs; runs whose config is not their method's go to ``excluded``."""
+    left_out: list = []
+    recs = study.collect(left_out).get(DATASET, {})
+    if excluded is not None:
+        excluded += [(a, s, why) for d, a, s, why in left_out if d == DATASET and a in METHODS]
     return {k: r for k, r in recs.items() if k[0] in METHODS}
 
 
@@ -229,6 +233,9 @@ def markdown(doc: dict) -> str:
             lines.append(f"  - {c['verdict']}: `{c['a']}` - `{c['b']}` = {c['diff']:+.2f} "
                          f"[{c['ci95'][0]:+.2f}, {c['ci95'][1]:+.2f}] (p Holm {ph}, paired t {pt}, "
                          f"seeds {c['seeds']})")
+    if doc.get("excluded"):
+        lines += ["", "Left out: runs trained under another config than their method's: " + "; ".join(
+            f"`{e['method']}` seed {e['seed']} ({e['differs']})" for e in doc["excluded"]) + "."]
     return "\n".join(lines) + "\n"
 
 
@@ -258,7 +265,9 @@ def plot(doc: dict, path: Path) -> None:
 
 
 def report() -> str:
-    doc = analyse(collect())
+    excluded: list = []
+    doc = analyse(collect(excluded))
+    doc["excluded"] = [{"method": a, "seed": s, "differs": why} for a, s, why in excluded]
     results = study.RESULTS
     (results / f"{OUT_NAME}.json").write_text(json.dumps(doc, indent=1))
     if doc["rows"]:

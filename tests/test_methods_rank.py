@@ -73,7 +73,11 @@ def test_report_from_synthetic_runs(tmp_path, monkeypatch):
                 "suite": {"accuracy": {"robust": rob - 0.02}, "n": 1000, "suite": "standard"}, "epochs": 2,
                 "epoch_eval": [{"test_pgd10": e1}, {"test_pgd10": rob}], "train_seconds": 100.0,
             }
-    monkeypatch.setattr(methods_rank, "collect", lambda: recs)
+    def collect(excluded):  # and one run trained under another config: named, never ranked
+        excluded.append(("mart", 3, "precision fp32 (the arm's: bf16)"))
+        return recs
+
+    monkeypatch.setattr(methods_rank, "collect", collect)
     monkeypatch.setattr(aal_study, "RESULTS", tmp_path)
     text = methods_rank.report()
     doc = json.loads((tmp_path / "methods_rank.json").read_text())
@@ -84,6 +88,8 @@ def test_report_from_synthetic_runs(tmp_path, monkeypatch):
     assert verdicts["clean"] == ["no difference measured"]
     assert "(p Holm < 0.001," in text  # no resample crossed zero: a bound, not "p = 0"
     assert "| NO |" in text and (tmp_path / "methods_rank.png").stat().st_size > 10_000
+    assert "Left out: runs trained under another config than their method's: `mart` seed 3 (precision fp32" in text
+    assert rows["mart"]["seeds"] == [0, 1, 2]
 
 
 def test_then_suite_follows_each_method_not_its_pipeline_stages(monkeypatch):
