@@ -39,8 +39,12 @@ per-image correctness) are published to ``benchmarks/results/aal_study_runs/``, 
 committed: a finished run is never retrained, in any checkout. Runs can be split across
 processes (``--arms``, ``--seeds``, ``--lock``) and days. The suite phase needs the run's
 checkpoint, so it runs where the run was trained (a published run without its checkpoint is
-reported as "suite not run"); ``train --then-suite`` runs it right after each run. Comparisons
-cover the suite column on the seeds where both runs have it (same first n images).
+reported as "suite not run"); ``train --then-suite`` runs it right after each run. Where the
+checkpoints are gone, the suite column grows by training *further seeds* with ``--then-suite``
+(CIFAR-10 seed 3, Fashion-MNIST seeds 3-5), never by training a published run a second time (two
+models for one record). Comparisons cover the suite column on the seeds where both runs have it
+(same first n images). A published run whose config is no longer its arm's (a config file changed
+while it trained) is left out of the report and named there.
 
     python benchmarks/aal_study.py train --dataset cifar10 --arms fgsm_at,aal_fgsm --seeds 0 [--then-suite]
     python benchmarks/aal_study.py suite --dataset cifar10 --suite-n 1000
