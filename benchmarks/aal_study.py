@@ -211,14 +211,18 @@ def finished_record(dataset: str, arm: str, seed: int, overrides: list[str]) -> 
     runs are matched by content: each stored ``config.yaml`` is re-loaded by today's code (new keys
     take their defaults) and compared with today's resolved config.
     """
-    from aal.config import load_config
-
     want = json.dumps(identity(config_for(dataset, arm, overrides)), sort_keys=True, default=str)
     for path in sorted(RECORDS.glob(f"{dataset}/{arm}-s{seed}-*/study.json")):
-        stored = load_config(path.parent / "config.yaml", validate=False)
-        if json.dumps(identity(stored), sort_keys=True, default=str) == want:
+        if json.dumps(stored_identity(path.parent), sort_keys=True, default=str) == want:
             return path.parent
     return None
+
+
+def stored_identity(run_dir: Path) -> dict:
+    """The identity of a run's stored config, re-loaded by today's code (new keys take their defaults)."""
+    from aal.config import load_config
+
+    return identity(load_config(run_dir / "config.yaml", validate=False))
 
 
 def overrides_for(dataset: str, arm: str, seed: int) -> list[str]:
@@ -452,14 +456,15 @@ def verdict(c: dict, alpha: float = 0.05) -> str:
 
 
 # ----------------------------------------------------------------------------- report
-def collect(excluded: list | None = None) -> dict:
-    """The published runs, by dataset and (arm, seed). A run whose config is no longer its arm's
-    (trained while a config file changed under it) is left out and, when ``excluded`` is given,
-    listed there as ``(dataset, arm, seed, how it differs)``: it is not a run of that arm."""
-    for study in OUT.glob("*/*/study.json"):  # finished runs not yet published (e.g. by an older script)
+def collect(excluded: list | None = None, dataset: str = "*") -> dict:
+    """The published runs, by dataset and (arm, seed), of every dataset or of ``dataset``. A run
+    whose config is no longer its arm's (trained while a config file changed under it) is left out
+    and, when ``excluded`` is given, listed there as ``(dataset, arm, seed, how it differs)``: it is
+    not a run of that arm."""
+    for study in OUT.glob(f"{dataset}/*/study.json"):  # finished runs not yet published (e.g. by an older script)
         publish(study.parent, study.parent.parent.name)
     recs = {}
-    for study in sorted(RECORDS.glob("*/*/study.json")):
+    for study in sorted(RECORDS.glob(f"{dataset}/*/study.json")):
         info = json.loads(study.read_text())
         drift = config_drift(info["dataset"], info["arm"], info["seed"], study.parent)
         if drift:
@@ -474,14 +479,12 @@ def collect(excluded: list | None = None) -> dict:
 def config_drift(dataset: str, arm: str, seed: int, run_dir: Path) -> str | None:
     """How a published run's config differs from what its arm trains today (None: the same run,
     or not decidable here: a pipeline stage whose input runs are not on this machine)."""
-    from aal.config import load_config
-
     try:
         want = identity(config_for(dataset, arm, overrides_for(dataset, arm, seed)))
     except LookupError:
         return None
-    have = identity(load_config(run_dir / "config.yaml", validate=False))
-    return ", ".join(f"{key} {a} (the arm's: {b})" for key, a, b in _differences(have, want)) or None
+    diffs = _differences(stored_identity(run_dir), want)
+    return ", ".join(f"{key} {a} (the arm's: {b})" for key, a, b in diffs) or None
 
 
 def _differences(a: dict, b: dict, prefix: str = "") -> list[tuple[str, object, object]]:
@@ -552,13 +555,13 @@ def report() -> str:
                 deg = [degenerate(recs[(a, s)]) for a in (c["arm"], c["ref"]) for s in c["seeds"]]
                 tag = " **(map degenerate: no test of selectivity)**" if any(deg) else ""
                 lines.append(f"- `{c['arm']}` vs `{c['ref']}` (seeds {c['seeds']}): {verdict(c)}{tag}")
-        gone = [f"`{a}` seed {s} ({why})" for d, a, s, why in excluded if d == dataset]
+        gone = [{"arm": a, "seed": s, "differs": why} for d, a, s, why in excluded if d == dataset]
         if gone:
             lines += ["", "Left out: runs trained under another config than their arm's (a config file changed "
-                      "while they ran), so they are not runs of that arm: " + "; ".join(gone) + "."]
+                      "while they ran), so they are not runs of that arm: "
+                      + "; ".join(f"`{g['arm']}` seed {g['seed']} ({g['differs']})" for g in gone) + "."]
         lines.append("")
-        doc[dataset] = {"runs": [recs[k] for k in sorted(recs)], "comparisons": comps,
-                        "excluded": [{"arm": a, "seed": s, "differs": why} for d, a, s, why in excluded if d == dataset]}
+        doc[dataset] = {"runs": [recs[k] for k in sorted(recs)], "comparisons": comps, "excluded": gone}
     RESULTS.mkdir(parents=True, exist_ok=True)
     for dataset, recs in sorted(all_recs.items()):
         png = plot(dataset, recs)

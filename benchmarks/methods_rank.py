@@ -134,9 +134,9 @@ def curve(rec: dict) -> list[float | None]:
 def collect(excluded: list | None = None) -> dict:
     """The ranked methods' published runs; runs whose config is not their method's go to ``excluded``."""
     left_out: list = []
-    recs = study.collect(left_out).get(DATASET, {})
+    recs = study.collect(left_out, DATASET).get(DATASET, {})
     if excluded is not None:
-        excluded += [(a, s, why) for d, a, s, why in left_out if d == DATASET and a in METHODS]
+        excluded += [(a, s, why) for _, a, s, why in left_out if a in METHODS]
     return {k: r for k, r in recs.items() if k[0] in METHODS}
 
 
