@@ -166,3 +166,34 @@ def test_report_covers_the_aal_arms_of_every_dataset_and_no_ranked_method():
 def test_verdict_prints_an_underflowed_p_as_a_bound():
     c = {"seeds": [0], "pgd20": {"mean_diff": -15.9, "std": None, "p_paired_t": None, "p_mcnemar": 0.0}}
     assert "McNemar, 1 seed p < 1e-300: the two models differ" in aal_study.verdict(c)
+
+
+def test_readme_study_table_is_the_one_generated_from_the_committed_report():
+    """The README's table is rendered from aal_study.json, never copied by hand: a hand edit, or a
+    report regenerated without updating the README, fails here."""
+    import json
+
+    root = Path(__file__).resolve().parents[1]
+    doc = json.loads((root / "benchmarks" / "results" / "aal_study.json").read_text())
+    assert aal_study.readme_block(doc) in (root / "README.md").read_text()
+
+
+def test_readme_table_names_seeds_left_out_runs_and_degenerate_maps(tmp_path):
+    run = {"source": "cifar10", "suite": None, "accuracy": {"clean": 0.5, "pgd20": 0.25}}
+    doc = {"cifar10": {"runs": [
+        {**run, "arm": "aal_fgsm", "seed": s, "last_epoch": {"mask_mean": 0.3, "mask_std": 0.2}} for s in (1, 2, 3)
+    ] + [
+        {**run, "arm": "aal_fgsm_bn", "seed": 0, "last_epoch": {"mask_mean": 0.3, "mask_std": 0.01},
+         "suite": {"n": 1000, "accuracy": {"robust": 0.125}}},
+    ], "excluded": [{"arm": "aal_fgsm", "seed": 0, "differs": "x"}]}}
+    table = aal_study.readme_table(doc)
+    rows = table.splitlines()[2:]
+    assert len(rows) == 2
+    assert "| 1-3; seed 0 left out (config differs) | 50.00 ± 0.00 | 25.00 ± 0.00 | - | 0.30 | 0.20 |" in rows[0]
+    assert rows[1].endswith("| 0 | 50.00 | 25.00 | 12.50 (1000; 0) | 0.30 | 0.01 (degenerate) |")
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n{aal_study.README_BEGIN}\nold table\n{aal_study.README_END}\nafter\n")
+    assert aal_study.update_readme(doc, readme)
+    assert readme.read_text() == f"intro\n{aal_study.readme_block(doc)}\nafter\n"
+    (tmp_path / "other.md").write_text("no markers")
+    assert not aal_study.update_readme(doc, tmp_path / "other.md")
