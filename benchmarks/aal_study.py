@@ -233,13 +233,13 @@ def overrides_for(dataset: str, arm: str, seed: int) -> list[str]:
     if dataset == "cifar10":
         over.append(f"data.root={os.environ.get('AAL_CIFAR10', SHARED_CIFAR)}")
     if a.matched:
-        ref = load_record(dataset, a.matched, seed)
+        ref = current_record(dataset, a.matched, seed)
         if ref is None:
             raise LookupError(f"{arm} seed {seed} needs the finished {a.matched} run of the same seed first")
         mean_k = statistics.fmean(ref["per_epoch"]["mask_mean"])  # the budget averaged over training
         over.append(f"method.eps={_eps_value(ds.eps) * mean_k:.6f}")
     for key, needed in a.needs:  # a pipeline stage: the same seed's run of the arm it builds on
-        ref = load_record(dataset, needed, seed)
+        ref = current_record(dataset, needed, seed)
         folder = OUT / dataset / Path(ref["run_dir"]).name if ref else None
         if folder is None or not (folder / "checkpoints").exists():
             raise LookupError(f"{arm} seed {seed} needs the {needed} run of the same seed, with its checkpoint, "
@@ -294,14 +294,17 @@ def publish(run_dir: Path, dataset: str) -> Path:
     return dest
 
 
-def load_record(dataset: str, arm: str, seed: int, run_dir: Path | None = None) -> dict | None:
-    """The record of a finished run (None if it has not finished)."""
-    if run_dir is None:
-        found = sorted(RECORDS.glob(f"{dataset}/{arm}-s{seed}-*/study.json")) or sorted(
-            OUT.glob(f"{dataset}/{arm}-s{seed}-*/study.json"))
-        if not found:
-            return None
-        run_dir = found[-1].parent
+def current_record(dataset: str, arm: str, seed: int) -> dict | None:
+    """The finished run of this arm and seed under the arm's config *today*: published, or finished
+    in ``OUT`` and not yet published (None if neither). Never a run of the same arm and seed trained
+    under another config (a left-out run): picking by folder name could return that one, and a
+    matched eps, a pipeline input or a suite would then come from the wrong model."""
+    over = overrides_for(dataset, arm, seed)
+    return load_record(dataset, arm, seed, finished_record(dataset, arm, seed, over) or run_dir_for(dataset, arm, seed, over))
+
+
+def load_record(dataset: str, arm: str, seed: int, run_dir: Path) -> dict | None:
+    """The record of the finished run in ``run_dir`` (None if it has not finished)."""
     if not (run_dir / "study.json").exists():
         return None
     res = json.loads((run_dir / "results.json").read_text())
@@ -338,7 +341,7 @@ def suite_one(dataset: str, arm: str, seed: int, n: int) -> None:
     from aal.engine.run import load_run
     from aal.eval.suite import run_suite
 
-    rec = load_record(dataset, arm, seed)
+    rec = current_record(dataset, arm, seed)
     if rec is None or rec["suite"] is not None:
         return
     run_dir = OUT / dataset / Path(rec["run_dir"]).name

@@ -108,6 +108,33 @@ def test_a_run_trained_under_another_config_is_left_out_and_named(tmp_path, monk
     assert excluded == [("fashion_mnist", "fgsm_at", 0, "precision bf16 (the arm's: fp32)")]
 
 
+def test_the_current_record_is_the_run_of_todays_config_not_the_last_folder(tmp_path, monkeypatch):
+    """Two published runs of one arm and seed (one trained under an older config, left out of the
+    report): the matched eps, a pipeline's input run and the suite phase read the one trained under
+    the arm's config today, even when the other's folder sorts last."""
+    import json
+
+    import yaml
+
+    monkeypatch.setattr(aal_study, "RECORDS", tmp_path)
+    monkeypatch.setattr(aal_study, "OUT", tmp_path / "out")
+    over = aal_study.overrides_for("fashion_mnist", "aal_fgsm", 0)
+    for folder, precision, k in (("aal_fgsm-s0-00000000", "fp32", 0.25), ("aal_fgsm-s0-ffffffff", "bf16", 0.75)):
+        cfg = aal_study.config_for("fashion_mnist", "aal_fgsm", over).to_dict()
+        cfg["precision"] = precision
+        run = tmp_path / "fashion_mnist" / folder
+        run.mkdir(parents=True)
+        (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+        (run / "study.json").write_text("{}")
+        (run / "results.json").write_text(json.dumps({"eval": {"accuracy": {"clean": 0.9}, "n": 10}}))
+        (run / "metrics.jsonl").write_text(json.dumps({"logs": {"mask_mean": k, "mask_std": 0.2}}) + "\n")
+    rec = aal_study.current_record("fashion_mnist", "aal_fgsm", 0)
+    assert rec["run_dir"].endswith("aal_fgsm-s0-00000000") and rec["last_epoch"]["mask_mean"] == 0.25
+    matched = aal_study.overrides_for("fashion_mnist", "fgsm_at_matched", 0)
+    assert "method.eps=0.025000" in matched  # eps 0.1 x the fp32 run's mean k, not the bf16 run's
+    assert aal_study.current_record("fashion_mnist", "aal_fgsm", 1) is None
+
+
 def test_comparisons_cover_the_suite_column_where_both_runs_have_it(tmp_path):
     """The suite column is compared on the seeds where both arms ran it (same first n images): McNemar on
     the per-image suite outcomes with one such seed; seeds without a suite leave it out."""

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 aal_study = pytest.importorskip("aal_study")
@@ -37,6 +38,8 @@ def test_a_pipeline_stage_needs_its_same_seed_run_with_a_checkpoint(tmp_path, mo
     for name, text in (("study.json", "{}"), ("results.json", json.dumps({"eval": {"accuracy": {}, "n": 1}})),
                        ("metrics.jsonl", json.dumps({"epoch": 1, "logs": {}}) + "\n")):
         (std / name).write_text(text)
+    std_cfg = aal_study.config_for("fashion_mnist", "standard", aal_study.overrides_for("fashion_mnist", "standard", 0))
+    (std / "config.yaml").write_text(yaml.safe_dump(std_cfg.to_dict()))  # the standard arm's config today
     with pytest.raises(LookupError, match="with its checkpoint"):  # published, but trained elsewhere
         aal_study.overrides_for("fashion_mnist", "atop_pretrain", 0)
     (tmp_path / "out" / "fashion_mnist" / "standard-s0-abcdef12" / "checkpoints").mkdir(parents=True)
