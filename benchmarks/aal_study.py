@@ -609,7 +609,7 @@ def readme_table(doc: dict) -> str:
             left = f"; seed {_seed_list(gone[arm])} left out (config differs)" if arm in gone else ""
             src = "" if rs[0]["source"] == dataset else f"; {rs[0]['source']}"  # named where not the plain dataset
             where = f"{DATASETS[dataset].label}{src}; eps {DATASETS[dataset].eps}" if first else ""
-            rows.append(f"| {where} | {ARMS[arm].label} | {_seed_list([r['seed'] for r in rs])}{left} | "
+            rows.append(f"| {where} | `{arm}`: {ARMS[arm].label} | {_seed_list([r['seed'] for r in rs])}{left} | "
                         f"{_pm([100 * r['accuracy']['clean'] for r in rs])} | "
                         f"{_pm([100 * r['accuracy']['pgd20'] for r in rs])} | {suite} | "
                         f"{f'{statistics.fmean(k_mean):.2f}' if k_mean else '-'} | "
@@ -618,8 +618,35 @@ def readme_table(doc: dict) -> str:
     return "\n".join(rows)
 
 
+def _diff_cell(m: dict | None, alpha: float = 0.05) -> str:
+    if m is None:
+        return "-"
+    p = m["p_paired_t"]
+    where = f"; seeds {_seed_list(m['seeds'])}" if "seeds" in m else ""
+    return f"{m['mean_diff']:+.2f} (p {p:.2g}{where}){'' if p < alpha else ' n.d.'}"
+
+
+def readme_comparisons(doc: dict) -> str:
+    """The paired comparisons over seeds (two or more) as a table: arm minus reference, points, with
+    the two-sided paired t-test's p; "n.d." (no difference measured) where p >= 0.05. One-seed
+    comparisons (McNemar: the two *models* differ or not) stay in the full report."""
+    rows = ["| dataset | arm vs reference | seeds | clean | PGD-20 | suite (seeds) |", "|---|---|---|---|---|---|"]
+    for dataset in (d for d in DATASETS if d in doc):
+        for c in doc[dataset]["comparisons"]:
+            if len(c["seeds"]) < 2:
+                continue
+            suite = c.get("suite")
+            rows.append(f"| {dataset} | `{c['arm']}` vs `{c['ref']}` | {_seed_list(c['seeds'])} | "
+                        f"{_diff_cell(c['clean'])} | {_diff_cell(c['pgd20'])} | "
+                        f"{_diff_cell(suite) if suite and len(suite['seeds']) > 1 else '-'} |")
+    return "\n".join(rows)
+
+
 def readme_block(doc: dict) -> str:
-    return f"{README_BEGIN}\n{readme_table(doc)}\n{README_END}"
+    return (f"{README_BEGIN}\n{readme_table(doc)}\n\nPaired comparisons over seeds (arm minus reference, points; "
+            "two-sided paired t-test over the seeds listed, n.d. = no difference measured at p >= 0.05; a suite "
+            "difference is tested where both arms have the suite on two or more seeds):\n\n"
+            f"{readme_comparisons(doc)}\n{README_END}")
 
 
 def update_readme(doc: dict, readme: Path = ROOT / "README.md") -> bool:

@@ -212,11 +212,19 @@ def test_readme_table_names_seeds_left_out_runs_and_degenerate_maps(tmp_path):
     ] + [
         {**run, "arm": "aal_fgsm_bn", "seed": 0, "last_epoch": {"mask_mean": 0.3, "mask_std": 0.01},
          "suite": {"n": 1000, "accuracy": {"robust": 0.125}}},
-    ], "excluded": [{"arm": "aal_fgsm", "seed": 0, "differs": "x"}]}}
+    ], "excluded": [{"arm": "aal_fgsm", "seed": 0, "differs": "x"}], "comparisons": [
+        {"arm": "aal_fgsm_uniform", "ref": "aal_fgsm", "seeds": [1, 2, 3],
+         "clean": {"mean_diff": -0.31, "p_paired_t": 0.34}, "pgd20": {"mean_diff": 3.12, "p_paired_t": 0.001},
+         "suite": {"mean_diff": 2.7, "p_paired_t": 0.02, "seeds": [1, 2]}},
+        {"arm": "aal_fgsm_fd", "ref": "aal_fgsm", "seeds": [0], "clean": {}, "pgd20": {}},  # one seed: report only
+    ]}}
+    comps = aal_study.readme_comparisons(doc).splitlines()[2:]
+    assert comps == ["| cifar10 | `aal_fgsm_uniform` vs `aal_fgsm` | 1-3 | -0.31 (p 0.34) n.d. | +3.12 (p 0.001) | "
+                     "+2.70 (p 0.02; seeds 1, 2) |"]
     table = aal_study.readme_table(doc)
     rows = table.splitlines()[2:]
     assert len(rows) == 2
-    assert "| 1-3; seed 0 left out (config differs) | 50.00 ± 0.00 | 25.00 ± 0.00 | - | 0.30 | 0.20 |" in rows[0]
+    assert "| `aal_fgsm`: AAL+FGSM (paper defaults) | 1-3; seed 0 left out (config differs) | 50.00 ± 0.00 | 25.00 ± 0.00 | - | 0.30 | 0.20 |" in rows[0]
     assert rows[1].endswith("| 0 | 50.00 | 25.00 | 12.50 (1000; 0) | 0.30 | 0.01 (degenerate) |")
     readme = tmp_path / "README.md"
     readme.write_text(f"intro\n{aal_study.README_BEGIN}\nold table\n{aal_study.README_END}\nafter\n")
