@@ -606,7 +606,7 @@ def readme_table(doc: dict) -> str:
             k_mean = [r["last_epoch"]["mask_mean"] for r in rs if "mask_mean" in r["last_epoch"]]
             k_std = [r["last_epoch"]["mask_std"] for r in rs if "mask_std" in r["last_epoch"]]
             deg = " (degenerate)" if any(degenerate(r) for r in rs) else ""
-            left = f"; seed {_seed_list(gone[arm])} left out (config differs)" if arm in gone else ""
+            left = f"; left out: a seed-{_seed_list(gone[arm])} run under another config" if arm in gone else ""
             src = "" if rs[0]["source"] == dataset else f"; {rs[0]['source']}"  # named where not the plain dataset
             where = f"{DATASETS[dataset].label}{src}; eps {DATASETS[dataset].eps}" if first else ""
             rows.append(f"| {where} | `{arm}`: {ARMS[arm].label} | {_seed_list([r['seed'] for r in rs])}{left} | "

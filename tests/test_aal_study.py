@@ -224,7 +224,7 @@ def test_readme_table_names_seeds_left_out_runs_and_degenerate_maps(tmp_path):
     table = aal_study.readme_table(doc)
     rows = table.splitlines()[2:]
     assert len(rows) == 2
-    assert "| `aal_fgsm`: AAL+FGSM (paper defaults) | 1-3; seed 0 left out (config differs) | 50.00 ± 0.00 | 25.00 ± 0.00 | - | 0.30 | 0.20 |" in rows[0]
+    assert "| `aal_fgsm`: AAL+FGSM (paper defaults) | 1-3; left out: a seed-0 run under another config | 50.00 ± 0.00 | 25.00 ± 0.00 | - | 0.30 | 0.20 |" in rows[0]
     assert rows[1].endswith("| 0 | 50.00 | 25.00 | 12.50 (1000; 0) | 0.30 | 0.01 (degenerate) |")
     readme = tmp_path / "README.md"
     readme.write_text(f"intro\n{aal_study.README_BEGIN}\nold table\n{aal_study.README_END}\nafter\n")
