@@ -515,6 +515,26 @@ def _pm(vals: list[float]) -> str:
     return f"{statistics.fmean(vals):.2f} ± {statistics.stdev(vals):.2f}" if len(vals) > 1 else f"{vals[0]:.2f}"
 
 
+def summarise(rs: list[dict]) -> dict:
+    """What the report's table and the README's show of one arm's runs: the seeds, mean ± std
+    accuracies, the suite (and the seeds that have it), the map's last-epoch diagnostics averaged
+    over seeds, the degeneracy notes and the mean training time."""
+    suites = [r for r in rs if r["suite"]]
+    diag = {k: [r["last_epoch"][k] for r in rs if k in r["last_epoch"]] for k in DIAG}
+    secs = [r["train_seconds"] for r in rs if r["train_seconds"]]
+    return {
+        "seeds": [r["seed"] for r in rs],
+        "clean": _pm([100 * r["accuracy"]["clean"] for r in rs]),
+        "pgd20": _pm([100 * r["accuracy"]["pgd20"] for r in rs]),
+        "suite": _pm([100 * r["suite"]["accuracy"]["robust"] for r in suites]) if suites else None,
+        "suite_n": suites[0]["suite"]["n"] if suites else None,
+        "suite_seeds": [r["seed"] for r in suites],
+        "diag": {k: statistics.fmean(v) for k, v in diag.items() if v},
+        "notes": sorted({d for r in rs if (d := degenerate(r))}),
+        "train_seconds": statistics.fmean(secs) if secs else None,
+    }
+
+
 def report() -> str:
     excluded: list = []
     all_recs = collect(excluded)
@@ -537,18 +557,13 @@ def report() -> str:
                   "| arm | seeds | clean | PGD-20 | suite (n) | mean k | std k | mean M | backtracked | train s | note |",
                   "|---|---|---|---|---|---|---|---|---|---|---|"]
         for a in arms:
-            rs = [recs[k] for k in sorted(recs) if k[0] == a]
-            acc = {m: [100 * r["accuracy"][m] for r in rs] for m in ("clean", "pgd20")}
-            suites = [r["suite"] for r in rs if r["suite"]]
-            suite = (f"{_pm([100 * s['accuracy']['robust'] for s in suites])} ({suites[0]['n']})" if suites else "-")
-            diag = {k: [r["last_epoch"][k] for r in rs if k in r["last_epoch"]] for k in DIAG}
-            fmt = {k: (f"{statistics.fmean(v):.3f}" if v else "-") for k, v in diag.items()}
-            notes = sorted({d for r in rs if (d := degenerate(r))})
-            secs = [r["train_seconds"] for r in rs if r["train_seconds"]]
-            secs_txt = f"{statistics.fmean(secs):.0f}" if secs else "-"
-            lines.append(f"| `{a}`: {ARMS[a].label} | {len(rs)} | {_pm(acc['clean'])} | {_pm(acc['pgd20'])} | {suite} | "
+            sm = summarise([recs[k] for k in sorted(recs) if k[0] == a])
+            suite = f"{sm['suite']} ({sm['suite_n']})" if sm["suite"] else "-"
+            fmt = {k: (f"{sm['diag'][k]:.3f}" if k in sm["diag"] else "-") for k in DIAG}
+            secs_txt = f"{sm['train_seconds']:.0f}" if sm["train_seconds"] is not None else "-"
+            lines.append(f"| `{a}`: {ARMS[a].label} | {len(sm['seeds'])} | {sm['clean']} | {sm['pgd20']} | {suite} | "
                          f"{fmt['mask_mean']} | {fmt['mask_std']} | {fmt['m_mean']} | {fmt['backtracked_frac']} | "
-                         f"{secs_txt} | {'; '.join(notes)} |")
+                         f"{secs_txt} | {'; '.join(sm['notes'])} |")
         comps = [c for a in arms if (ref := ARMS[a].control_of) and (c := compare(dataset, a, ref, recs))]
         if comps:
             lines += ["", "Comparisons (arm minus reference, same seeds and test images; alpha 0.05). With one seed, an "
@@ -600,20 +615,15 @@ def readme_table(doc: dict) -> str:
             gone.setdefault(g["arm"], []).append(g["seed"])
         for arm in (a for a in ARMS if any(r["arm"] == a for r in runs)):
             rs = [r for r in runs if r["arm"] == arm]
-            suites = [r for r in rs if r["suite"]]
-            suite = (f"{_pm([100 * r['suite']['accuracy']['robust'] for r in suites])} "
-                     f"({suites[0]['suite']['n']}; {_seed_list([r['seed'] for r in suites])})" if suites else "-")
-            k_mean = [r["last_epoch"]["mask_mean"] for r in rs if "mask_mean" in r["last_epoch"]]
-            k_std = [r["last_epoch"]["mask_std"] for r in rs if "mask_std" in r["last_epoch"]]
-            deg = " (degenerate)" if any(degenerate(r) for r in rs) else ""
+            sm = summarise(rs)
+            suite = f"{sm['suite']} ({sm['suite_n']}; {_seed_list(sm['suite_seeds'])})" if sm["suite"] else "-"
+            k = {key: (f"{sm['diag'][key]:.2f}" if key in sm["diag"] else "-") for key in ("mask_mean", "mask_std")}
+            deg = " (degenerate)" if sm["notes"] else ""
             left = f"; left out: a seed-{_seed_list(gone[arm])} run under another config" if arm in gone else ""
             src = "" if rs[0]["source"] == dataset else f"; {rs[0]['source']}"  # named where not the plain dataset
             where = f"{DATASETS[dataset].label}{src}; eps {DATASETS[dataset].eps}" if first else ""
-            rows.append(f"| {where} | `{arm}`: {ARMS[arm].label} | {_seed_list([r['seed'] for r in rs])}{left} | "
-                        f"{_pm([100 * r['accuracy']['clean'] for r in rs])} | "
-                        f"{_pm([100 * r['accuracy']['pgd20'] for r in rs])} | {suite} | "
-                        f"{f'{statistics.fmean(k_mean):.2f}' if k_mean else '-'} | "
-                        f"{f'{statistics.fmean(k_std):.2f}' if k_std else '-'}{deg} |")
+            rows.append(f"| {where} | `{arm}`: {ARMS[arm].label} | {_seed_list(sm['seeds'])}{left} | {sm['clean']} | "
+                        f"{sm['pgd20']} | {suite} | {k['mask_mean']} | {k['mask_std']}{deg} |")
             first = False
     return "\n".join(rows)
 

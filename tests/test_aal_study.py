@@ -206,7 +206,7 @@ def test_readme_study_table_is_the_one_generated_from_the_committed_report():
 
 
 def test_readme_table_names_seeds_left_out_runs_and_degenerate_maps(tmp_path):
-    run = {"source": "cifar10", "suite": None, "accuracy": {"clean": 0.5, "pgd20": 0.25}}
+    run = {"source": "cifar10", "suite": None, "accuracy": {"clean": 0.5, "pgd20": 0.25}, "train_seconds": None}
     doc = {"cifar10": {"runs": [
         {**run, "arm": "aal_fgsm", "seed": s, "last_epoch": {"mask_mean": 0.3, "mask_std": 0.2}} for s in (1, 2, 3)
     ] + [
