@@ -197,10 +197,14 @@ def identity(cfg) -> dict:
 RUN_KEYS = ("classifier_run", "purifier_run")  # model keys that name another run's folder
 
 
+def identity_key(cfg) -> str:
+    """An identity as one canonical string (key order and non-JSON values fixed), to hash or compare."""
+    return json.dumps(identity(cfg), sort_keys=True, default=str)
+
+
 def run_dir_for(dataset: str, arm: str, seed: int, overrides: list[str]) -> Path:
     # keyed by the *resolved* config, so an edited config file never reuses a stale run
-    cfg = identity(config_for(dataset, arm, overrides))
-    key = hashlib.sha1(json.dumps(cfg, sort_keys=True, default=str).encode()).hexdigest()[:8]
+    key = hashlib.sha1(identity_key(config_for(dataset, arm, overrides)).encode()).hexdigest()[:8]
     return OUT / dataset / f"{arm}-s{seed}-{key}"
 
 
@@ -211,18 +215,18 @@ def finished_record(dataset: str, arm: str, seed: int, overrides: list[str]) -> 
     runs are matched by content: each stored ``config.yaml`` is re-loaded by today's code (new keys
     take their defaults) and compared with today's resolved config.
     """
-    want = json.dumps(identity(config_for(dataset, arm, overrides)), sort_keys=True, default=str)
+    want = identity_key(config_for(dataset, arm, overrides))
     for path in sorted(RECORDS.glob(f"{dataset}/{arm}-s{seed}-*/study.json")):
-        if json.dumps(stored_identity(path.parent), sort_keys=True, default=str) == want:
+        if identity_key(stored_config(path.parent)) == want:
             return path.parent
     return None
 
 
-def stored_identity(run_dir: Path) -> dict:
-    """The identity of a run's stored config, re-loaded by today's code (new keys take their defaults)."""
+def stored_config(run_dir: Path):
+    """A run's stored config, re-loaded by today's code (new keys take their defaults)."""
     from aal.config import load_config
 
-    return identity(load_config(run_dir / "config.yaml", validate=False))
+    return load_config(run_dir / "config.yaml", validate=False)
 
 
 def overrides_for(dataset: str, arm: str, seed: int) -> list[str]:
@@ -486,7 +490,7 @@ def config_drift(dataset: str, arm: str, seed: int, run_dir: Path) -> str | None
         want = identity(config_for(dataset, arm, overrides_for(dataset, arm, seed)))
     except LookupError:
         return None
-    diffs = _differences(stored_identity(run_dir), want)
+    diffs = _differences(identity(stored_config(run_dir)), want)
     return ", ".join(f"{key} {a} (the arm's: {b})" for key, a, b in diffs) or None
 
 
