@@ -159,9 +159,9 @@ ARMS = {
     # the seed methods ranked by benchmarks/methods_rank.py (issue 16), same model/data/schedule as above
     "standard": _rank("standard.yaml", "standard training (AToP's classifier)"),
     "trades": _rank("trades.yaml", "TRADES (beta 6)"),
-    "awp_pgd_at": _rank("awp_pgd_at.yaml", "AT-AWP (PGD-10, gamma 0.01)"),
-    "awp_trades": _rank("awp_trades.yaml", "TRADES-AWP (beta 6, gamma 0.005)"),
-    "mart": _rank("mart.yaml", "MART (beta 6)"),
+    "awp_pgd_at": _rank("awp_pgd_at.yaml", "AT-AWP (PGD-10, gamma 0.01 from epoch 2)"),
+    "awp_trades": _rank("awp_trades.yaml", "TRADES-AWP (beta 6, gamma 0.005 from epoch 2)"),
+    "mart": _rank("mart.yaml", "MART (beta 6, loss in fp32)"),
     "uiat": _rank("uiat.yaml", "UIAT (eps_inv 0.05, beta 1)"),
     "spat": _rank("spat.yaml", "SPAT (cosine head, beta 6)"),
     "atop_pretrain": _rank("atop_pretrain.yaml", "AToP stage 1: purifier reconstruction", needs=(("model.classifier_run", "standard"),),
@@ -665,12 +665,18 @@ def readme_block(doc: dict) -> str:
 
 def update_readme(doc: dict, readme: Path = ROOT / "README.md") -> bool:
     """Replace the README's generated study table (between the markers); False when it has none."""
-    text = readme.read_text()
-    if README_BEGIN not in text or README_END not in text:
+    return replace_block(readme, README_BEGIN, README_END, readme_block(doc))
+
+
+def replace_block(path: Path, begin: str, end: str, block: str) -> bool:
+    """Replace ``path``'s text from the line ``begin`` to ``end`` (both kept, as ``block`` starts and
+    ends with them) by ``block``; False, and nothing written, when the file has no such markers."""
+    text = path.read_text()
+    if begin not in text or end not in text:
         return False
-    head, rest = text.split(README_BEGIN, 1)
-    tail = rest.split(README_END, 1)[1]
-    readme.write_text(head + readme_block(doc) + tail)
+    head, rest = text.split(begin, 1)
+    tail = rest.split(end, 1)[1]
+    path.write_text(head + block + tail)
     return True
 
 

@@ -82,6 +82,9 @@ def test_report_from_synthetic_runs(tmp_path, monkeypatch):
 
     monkeypatch.setattr(methods_rank, "collect", collect)
     monkeypatch.setattr(aal_study, "RESULTS", tmp_path)
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n{methods_rank.README_BEGIN}\nold table\n{methods_rank.README_END}\nafter\n")
+    monkeypatch.setattr(methods_rank, "README", readme)
     text = methods_rank.report()
     doc = json.loads((tmp_path / "methods_rank.json").read_text())
     rows = {r["method"]: r for r in doc["rows"]}
@@ -93,6 +96,29 @@ def test_report_from_synthetic_runs(tmp_path, monkeypatch):
     assert "| NO |" in text and (tmp_path / "methods_rank.png").stat().st_size > 10_000
     assert "Left out: runs trained under another config than their method's: `mart` seed 3 (precision fp32" in text
     assert rows["mart"]["seeds"] == [0, 1, 2]
+    block = readme.read_text()
+    assert block == f"intro\n{methods_rank.readme_block(doc)}\nafter\n" and "| `mart`: MART" in block
+    assert "  - pgd_at beats mart: " in block and "seeds 0-2)" in block  # method verdicts: 3 seeds
+    assert "- **clean (10k)**: 1 pairs on 2+ seeds, no difference measured between any two methods." in block
+
+
+def test_readme_ranking_table_is_the_one_generated_from_the_committed_report():
+    root = Path(__file__).resolve().parents[1]
+    doc = json.loads((root / "benchmarks" / "results" / "methods_rank.json").read_text())
+    assert methods_rank.readme_block(doc) in (root / "README.md").read_text()
+
+
+def test_readme_verdicts_separate_one_seed_model_differences_from_method_verdicts():
+    def pair(seeds, diff, p):
+        return {"a": "x", "b": "y", "seeds": seeds, "diff": diff, "ci95": [diff - 1, diff + 1], "p_holm": p,
+                "verdict": "x beats y" if p < 0.05 and len(seeds) > 1 else "no difference measured"}
+    doc = {"comparisons": {"clean": [pair([0], 3.0, 0.0)], "pgd20": [pair([0, 1], 3.0, 0.01), pair([0], 1.0, 0.5)],
+                           "suite": [pair([0, 1, 2], -0.5, 0.4)]}}
+    lines = methods_rank.readme_verdicts(doc)
+    assert lines[0].startswith("- **clean (10k)**: no pair of methods on 2+ seeds yet; 1 pairs on one seed")
+    assert lines[1].startswith("- **PGD-20 (10k)**: 1 pairs on 2+ seeds, 1 with a measured difference; 1 pairs")
+    assert lines[2] == "  - x beats y: 3.00 points [2.00, 4.00] (p Holm 0.01; seeds 0, 1)"
+    assert lines[3] == "- **suite (n)**: 1 pairs on 2+ seeds, no difference measured between any two methods."
 
 
 def test_then_suite_follows_each_method_not_its_pipeline_stages(monkeypatch):
