@@ -37,7 +37,9 @@ config; a killed run resumes from its last checkpoint (in ``benchmarks/out/aal_s
 finished run's small files (config, per-epoch metrics with the map diagnostics, results,
 per-image correctness) are published to ``benchmarks/results/aal_study_runs/``, which is
 committed: a finished run is never retrained, in any checkout. Runs can be split across
-processes (``--arms``, ``--seeds``, ``--lock``) and days. The suite phase needs the run's
+processes (``--arms``, ``--seeds``, ``--lock``) and days; two processes given the same run never
+train it twice: each run is claimed (an ``flock`` beside its folder) and a process that finds it
+claimed skips it and goes on with its list. The suite phase needs the run's
 checkpoint, so it runs where the run was trained (a published run without its checkpoint is
 reported as "suite not run"); ``train --then-suite`` runs it right after each run. Where the
 checkpoints are gone, the suite column grows by training *further seeds* with ``--then-suite``
@@ -270,16 +272,16 @@ def train_one(dataset: str, arm: str, seed: int) -> dict:
     published = finished_record(dataset, arm, seed, over)
     if published is not None:
         return load_record(dataset, arm, seed, published)
-    if not (run_dir / "study.json").exists():
-        cfg = config_for(dataset, arm, [*over, f"out_dir={run_dir.parent}", f"name={run_dir.name}"])
-        run_dir.parent.mkdir(parents=True, exist_ok=True)
-        with open(run_dir.parent / f"{run_dir.name}.log", "a") as logf:
-            _, result = train_run(cfg, resume=run_dir if run_dir.exists() else None,
-                                  log=lambda s: print(s, file=logf, flush=True))
-        np.savez_compressed(run_dir / "correct.npz", **{k: v.numpy() for k, v in result.correct.items()})
-        (run_dir / "study.json").write_text(json.dumps({"dataset": dataset, "arm": arm, "seed": seed,
-                                                        "overrides": over}, indent=1))
-    publish(run_dir, dataset)
+    with claimed(run_dir):
+        if not (run_dir / "study.json").exists():  # checked under the claim: another process may just have finished it
+            cfg = config_for(dataset, arm, [*over, f"out_dir={run_dir.parent}", f"name={run_dir.name}"])
+            with open(run_dir.parent / f"{run_dir.name}.log", "a") as logf:
+                _, result = train_run(cfg, resume=run_dir if run_dir.exists() else None,
+                                      log=lambda s: print(s, file=logf, flush=True))
+            np.savez_compressed(run_dir / "correct.npz", **{k: v.numpy() for k, v in result.correct.items()})
+            (run_dir / "study.json").write_text(json.dumps({"dataset": dataset, "arm": arm, "seed": seed,
+                                                            "overrides": over}, indent=1))
+        publish(run_dir, dataset)
     return load_record(dataset, arm, seed, RECORDS / dataset / run_dir.name)
 
 
@@ -342,9 +344,6 @@ def suite_one(dataset: str, arm: str, seed: int, n: int) -> None:
     import torch
 
     torch.set_num_threads(1)
-    from aal.engine.run import load_run
-    from aal.eval.suite import run_suite
-
     rec = current_record(dataset, arm, seed)
     if rec is None or rec["suite"] is not None:
         return
@@ -352,11 +351,20 @@ def suite_one(dataset: str, arm: str, seed: int, n: int) -> None:
     if not (run_dir / "checkpoints").exists():
         print(f"  {run_dir.name}: no checkpoint in this checkout; suite not run", flush=True)
         return
+    out = run_dir / "eval" / "study_suite_standard.json"
+    with claimed(run_dir):
+        if not out.exists():  # another process may have run it while this one waited for the record
+            _run_suite(run_dir, out, dataset, n)
+        publish(run_dir, dataset)
+
+
+def _run_suite(run_dir: Path, out: Path, dataset: str, n: int) -> None:
     import numpy as np
 
+    from aal.engine.run import load_run
     from aal.eval import is_randomized
+    from aal.eval.suite import run_suite
 
-    out = run_dir / "eval" / "study_suite_standard.json"
     cfg, model, bundle = load_run(run_dir)
     # a randomised model (AToP's random transforms) gets AutoAttack's version for randomised defences,
     # APGD-CE -> APGD-DLR with EOT over 20 draws per step; the record says which suite ran
@@ -365,7 +373,29 @@ def suite_one(dataset: str, arm: str, seed: int, n: int) -> None:
                     state_path=run_dir / "eval" / f"study_suite_state_{n}.json")
     np.savez_compressed(run_dir / "suite_correct.npz", **{k: v.cpu().numpy() for k, v in res.correct.items()})
     out.write_text(json.dumps(res.to_dict(), indent=1))
-    publish(run_dir, dataset)
+
+
+class Claimed(RuntimeError):
+    """Another process is training (or attacking) this run now."""
+
+
+@contextlib.contextmanager
+def claimed(run_dir: Path):
+    """Hold the run's claim (a non-blocking ``flock`` on ``<run folder>.claim``) for the duration, or
+    raise :class:`Claimed` at once when another process holds it. The kernel drops a dead process's
+    lock, so a killed run never stays claimed."""
+    import fcntl
+
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    with open(run_dir.parent / f"{run_dir.name}.claim", "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise Claimed(f"{run_dir.name}: claimed by another process; skipped") from None
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 # ----------------------------------------------------------------------------- statistics
@@ -743,6 +773,15 @@ def _held(path: str | None):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+@contextlib.contextmanager
+def _skip_claimed():
+    """A run another process holds is its work: say so and go on with the list."""
+    try:
+        yield
+    except Claimed as e:
+        print(f"  {e}", flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("phase", choices=("train", "suite", "report"))
@@ -765,7 +804,7 @@ def main(argv: list[str] | None = None) -> int:
     for seed in [int(s) for s in args.seeds.split(",") if s]:
         for arm in arms:
             t0 = time.time()
-            with _held(args.lock):
+            with _held(args.lock), _skip_claimed():
                 print(f"[{time.strftime('%H:%M:%S')}] {args.phase} {args.dataset} {arm} seed {seed}", flush=True)
                 if args.phase == "train":
                     r = train_one(args.dataset, arm, seed)

@@ -38,8 +38,9 @@ What the report states and tests:
     python benchmarks/methods_rank.py suite --seeds 0 --suite-n 1000
     python benchmarks/methods_rank.py report
 
-``train`` and ``suite`` can run in several processes (``--methods``, ``--seeds``) and on
-several days; a killed run resumes from its last epoch.
+``train`` and ``suite`` can run in several processes (``--methods``, ``--seeds``; two processes
+given the same list share it: each skips the runs the other holds) and on several days; a killed
+run resumes from its last epoch.
 """
 
 from __future__ import annotations
@@ -70,21 +71,22 @@ def train(methods: list[str], seeds: list[int], lock: str | None, suite_n: int =
     suite right after it, while its checkpoint is on this machine (checkpoints are not committed)."""
     for seed in seeds:  # seed-major: a cut-short study still has whole seeds
         for m in methods:
-            for arm in [*PREREQUISITES.get(m, []), m]:
-                t0 = time.time()
-                with study._held(lock):
-                    print(f"[{time.strftime('%H:%M:%S')}] train {arm} seed {seed}", flush=True)
-                    r = study.train_one(DATASET, arm, seed)
-                    if suite_n and arm == m:
-                        study.suite_one(DATASET, m, seed, suite_n)
-                print(f"  clean {r['accuracy']['clean']:.4f} pgd20 {r['accuracy']['pgd20']:.4f} "
-                      f"({time.time() - t0:.0f} s)", flush=True)
+            with study._skip_claimed():  # another process holds a stage: the method's chain is its work
+                for arm in [*PREREQUISITES.get(m, []), m]:
+                    t0 = time.time()
+                    with study._held(lock):
+                        print(f"[{time.strftime('%H:%M:%S')}] train {arm} seed {seed}", flush=True)
+                        r = study.train_one(DATASET, arm, seed)
+                        if suite_n and arm == m:
+                            study.suite_one(DATASET, m, seed, suite_n)
+                    print(f"  clean {r['accuracy']['clean']:.4f} pgd20 {r['accuracy']['pgd20']:.4f} "
+                          f"({time.time() - t0:.0f} s)", flush=True)
 
 
 def suite(methods: list[str], seeds: list[int], n: int, lock: str | None) -> None:
     for seed in seeds:
         for m in methods:
-            with study._held(lock):
+            with study._held(lock), study._skip_claimed():
                 print(f"[{time.strftime('%H:%M:%S')}] suite {m} seed {seed} (n={n})", flush=True)
                 study.suite_one(DATASET, m, seed, n)
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 aal_study = pytest.importorskip("aal_study")
@@ -177,6 +178,37 @@ def test_then_suite_runs_each_suite_right_after_its_run(monkeypatch):
     calls.clear()
     aal_study.main(["train", "--dataset", "fashion_mnist", "--arms", "fgsm_at", "--seeds", "0"])
     assert calls == [("train", "fgsm_at", 0)]
+
+
+def test_a_run_claimed_by_another_process_is_skipped_not_trained_twice(tmp_path, monkeypatch, capsys):
+    """Two processes given the same list share it: the one that finds a run claimed goes on with the
+    next; a claim is an flock (two open file descriptions conflict even within one process)."""
+    import types
+
+    import aal.engine.run
+
+    monkeypatch.setattr(aal_study, "OUT", tmp_path / "out")
+    monkeypatch.setattr(aal_study, "RECORDS", tmp_path / "records")
+    trained = []
+
+    def fake_train_run(cfg, resume=None, log=None):
+        trained.append(cfg.name)
+        (Path(cfg.out_dir) / cfg.name).mkdir(parents=True, exist_ok=True)
+        (Path(cfg.out_dir) / cfg.name / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict()))
+        return None, types.SimpleNamespace(correct={})
+
+    monkeypatch.setattr(aal.engine.run, "train_run", fake_train_run)
+    monkeypatch.setattr(aal_study, "load_record", lambda d, a, s, run_dir=None: {
+        "accuracy": {"clean": 0.5, "pgd20": 0.2}, "last_epoch": {}})
+    held = aal_study.run_dir_for("fashion_mnist", "fgsm_at", 1, aal_study.overrides_for("fashion_mnist", "fgsm_at", 1))
+    with aal_study.claimed(held):
+        with pytest.raises(aal_study.Claimed, match="claimed by another process"), aal_study.claimed(held):
+            pass
+        aal_study.main(["train", "--dataset", "fashion_mnist", "--arms", "fgsm_at,aal_fgsm", "--seeds", "1"])
+    assert [n.split("-")[0] for n in trained] == ["aal_fgsm"]
+    assert f"{held.name}: claimed by another process; skipped" in capsys.readouterr().out
+    aal_study.main(["train", "--dataset", "fashion_mnist", "--arms", "fgsm_at,aal_fgsm", "--seeds", "1"])
+    assert [n.split("-")[0] for n in trained] == ["aal_fgsm", "fgsm_at"]  # released: trained; aal_fgsm reused
 
 
 def test_report_covers_the_aal_arms_of_every_dataset_and_no_ranked_method():

@@ -129,3 +129,18 @@ def test_then_suite_follows_each_method_not_its_pipeline_stages(monkeypatch):
     methods_rank.main(["train", "--methods", "atop,trades", "--seeds", "0", "--then-suite", "--suite-n", "500"])
     assert calls == [("train", "standard"), ("train", "atop_pretrain"), ("train", "atop"), ("suite", "atop", 500),
                      ("train", "trades"), ("suite", "trades", 500)]
+
+
+def test_a_claimed_pipeline_stage_skips_its_method_and_the_list_goes_on(monkeypatch, capsys):
+    calls = []
+    acc = {"accuracy": {"clean": 0.5, "pgd20": 0.2}}
+
+    def train_one(d, a, s):
+        if a == "standard":  # another process is training AToP's first stage
+            raise methods_rank.study.Claimed("standard-s0-x: claimed by another process; skipped")
+        calls.append(a)
+        return acc
+
+    monkeypatch.setattr(methods_rank.study, "train_one", train_one)
+    methods_rank.main(["train", "--methods", "atop,trades", "--seeds", "0"])
+    assert calls == ["trades"] and "standard-s0-x: claimed by another process; skipped" in capsys.readouterr().out
