@@ -425,6 +425,25 @@ def paired_t(diffs: list[float]) -> float | None:
     return float(2 * stats.t.sf(abs(t), len(diffs) - 1))
 
 
+def holm(pvals: list[float]) -> list[float]:
+    """Holm-Bonferroni adjusted p-values, in the input order."""
+    order = sorted(range(len(pvals)), key=lambda i: pvals[i])
+    adj, running = [0.0] * len(pvals), 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (len(pvals) - rank) * pvals[i]))
+        adj[i] = running
+    return adj
+
+
+def adjust(comps: list[dict]) -> None:
+    """Add ``p_holm`` to every paired test over seeds (two or more) of one dataset's comparisons: the
+    family is every column (clean, PGD-20, suite) of every comparison, so a dataset's verdicts hold
+    together at alpha, not each on its own. One-seed (McNemar) tests compare models and stay out."""
+    tests = [c[m] for c in comps for m in ("clean", "pgd20", "suite") if m in c and c[m]["p_paired_t"] is not None]
+    for m, p in zip(tests, holm([m["p_paired_t"] for m in tests])):
+        m["p_holm"] = p
+
+
 def mcnemar(a, b) -> float:
     """Exact two-sided McNemar p-value for paired boolean outcomes ``a``, ``b``."""
     from scipy import stats
@@ -482,12 +501,15 @@ def verdict(c: dict, alpha: float = 0.05) -> str:
         test = "McNemar, 1 seed" if one_seed else f"paired t over {len(seeds)} seeds"
         if metric == "suite":
             test += f", first {m['n']} images, seeds {seeds}"
-        sig = p is not None and p < alpha
+        decides = m.get("p_holm", p)  # over seeds, the Holm-adjusted p decides (see adjust)
+        sig = decides is not None and decides < alpha
         if one_seed:  # the test sees these two trained models, not the spread between seeds
             word = ("the two models differ" if sig else "no difference measured") + "; not a method comparison yet"
         else:
             word = ("higher" if m["mean_diff"] > 0 else "lower") if sig else "no difference measured"
         p_txt = f"={p:.3g}" if p else " < 1e-300"  # an exact binomial tail below float range underflows to 0
+        if "p_holm" in m:
+            p_txt += f", Holm {m['p_holm']:.3g}"
         parts.append(f"{metric} {m['mean_diff']:+.2f} pt ({test} p{p_txt}: {word})")
     return "; ".join(parts)
 
@@ -599,10 +621,13 @@ def report() -> str:
                          f"{fmt['mask_mean']} | {fmt['mask_std']} | {fmt['m_mean']} | {fmt['backtracked_frac']} | "
                          f"{secs_txt} | {'; '.join(sm['notes'])} |")
         comps = [c for a in arms if (ref := ARMS[a].control_of) and (c := compare(dataset, a, ref, recs))]
+        adjust(comps)
         if comps:
-            lines += ["", "Comparisons (arm minus reference, same seeds and test images; alpha 0.05). With one seed, an "
-                      "exact McNemar test over the test images says whether the two trained models differ; seed-to-seed "
-                      "variation is not in it, so only paired tests over seeds compare the methods:", ""]
+            lines += ["", "Comparisons (arm minus reference, same seeds and test images; alpha 0.05). Paired t-tests "
+                      "over seeds decide by their Holm-adjusted p (family: every column of every comparison of this "
+                      "dataset with two or more seeds). With one seed, an exact McNemar test over the test images says "
+                      "whether the two trained models differ; seed-to-seed variation is not in it, so only paired tests "
+                      "over seeds compare the methods:", ""]
             for c in comps:
                 deg = [degenerate(recs[(a, s)]) for a in (c["arm"], c["ref"]) for s in c["seeds"]]
                 tag = " **(map degenerate: no test of selectivity)**" if any(deg) else ""
@@ -665,9 +690,10 @@ def readme_table(doc: dict) -> str:
 def _diff_cell(m: dict | None, alpha: float = 0.05) -> str:
     if m is None:
         return "-"
-    p = m["p_paired_t"]
+    p, decides = m["p_paired_t"], m.get("p_holm", m["p_paired_t"])
+    holm_txt = f", Holm {m['p_holm']:.2g}" if "p_holm" in m else ""
     where = f"; seeds {_seed_list(m['seeds'])}" if "seeds" in m else ""
-    return f"{m['mean_diff']:+.2f} (p {p:.2g}{where}){'' if p < alpha else ' n.d.'}"
+    return f"{m['mean_diff']:+.2f} (p {p:.2g}{holm_txt}{where}){'' if decides < alpha else ' n.d.'}"
 
 
 def readme_comparisons(doc: dict) -> str:
@@ -688,7 +714,8 @@ def readme_comparisons(doc: dict) -> str:
 
 def readme_block(doc: dict) -> str:
     return (f"{README_BEGIN}\n{readme_table(doc)}\n\nPaired comparisons over seeds (arm minus reference, points; "
-            "two-sided paired t-test over the seeds listed, n.d. = no difference measured at p >= 0.05; a suite "
+            "two-sided paired t-test over the seeds listed, Holm-adjusted over the dataset's tests in this table "
+            "(every column of every row); n.d. = no difference measured, Holm p >= 0.05; a suite "
             "difference is tested where both arms have the suite on two or more seeds):\n\n"
             f"{readme_comparisons(doc)}\n{README_END}")
 

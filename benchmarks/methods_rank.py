@@ -118,16 +118,6 @@ def bootstrap_p(a: dict, b: dict, rng, reps: int = BOOT) -> tuple[float, float, 
     return float(min(p, 1.0)), float(100 * np.percentile(diffs, 2.5)), float(100 * np.percentile(diffs, 97.5))
 
 
-def holm(pvals: list[float]) -> list[float]:
-    """Holm-Bonferroni adjusted p-values, in the input order."""
-    order = sorted(range(len(pvals)), key=lambda i: pvals[i])
-    adj, running = [0.0] * len(pvals), 0.0
-    for rank, i in enumerate(order):
-        running = max(running, min(1.0, (len(pvals) - rank) * pvals[i]))
-        adj[i] = running
-    return adj
-
-
 def curve(rec: dict) -> list[float | None]:
     """Per-epoch PGD-10 accuracy on the epoch-evaluation images."""
     return [next((v for k, v in e.items() if k.startswith("test_pgd")), None) for e in rec["epoch_eval"]]
@@ -180,7 +170,7 @@ def analyse(recs: dict) -> dict:
             d = [100 * (a[s].mean() - b[s].mean()) for s in common]
             pairs.append({"a": ra["method"], "b": rb["method"], "seeds": common, "diff": statistics.fmean(d),
                           "ci95": [lo, hi], "p_boot": p, "p_paired_t": study.paired_t(d)})
-        for c, adj in zip(pairs, holm([c["p_boot"] for c in pairs])):
+        for c, adj in zip(pairs, study.holm([c["p_boot"] for c in pairs])):
             c["p_holm"] = adj
             winner, loser = (c["a"], c["b"]) if c["diff"] > 0 else (c["b"], c["a"])
             if adj >= ALPHA:

@@ -264,3 +264,21 @@ def test_readme_table_names_seeds_left_out_runs_and_degenerate_maps(tmp_path):
     assert readme.read_text() == f"intro\n{aal_study.readme_block(doc)}\nafter\n"
     (tmp_path / "other.md").write_text("no markers")
     assert not aal_study.update_readme(doc, tmp_path / "other.md")
+
+
+def test_paired_verdicts_hold_together_after_holm_over_the_datasets_tests():
+    """Three paired tests at raw p 0.01, 0.03 and 0.04: only the first survives Holm (0.03, 0.06, 0.06),
+    so only it is a difference; one-seed (McNemar) tests are models, outside the family."""
+    col = lambda p: {"mean_diff": 2.0, "std": 1.0, "p_paired_t": p}  # noqa: E731
+    comps = [{"arm": "a", "ref": "r", "seeds": [0, 1, 2], "clean": col(0.01), "pgd20": col(0.03)},
+             {"arm": "b", "ref": "r", "seeds": [0, 1, 2], "clean": col(0.04),
+              "pgd20": {"mean_diff": 5.0, "std": None, "p_paired_t": None, "p_mcnemar": 1e-9}}]
+    aal_study.adjust(comps)
+    assert [comps[0]["clean"]["p_holm"], comps[0]["pgd20"]["p_holm"], comps[1]["clean"]["p_holm"]] == \
+        pytest.approx([0.03, 0.06, 0.06])
+    assert "p_holm" not in comps[1]["pgd20"]
+    assert aal_study._diff_cell(comps[0]["clean"]) == "+2.00 (p 0.01, Holm 0.03)"
+    assert aal_study._diff_cell(comps[0]["pgd20"]) == "+2.00 (p 0.03, Holm 0.06) n.d."
+    text = aal_study.verdict(comps[0])
+    assert "clean +2.00 pt (paired t over 3 seeds p=0.01, Holm 0.03: higher)" in text
+    assert "pgd20 +2.00 pt (paired t over 3 seeds p=0.03, Holm 0.06: no difference measured)" in text

@@ -51,7 +51,7 @@ def test_a_pipeline_stage_needs_its_same_seed_run_with_a_checkpoint(tmp_path, mo
 
 
 def test_holm_and_bootstrap():
-    assert methods_rank.holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
+    assert aal_study.holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
     rng = np.random.default_rng(0)
     same = {s: rng.random(2000) < 0.5 for s in range(3)}
     p, lo, hi = methods_rank.bootstrap_p(same, same, np.random.default_rng(1), reps=300)
