@@ -384,18 +384,13 @@ def claimed(run_dir: Path):
     """Hold the run's claim (a non-blocking ``flock`` on ``<run folder>.claim``) for the duration, or
     raise :class:`Claimed` at once when another process holds it. The kernel drops a dead process's
     lock, so a killed run never stays claimed."""
-    import fcntl
-
     run_dir.parent.mkdir(parents=True, exist_ok=True)
-    with open(run_dir.parent / f"{run_dir.name}.claim", "a") as f:
+    with contextlib.ExitStack() as stack:
         try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            stack.enter_context(_flocked(run_dir.parent / f"{run_dir.name}.claim", blocking=False))
         except BlockingIOError:
             raise Claimed(f"{run_dir.name}: claimed by another process; skipped") from None
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+        yield
 
 
 # ----------------------------------------------------------------------------- statistics
@@ -790,10 +785,18 @@ def _held(path: str | None):
     if path is None:
         yield
         return
+    with _flocked(path):
+        yield
+
+
+@contextlib.contextmanager
+def _flocked(path: str | Path, blocking: bool = True):
+    """An exclusive ``flock`` on ``path`` (created if missing); ``blocking=False`` raises
+    ``BlockingIOError`` at once when another open file holds it."""
     import fcntl
 
     with open(path, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
+        fcntl.flock(f, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
         try:
             yield
         finally:
