@@ -209,6 +209,9 @@ def test_a_run_claimed_by_another_process_is_skipped_not_trained_twice(tmp_path,
     assert f"{held.name}: claimed by another process; skipped" in capsys.readouterr().out
     aal_study.main(["train", "--dataset", "fashion_mnist", "--arms", "fgsm_at,aal_fgsm", "--seeds", "1"])
     assert [n.split("-")[0] for n in trained] == ["aal_fgsm", "fgsm_at"]  # released: trained; aal_fgsm reused
+    queue = tmp_path / "queue.lock"  # --lock: the same flock, blocking (a queue for one core)
+    with aal_study._held(str(queue)), pytest.raises(BlockingIOError), aal_study._flocked(queue, blocking=False):
+        pass
 
 
 def test_report_covers_the_aal_arms_of_every_dataset_and_no_ranked_method():
