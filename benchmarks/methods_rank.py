@@ -228,6 +228,11 @@ def comparisons_intro() -> str:
             "reference). Only pairs with a verdict other than \"no difference measured\" are listed; the JSON has all.")
 
 
+def _holm_text(c: dict, n_pairs: int) -> str:
+    # no resample crossed zero: the bootstrap only bounds p (2 / resamples, times Holm's factor)
+    return f"< {2 * n_pairs / BOOT:.2g}" if c["p_holm"] == 0 else f"{c['p_holm']:.3g}"
+
+
 def comparison_lines(doc: dict) -> list[str]:
     lines = []
     for col, label in COLUMNS.items():
@@ -237,10 +242,8 @@ def comparison_lines(doc: dict) -> list[str]:
                      + (":" if won else "; no difference measured between any two methods."))
         for c in sorted(won, key=lambda c: -abs(c["diff"])):
             pt = "-" if c["p_paired_t"] is None else f"{c['p_paired_t']:.3g}"
-            # no resample crossed zero: the bootstrap only bounds p (2 / resamples, times Holm's factor)
-            ph = f"< {2 * len(pairs) / BOOT:.2g}" if c["p_holm"] == 0 else f"{c['p_holm']:.3g}"
             lines.append(f"  - {c['verdict']}: `{c['a']}` - `{c['b']}` = {c['diff']:+.2f} "
-                         f"[{c['ci95'][0]:+.2f}, {c['ci95'][1]:+.2f}] (p Holm {ph}, paired t {pt}, "
+                         f"[{c['ci95'][0]:+.2f}, {c['ci95'][1]:+.2f}] (p Holm {_holm_text(c, len(pairs))}, paired t {pt}, "
                          f"seeds {c['seeds']})")
     return lines
 
@@ -269,9 +272,9 @@ def readme_verdicts(doc: dict) -> list[str]:
         text += f"; {one} pairs on one seed (models, not methods: see the report)." if one else "."
         lines.append(text)
         for c in won:
-            ph = f"< {2 * len(pairs) / BOOT:.2g}" if c["p_holm"] == 0 else f"{c['p_holm']:.3g}"
             lines.append(f"  - {c['verdict']}: {abs(c['diff']):.2f} points [{min(abs(x) for x in c['ci95']):.2f}, "
-                         f"{max(abs(x) for x in c['ci95']):.2f}] (p Holm {ph}; seeds {study._seed_list(c['seeds'])})")
+                         f"{max(abs(x) for x in c['ci95']):.2f}] (p Holm {_holm_text(c, len(pairs))}; "
+                         f"seeds {study._seed_list(c['seeds'])})")
     return lines
 
 
