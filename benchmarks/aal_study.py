@@ -439,6 +439,12 @@ def adjust(comps: list[dict]) -> None:
         m["p_holm"] = p
 
 
+def deciding_p(m: dict) -> float | None:
+    """The p that decides a column's verdict: Holm-adjusted over seeds (see :func:`adjust`), else the
+    test's own (a one-seed McNemar, or a paired t before adjustment)."""
+    return m.get("p_holm", m["p_paired_t"] if m["p_paired_t"] is not None else m.get("p_mcnemar"))
+
+
 def mcnemar(a, b) -> float:
     """Exact two-sided McNemar p-value for paired boolean outcomes ``a``, ``b``."""
     from scipy import stats
@@ -496,7 +502,7 @@ def verdict(c: dict, alpha: float = 0.05) -> str:
         test = "McNemar, 1 seed" if one_seed else f"paired t over {len(seeds)} seeds"
         if metric == "suite":
             test += f", first {m['n']} images, seeds {seeds}"
-        decides = m.get("p_holm", p)  # over seeds, the Holm-adjusted p decides (see adjust)
+        decides = deciding_p(m)
         sig = decides is not None and decides < alpha
         if one_seed:  # the test sees these two trained models, not the spread between seeds
             word = ("the two models differ" if sig else "no difference measured") + "; not a method comparison yet"
@@ -685,7 +691,7 @@ def readme_table(doc: dict) -> str:
 def _diff_cell(m: dict | None, alpha: float = 0.05) -> str:
     if m is None:
         return "-"
-    p, decides = m["p_paired_t"], m.get("p_holm", m["p_paired_t"])
+    p, decides = m["p_paired_t"], deciding_p(m)
     holm_txt = f", Holm {m['p_holm']:.2g}" if "p_holm" in m else ""
     where = f"; seeds {_seed_list(m['seeds'])}" if "seeds" in m else ""
     return f"{m['mean_diff']:+.2f} (p {p:.2g}{holm_txt}{where}){'' if decides < alpha else ' n.d.'}"

@@ -260,17 +260,16 @@ def readme_verdicts(doc: dict) -> list[str]:
     for col, label in COLUMNS.items():
         pairs = doc["comparisons"].get(col, [])
         multi = [c for c in pairs if len(c["seeds"]) >= MIN_SEEDS]
-        won = sorted((c for c in multi if c["p_holm"] < ALPHA), key=lambda c: -abs(c["diff"]))
+        # the verdict analyse() wrote, not the rule again
+        won = sorted((c for c in multi if c["verdict"] != "no difference measured"), key=lambda c: -abs(c["diff"]))
         one = len(pairs) - len(multi)
-        text = f"- **{label}**: {len(multi)} pairs on {MIN_SEEDS}+ seeds, "
         if not multi:
-            text = f"- **{label}**: no pair of methods on {MIN_SEEDS}+ seeds yet"
-        elif won:
-            text += f"{len(won)} with a measured difference"
+            head = f"no pair of methods on {MIN_SEEDS}+ seeds yet"
         else:
-            text += "no difference measured between any two methods"
-        text += f"; {one} pairs on one seed (models, not methods: see the report)." if one else "."
-        lines.append(text)
+            head = f"{len(multi)} pairs on {MIN_SEEDS}+ seeds, " + (
+                f"{len(won)} with a measured difference" if won else "no difference measured between any two methods")
+        lines.append(f"- **{label}**: {head}" + (f"; {one} pairs on one seed (models, not methods: see the report)."
+                                                  if one else "."))
         for c in won:
             lines.append(f"  - {c['verdict']}: {abs(c['diff']):.2f} points [{min(abs(x) for x in c['ci95']):.2f}, "
                          f"{max(abs(x) for x in c['ci95']):.2f}] (p Holm {_holm_text(c, len(pairs))}; "
