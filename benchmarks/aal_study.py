@@ -89,6 +89,7 @@ class Dataset:
     eps: str
     overrides: tuple[str, ...]
     label: str
+    cifar: bool = False  # read from $AAL_CIFAR10, else the shared CIFAR-10 folder
 
 
 DATASETS = {
@@ -97,6 +98,7 @@ DATASETS = {
         # and the recipe's first schedule (6 epochs), pinned so a longer shipped recipe never changes a study run
         "configs/cifar10_cpu", "8/255", ("epochs=6", "model.attention=cbam_in", "precision=fp32", "compile=false"),
         "CIFAR-10, PreAct-ResNet-18 width 16 + CBAM (cbam_in), 6 epochs, batch 128, all 50,000 training images",
+        cifar=True,
     ),
     "fashion_mnist": Dataset(
         "configs/fashion_mnist", "0.1", ("epochs=5", "model.attention=cbam_in"),
@@ -108,6 +110,15 @@ DATASETS = {
         "configs/fashion_mnist", "0.1", ("epochs=5", "model.attention=cbam_in", "precision=bf16", "compile=false"),
         "Fashion-MNIST, small CNN + CBAM (cbam_in), 5 epochs, batch 128, all 60,000 training images, "
         "trained under bf16 autocast (evaluated in fp32)",
+    ),
+    # the ranking study on the CPU-scale CIFAR-10 recipe as shipped (20 epochs, bf16), pinned like the study's
+    # arms; eager (the seed methods' two-step tests run eager; compile is a speed option, not part of a run)
+    "cifar10_rank": Dataset(
+        "configs/cifar10_cpu", "8/255", ("epochs=20", "model.attention=cbam_in", "precision=bf16", "compile=false",
+                                         "eval.epoch_n=1000"),
+        "CIFAR-10, PreAct-ResNet-18 width 16 + CBAM (cbam_in), 20 epochs (1 lr warm-up), batch 128, crop+flip, "
+        "all 50,000 training images, trained under bf16 autocast (evaluated in fp32)",
+        cifar=True,
     ),
 }
 
@@ -164,7 +175,7 @@ ARMS = {
     "awp_pgd_at": _rank("awp_pgd_at.yaml", "AT-AWP (PGD-10, gamma 0.01 from epoch 2)"),
     "awp_trades": _rank("awp_trades.yaml", "TRADES-AWP (beta 6, gamma 0.005 from epoch 2)"),
     "mart": _rank("mart.yaml", "MART (beta 6, loss in fp32)"),
-    "uiat": _rank("uiat.yaml", "UIAT (eps_inv 0.05, beta 1)"),
+    "uiat": _rank("uiat.yaml", "UIAT (eps_inv = eps/2, beta 1)"),
     "spat": _rank("spat.yaml", "SPAT (cosine head, beta 6)"),
     "atop_pretrain": _rank("atop_pretrain.yaml", "AToP stage 1: purifier reconstruction", needs=(("model.classifier_run", "standard"),),
                            drop=("model.attention",)),
@@ -236,7 +247,7 @@ def overrides_for(dataset: str, arm: str, seed: int) -> list[str]:
     kept = [o for o in ds.overrides if not o.startswith(a.drop)] if a.drop else list(ds.overrides)
     over = [*kept, f"seed={seed}", "progress=false", "threads=1", "checkpoint_every=1", "eval.n=null",
             "eval.attacks=[clean,pgd20]", *a.overrides]
-    if dataset == "cifar10":
+    if ds.cifar:
         over.append(f"data.root={os.environ.get('AAL_CIFAR10', SHARED_CIFAR)}")
     if a.matched:
         ref = current_record(dataset, a.matched, seed)

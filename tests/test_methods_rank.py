@@ -23,9 +23,54 @@ def test_every_ranked_method_is_an_arm_with_the_study_setting():
             cfg = aal_study.config_for(ds, m, over)
             assert cfg.epochs == 5 and cfg.model.attention == "cbam_in" and cfg.eval.n is None, m
             assert cfg.precision == "bf16" and not cfg.compile and cfg.data.name == "fashion_mnist", m
+            assert cfg.method.name == m and cfg.eval.epoch_n == 1000, m
     # its own run folders: a ranked pgd_at is not the AAL study's Fashion-MNIST pgd_at (fp32)
     assert aal_study.run_dir_for(ds, "pgd_at", 0, aal_study.overrides_for(ds, "pgd_at", 0)).parent.name == ds
     assert aal_study.ARMS["atop"].study == "rank" and aal_study.ARMS["pgd_at"].study == "aal"
+
+
+def test_the_cifar10_setting_gives_every_method_the_cpu_recipe(monkeypatch, tmp_path):
+    """cifar10_rank: the same methods on the CPU-scale CIFAR-10 recipe, one model/schedule for all."""
+    monkeypatch.setenv("AAL_CIFAR10", str(tmp_path / "cifar"))
+    monkeypatch.setattr(aal_study, "OUT", tmp_path / "out")
+    ds, seen = "cifar10_rank", set()
+    for m in [*methods_rank.METHODS, "standard"]:
+        try:
+            over = aal_study.overrides_for(ds, m, 1)
+        except LookupError:  # AToP's stages need the same seed's earlier stage first
+            assert m in ("atop", "atop_pretrain")
+            continue
+        cfg = aal_study.config_for(ds, m, over)
+        assert cfg.method.name == m and cfg.data.name == "cifar10" and cfg.data.root == str(tmp_path / "cifar"), m
+        assert (cfg.epochs, cfg.precision, cfg.compile, cfg.seed, cfg.eval.epoch_n) == (20, "bf16", False, 1, 1000), m
+        assert cfg.model.name == "preact_resnet18" and cfg.model.attention == "cbam_in", m
+        assert (cfg.optim.lr, cfg.schedule.warmup_epochs, cfg.eval.eps) == (0.2, 1, 8 / 255), m
+        seen.add(m)
+    assert seen == set(methods_rank.METHODS) - {"atop"} | {"standard"}
+    assert aal_study.run_dir_for(ds, "trades", 0, aal_study.overrides_for(ds, "trades", 0)).parent.name == ds
+
+
+def test_dataset_option_reaches_every_phase_and_names_the_results(monkeypatch, tmp_path):
+    calls = []
+    acc = {"accuracy": {"clean": 0.5, "pgd20": 0.2}}
+    monkeypatch.setattr(methods_rank.study, "train_one", lambda d, a, s: calls.append(("train", d, a)) or acc)
+    monkeypatch.setattr(methods_rank.study, "suite_one", lambda d, a, s, n: calls.append(("suite", d, a)))
+    methods_rank.main(["train", "--dataset", "cifar10_rank", "--methods", "trades", "--seeds", "0", "--then-suite"])
+    methods_rank.main(["suite", "--dataset", "cifar10_rank", "--methods", "mart", "--seeds", "0"])
+    assert calls == [("train", "cifar10_rank", "trades"), ("suite", "cifar10_rank", "trades"),
+                     ("suite", "cifar10_rank", "mart")]
+    monkeypatch.setattr(methods_rank, "collect", lambda excluded, dataset: calls.append(dataset) or {})
+    monkeypatch.setattr(aal_study, "RESULTS", tmp_path)
+    readme = tmp_path / "README.md"
+    readme.write_text("no markers of this setting\n")
+    monkeypatch.setattr(methods_rank, "README", readme)
+    methods_rank.main(["report", "--dataset", "cifar10_rank"])
+    doc = json.loads((tmp_path / "methods_rank_cifar10.json").read_text())
+    assert calls[-1] == "cifar10_rank" and doc["dataset"] == "cifar10_rank" and doc["rows"] == []
+    assert "CIFAR-10, PreAct-ResNet-18" in (tmp_path / "methods_rank_cifar10.md").read_text()
+    assert readme.read_text() == "no markers of this setting\n"  # no runs yet, no README block
+    with pytest.raises(SystemExit):
+        methods_rank.main(["report", "--dataset", "cifar10"])  # the AAL study's setting is not a ranking
 
 
 def test_a_pipeline_stage_needs_its_same_seed_run_with_a_checkpoint(tmp_path, monkeypatch):
@@ -76,17 +121,19 @@ def test_report_from_synthetic_runs(tmp_path, monkeypatch):
                 "suite": {"accuracy": {"robust": rob - 0.02}, "n": 1000, "suite": "standard"}, "epochs": 2,
                 "epoch_eval": [{"test_pgd10": e1}, {"test_pgd10": rob}], "train_seconds": 100.0,
             }
-    def collect(excluded):  # and one run trained under another config: named, never ranked
+    def collect(excluded, dataset):  # and one run trained under another config: named, never ranked
         excluded.append(("mart", 3, "precision fp32 (the arm's: bf16)"))
         return recs
 
     monkeypatch.setattr(methods_rank, "collect", collect)
     monkeypatch.setattr(aal_study, "RESULTS", tmp_path)
     readme = tmp_path / "README.md"
-    readme.write_text(f"intro\n{methods_rank.README_BEGIN}\nold table\n{methods_rank.README_END}\nafter\n")
+    begin, end = methods_rank.readme_markers("fashion_mnist_rank")
+    readme.write_text(f"intro\n{begin}\nold table\n{end}\nafter\n")
     monkeypatch.setattr(methods_rank, "README", readme)
     text = methods_rank.report()
     doc = json.loads((tmp_path / "methods_rank.json").read_text())
+    assert doc["dataset"] == "fashion_mnist_rank"
     rows = {r["method"]: r for r in doc["rows"]}
     assert rows["pgd_at"]["left_chance"] and not rows["mart"]["left_chance"]
     verdicts = {c: [p["verdict"] for p in pairs] for c, pairs in doc["comparisons"].items()}
