@@ -146,7 +146,7 @@ def test_report_from_synthetic_runs(tmp_path, monkeypatch):
     block = readme.read_text()
     assert block == f"intro\n{methods_rank.readme_block(doc)}\nafter\n" and "| `mart`: MART" in block
     assert "  - pgd_at beats mart: " in block and "seeds 0-2)" in block  # method verdicts: 3 seeds
-    assert "- **clean (10k)**: 1 pairs on 2+ seeds, no difference measured between any two methods." in block
+    assert "- **clean (10k)**: 1 pairs on 3+ seeds, no difference measured between any two methods." in block
 
 
 def test_readme_ranking_table_is_the_one_generated_from_the_committed_report():
@@ -155,17 +155,27 @@ def test_readme_ranking_table_is_the_one_generated_from_the_committed_report():
     assert methods_rank.readme_block(doc) in (root / "README.md").read_text()
 
 
+def test_a_verdict_names_methods_only_on_three_seeds():
+    def c(seeds, diff=-2.0, p=0.001):
+        return methods_rank.verdict({"a": "x", "b": "y", "seeds": seeds, "diff": diff, "p_holm": p})
+    assert c([0]) == "y's model beats x's (1 seed: not a method comparison yet)"
+    assert c([0, 1]) == "y's models beat x's (2 seeds: not a method comparison yet)"
+    assert c([0, 1, 2]) == "y beats x" and c([0, 1, 2], diff=2.0) == "x beats y"
+    assert c([0, 1, 2], p=0.05) == "no difference measured"
+
+
 def test_readme_verdicts_separate_one_seed_model_differences_from_method_verdicts():
     def pair(seeds, diff, p):
         return {"a": "x", "b": "y", "seeds": seeds, "diff": diff, "ci95": [diff - 1, diff + 1], "p_holm": p,
                 "verdict": "x beats y" if p < 0.05 and len(seeds) > 1 else "no difference measured"}
-    doc = {"comparisons": {"clean": [pair([0], 3.0, 0.0)], "pgd20": [pair([0, 1], 3.0, 0.01), pair([0], 1.0, 0.5)],
+    doc = {"comparisons": {"clean": [pair([0], 3.0, 0.0), pair([0, 1], 3.0, 0.0)],
+                           "pgd20": [pair([0, 1, 2], 3.0, 0.01), pair([0], 1.0, 0.5)],
                            "suite": [pair([0, 1, 2], -0.5, 0.4)]}}
     lines = methods_rank.readme_verdicts(doc)
-    assert lines[0].startswith("- **clean (10k)**: no pair of methods on 2+ seeds yet; 1 pairs on one seed")
-    assert lines[1].startswith("- **PGD-20 (10k)**: 1 pairs on 2+ seeds, 1 with a measured difference; 1 pairs")
-    assert lines[2] == "  - x beats y: 3.00 points [2.00, 4.00] (p Holm 0.01; seeds 0, 1)"
-    assert lines[3] == "- **suite (n)**: 1 pairs on 2+ seeds, no difference measured between any two methods."
+    assert lines[0].startswith("- **clean (10k)**: no pair of methods on 3+ seeds yet; 2 pairs on fewer seeds")
+    assert lines[1].startswith("- **PGD-20 (10k)**: 1 pairs on 3+ seeds, 1 with a measured difference; 1 pairs")
+    assert lines[2] == "  - x beats y: 3.00 points [2.00, 4.00] (p Holm 0.01; seeds 0-2)"
+    assert lines[3] == "- **suite (n)**: 1 pairs on 3+ seeds, no difference measured between any two methods."
 
 
 def test_then_suite_follows_each_method_not_its_pipeline_stages(monkeypatch):
