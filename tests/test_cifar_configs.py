@@ -54,9 +54,9 @@ def test_the_cpu_atop_stages_chain_on_the_cpu_recipe(cifar_zip, tmp_path, monkey
     pre, _ = two_steps(cpu / "atop_pretrain.yaml", cifar_zip, tmp_path, "pre", f"model.classifier_run={std}")
     fine, result = two_steps(cpu / "atop_finetune.yaml", cifar_zip, tmp_path, "fine", f"model.classifier_run={std}",
                              f"model.purifier_run={pre}")
-    cfg = json.loads((fine / "results.json").read_text())
+    results = json.loads((fine / "results.json").read_text())
     assert [json.loads(x)["step"] for x in (fine / "metrics.jsonl").read_text().splitlines()][-1] == 2
-    assert 0.0 <= result.accuracy["clean"] <= 1.0 and cfg["dataset_source"] == "CIFAR-10 (JPEG-q75 re-encoding)"
+    assert 0.0 <= result.accuracy["clean"] <= 1.0 and results["dataset_source"] == "CIFAR-10 (JPEG-q75 re-encoding)"
 
 
 @pytest.mark.slow  # torch.compile: ~40 s

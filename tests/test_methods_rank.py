@@ -166,8 +166,8 @@ def test_a_verdict_names_methods_only_on_three_seeds():
 
 def test_readme_verdicts_separate_one_seed_model_differences_from_method_verdicts():
     def pair(seeds, diff, p):
-        return {"a": "x", "b": "y", "seeds": seeds, "diff": diff, "ci95": [diff - 1, diff + 1], "p_holm": p,
-                "verdict": "x beats y" if p < 0.05 and len(seeds) > 1 else "no difference measured"}
+        c = {"a": "x", "b": "y", "seeds": seeds, "diff": diff, "ci95": [diff - 1, diff + 1], "p_holm": p}
+        return {**c, "verdict": methods_rank.verdict(c)}  # the rule analyse() applies
     doc = {"comparisons": {"clean": [pair([0], 3.0, 0.0), pair([0, 1], 3.0, 0.0)],
                            "pgd20": [pair([0, 1, 2], 3.0, 0.01), pair([0], 1.0, 0.5)],
                            "suite": [pair([0, 1, 2], -0.5, 0.4)]}}
