@@ -38,7 +38,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 FIG4_XI2 = (0.0, 0.01, 0.05, 0.1, 0.5)
@@ -131,11 +130,11 @@ def main(argv: list[str] | None = None) -> int:
     from aal.engine.run import machine_description
     from aal.tasks import fewshot_config
     from aal.tasks.fewshot import merge_config
-    from aal.config import parse_overrides
+    from aal.config import parse_overrides, read_config_file
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    base = yaml.safe_load((ROOT / args.config if not Path(args.config).is_absolute() else Path(args.config)).read_text())
+    base = read_config_file(ROOT / args.config if not Path(args.config).is_absolute() else Path(args.config))
     smoke = SMOKE + (SMOKE_RESNET12 if base.get("model", {}).get("name") == "resnet12" else []) if args.smoke else []
     overrides = smoke + args.overrides + ["progress=false"]
     base = merge_config(base, parse_overrides(overrides))

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from aal.config import ConfigError, RunConfig, coerce, config_from_dict, dump_config, load_config, parse_float
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize("text, value", [("8/255", 8 / 255), ("0.1", 0.1), (0.25, 0.25), (3, 3.0), ("1e-3", 1e-3), (" 2 / 4 ", 0.5)])
@@ -75,8 +79,6 @@ def test_override_needs_equals():
 
 
 def test_every_shipped_config_validates():
-    from pathlib import Path
-
     from aal.cli import task_of
 
     paths = sorted(Path("configs").rglob("*.yaml"))
@@ -106,3 +108,95 @@ def test_config_from_dict_rejects_non_mapping():
 def test_bad_model_options_caught_before_work(overrides, key):
     with pytest.raises(ConfigError, match=key):
         load_config(None, overrides)
+
+
+# ----------------------------------------------------------------------------- base: (a recipe written once)
+def _write(folder, name, text):
+    path = folder / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+def test_base_merges_sections_key_by_key_and_the_file_wins(tmp_path):
+    from aal.config import read_config_file
+
+    _write(tmp_path, "recipes/recipe.yaml", "epochs: 7\nmodel: {name: small_cnn, attention: none}\nmethod: {name: pgd_at, eps: 0.1}\n")
+    _write(tmp_path, "recipes/mid.yaml", "base: recipe.yaml\nepochs: 3\nmethod: {steps: 4}\n")
+    run = _write(tmp_path, "run.yaml", "base: recipes/mid.yaml\nmodel: {attention: cbam_in}\n")  # relative to run.yaml's folder
+    assert read_config_file(run) == {
+        "epochs": 3, "model": {"name": "small_cnn", "attention": "cbam_in"}, "method": {"name": "pgd_at", "eps": 0.1, "steps": 4},
+    }
+    cfg = load_config(run, ["method.steps=2"])  # overrides still come last
+    assert (cfg.epochs, cfg.model.attention, cfg.method.params["steps"], cfg.method.params["eps"]) == (3, "cbam_in", 2, 0.1)
+
+
+@pytest.mark.parametrize("files, match", [
+    ({"a.yaml": "base: a.yaml\n"}, r"a.yaml: base: 'a.yaml' makes a cycle \(a.yaml -> a.yaml\)"),
+    ({"a.yaml": "base: b.yaml\n", "b.yaml": "base: a.yaml\n"}, r"b.yaml: base: 'a.yaml' makes a cycle \(a.yaml -> b.yaml -> a.yaml\)"),
+    ({"a.yaml": "base: nowhere.yaml\n"}, r"a.yaml: base: config file not found: .*nowhere.yaml"),
+    ({"a.yaml": "base: [b.yaml]\n"}, r"a.yaml: base: expected a config file path"),
+    ({"a.yaml": "base: ''\n"}, r"a.yaml: base: expected a config file path"),
+    ({"a.yaml": "base: b.yaml\n", "b.yaml": "- 1\n"}, r"b.yaml: a config must be a mapping"),
+    ({"a.yaml": "base: b.yaml\n", "b.yaml": "x: [\n"}, r"b.yaml:"),  # the base's YAML error names the base
+    ({f"c{i}.yaml": f"base: c{i + 1}.yaml\n" for i in range(12)} | {"c12.yaml": "epochs: 1\n"}, r"chains deeper than 8"),
+])  # fmt: skip
+def test_a_bad_base_is_one_line_naming_the_file(tmp_path, files, match):
+    for name, text in files.items():
+        _write(tmp_path, name, text)
+    first = tmp_path / next(iter(files))
+    with pytest.raises(ConfigError, match=match) as err:
+        load_config(first)
+    assert "\n" not in str(err.value)
+
+
+def test_a_chain_up_to_the_depth_limit_loads(tmp_path):
+    from aal.config import MAX_BASE_DEPTH
+
+    for i in range(MAX_BASE_DEPTH - 1):
+        _write(tmp_path, f"c{i}.yaml", f"base: c{i + 1}.yaml\n")
+    _write(tmp_path, f"c{MAX_BASE_DEPTH - 1}.yaml", "epochs: 5\n")
+    assert load_config(tmp_path / "c0.yaml").epochs == 5
+
+
+def test_the_task_comes_through_the_base(tmp_path):
+    from aal.tasks.base import task_of_config
+
+    _write(tmp_path, "plain.yaml", (REPO / "configs" / "fewshot" / "fashion_mnist_protonet.yaml").read_text())
+    derived = _write(tmp_path, "derived.yaml", "base: plain.yaml\nepochs: 2\n")
+    task = task_of_config(derived)
+    assert task.name == "fewshot" and task.load_config(derived).epochs == 2
+
+
+def test_a_run_folder_stores_the_resolved_config_without_base(tmp_path):
+    import yaml
+
+    cfg = load_config(REPO / "configs" / "fashion_mnist" / "aal_fgsm.yaml")
+    dump_config(cfg, tmp_path / "config.yaml")
+    stored = yaml.safe_load((tmp_path / "config.yaml").read_text())
+    assert "base" not in stored and stored["model"]["attention"] == "cbam_in" and stored["optim"]["lr"] == 0.05
+
+
+SHIPPED_WITH_BASE = sorted(p for p in (REPO / "configs").rglob("*.yaml") if "base:" in p.read_text())
+
+
+def test_the_shipped_configs_use_bases():
+    assert len(SHIPPED_WITH_BASE) >= 30  # every method config states its method over its folder's recipe
+
+
+@pytest.mark.parametrize("path", SHIPPED_WITH_BASE, ids=lambda p: f"{p.parent.name}/{p.stem}")
+def test_a_shipped_config_states_only_what_differs_from_its_base(path):
+    """A key repeated with its base's value is a second copy of the recipe (the duplication bases remove)."""
+    import yaml
+
+    from aal.config import read_config_file
+
+    own = yaml.safe_load(path.read_text())
+    base = read_config_file(path.parent / own.pop("base"))
+    own.pop("method", None)  # a method section is written whole: it is what the file is about
+    for key, value in own.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            same = [k for k, v in value.items() if k in base[key] and base[key][k] == v]
+            assert not same, f"{path.name}: {key}.{same} repeat the base"
+        else:
+            assert base.get(key, object()) != value, f"{path.name}: {key} repeats the base"

@@ -558,17 +558,62 @@ def config_from_dict(raw: Mapping[str, Any], validate: bool = True) -> RunConfig
     return cfg
 
 
+#: The longest ``base:`` chain (a file, its base, the base's base, ...); real ones have one link.
+MAX_BASE_DEPTH = 8
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """A config file as a mapping, with its ``base:`` chain resolved.
+
+    ``base: standard.yaml`` (a path relative to the file's own folder) reads that file first,
+    resolved the same way, and merges this file's keys over it as overrides merge over a file:
+    a section merges key by key into the base's section (``model: {attention: cbam_in}`` keeps
+    the base's model name and options), any other value replaces the base's. So a recipe is
+    written once and each method's file states what differs; the run folder's ``config.yaml``
+    holds the resolved config, never a ``base`` key.
+
+    Raises:
+        ConfigError: what :func:`read_yaml_file` raises for either file; a top level that is not a
+            mapping; a ``base`` that is not a non-empty string, is missing, forms a cycle, or
+            chains deeper than :data:`MAX_BASE_DEPTH` (one line naming the including file).
+
+    Example:
+        >>> import tempfile
+        >>> d = Path(tempfile.mkdtemp())
+        >>> _ = (d / "recipe.yaml").write_text("epochs: 3\nmethod: {name: pgd_at, eps: 0.1}\n")
+        >>> _ = (d / "run.yaml").write_text("base: recipe.yaml\nmethod: {steps: 5}\n")
+        >>> read_config_file(d / "run.yaml")
+        {'epochs': 3, 'method': {'name': 'pgd_at', 'eps': 0.1, 'steps': 5}}
+    """
+    return _read_config_chain(Path(path), ())
+
+
+def _read_config_chain(p: Path, chain: tuple[Path, ...]) -> dict[str, Any]:
+    loaded = read_yaml_file(p)
+    loaded = {} if loaded is None else loaded
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{p}: a config must be a mapping at the top level")
+    if "base" not in loaded:
+        return loaded
+    base = loaded.pop("base")
+    if not isinstance(base, str) or not base.strip():
+        raise ConfigError(f"{p}: base: expected a config file path (relative to {p.parent}), got {short(base)}")
+    here, target = p.resolve(), (p.parent / base)
+    chain = (*chain, here)
+    if target.resolve() in chain:
+        names = " -> ".join(str(c.name) for c in (*chain, target.resolve()))
+        raise ConfigError(f"{p}: base: {short(base)} makes a cycle ({names})")
+    if len(chain) > MAX_BASE_DEPTH:
+        raise ConfigError(f"{p}: base: chains deeper than {MAX_BASE_DEPTH} files")
+    if not target.exists():
+        raise ConfigError(f"{p}: base: config file not found: {target}")
+    return _merge(_read_config_chain(target, chain), loaded)
+
+
 def load_config(path: str | Path | None, overrides: Sequence[str] = (), validate: bool = True) -> RunConfig:
-    """Load a YAML config (or the defaults when ``path`` is None) and apply overrides."""
-    raw: dict[str, Any] = {}
-    if path is not None:
-        p = Path(path)
-        loaded = read_yaml_file(p)
-        if loaded is None:
-            loaded = {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{p}: a config must be a mapping at the top level")
-        raw = loaded
+    """Load a YAML config (or the defaults when ``path`` is None; ``base:`` chains resolved, see
+    :func:`read_config_file`) and apply overrides."""
+    raw = read_config_file(path) if path is not None else {}
     raw = _merge(raw, parse_overrides(overrides))
     return config_from_dict(raw, validate=validate)
 

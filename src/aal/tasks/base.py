@@ -29,7 +29,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 from torch import nn
 
-from aal.config import ConfigError, _merge, parse_overrides, read_yaml_file, short
+from aal.config import ConfigError, _merge, parse_overrides, read_config_file, short
 from aal.registry import Registry
 
 DEFAULT_TASK = "classification"
@@ -129,11 +129,7 @@ class RunTask:
         """Read a YAML config (defaults when ``path`` is None), apply ``key=value`` overrides, build it."""
         raw: dict[str, Any] = {} if self.name == DEFAULT_TASK else {"task": self.name}
         if path is not None:
-            loaded = read_yaml_file(Path(path))
-            loaded = {} if loaded is None else loaded
-            if not isinstance(loaded, dict):
-                raise ConfigError(f"{path}: a config must be a mapping at the top level")
-            raw = loaded
+            raw = read_config_file(path)  # its base: chain resolved
         return self.config_from_dict(_merge(raw, parse_overrides(overrides)), validate=validate)
 
 
@@ -176,7 +172,7 @@ def task_of_config(cfg: Any) -> RunTask:
     if cfg is None or isinstance(cfg, (str, os.PathLike)):
         if cfg is None or not Path(cfg).is_file():
             return task_named(DEFAULT_TASK)
-        cfg = read_yaml_file(cfg)
+        cfg = read_config_file(cfg)  # a base file may name the task
     raw = cfg.get("task", DEFAULT_TASK) if isinstance(cfg, Mapping) else DEFAULT_TASK
     return task_named(raw)
 
