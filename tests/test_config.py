@@ -150,6 +150,11 @@ def test_a_bad_base_is_one_line_naming_the_file(tmp_path, files, match):
     assert "\n" not in str(err.value)
 
 
+def test_base_is_not_an_override():
+    with pytest.raises(ConfigError, match="base is named inside a config file"):
+        load_config(None, ["base=configs/fashion_mnist/standard.yaml"])
+
+
 def test_a_chain_up_to_the_depth_limit_loads(tmp_path):
     from aal.config import MAX_BASE_DEPTH
 

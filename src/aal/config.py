@@ -518,6 +518,8 @@ def parse_overrides(overrides: Sequence[str]) -> dict[str, Any]:
         key = key.strip()
         if not key:
             raise ConfigError(f"override {short(item)} has an empty key")
+        if key == "base":  # resolved when the file is read, before any override applies
+            raise ConfigError(f"override {short(item)}: base is named inside a config file, not as an override")
         try:
             value = yaml.load(text, Loader=_NoAliasLoader) if text.strip() else ""  # noqa: S506
         except _AliasRefused as err:
