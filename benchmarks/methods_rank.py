@@ -270,6 +270,10 @@ def readme_markers(dataset: str) -> tuple[str, str]:
 README = study.ROOT / "README.md"
 
 
+def _pairs(n: int) -> str:
+    return f"{n} pair" if n == 1 else f"{n} pairs"
+
+
 def readme_verdicts(doc: dict) -> list[str]:
     """Per column, the *method* verdicts only (pairs compared on ``MIN_SEEDS`` or more seeds); pairs
     compared on fewer are counted, their model-level differences stay in ``methods_rank.md``."""
@@ -283,9 +287,9 @@ def readme_verdicts(doc: dict) -> list[str]:
         if not multi:
             head = f"no pair of methods on {MIN_SEEDS}+ seeds yet"
         else:
-            head = f"{len(multi)} pairs on {MIN_SEEDS}+ seeds, " + (
+            head = f"{_pairs(len(multi))} on {MIN_SEEDS}+ seeds, " + (
                 f"{len(won)} with a measured difference" if won else "no difference measured between any two methods")
-        lines.append(f"- **{label}**: {head}" + (f"; {one} pairs on fewer seeds (models, not methods: see the report)."
+        lines.append(f"- **{label}**: {head}" + (f"; {_pairs(one)} on fewer seeds (models, not methods: see the report)."
                                                   if one else "."))
         for c in won:
             lines.append(f"  - {c['verdict']}: {abs(c['diff']):.2f} points [{min(abs(x) for x in c['ci95']):.2f}, "

@@ -146,7 +146,7 @@ def test_report_from_synthetic_runs(tmp_path, monkeypatch):
     block = readme.read_text()
     assert block == f"intro\n{methods_rank.readme_block(doc)}\nafter\n" and "| `mart`: MART" in block
     assert "  - pgd_at beats mart: " in block and "seeds 0-2)" in block  # method verdicts: 3 seeds
-    assert "- **clean (10k)**: 1 pairs on 3+ seeds, no difference measured between any two methods." in block
+    assert "- **clean (10k)**: 1 pair on 3+ seeds, no difference measured between any two methods." in block
 
 
 def test_readme_ranking_table_is_the_one_generated_from_the_committed_report():
@@ -173,9 +173,9 @@ def test_readme_verdicts_separate_one_seed_model_differences_from_method_verdict
                            "suite": [pair([0, 1, 2], -0.5, 0.4)]}}
     lines = methods_rank.readme_verdicts(doc)
     assert lines[0].startswith("- **clean (10k)**: no pair of methods on 3+ seeds yet; 2 pairs on fewer seeds")
-    assert lines[1].startswith("- **PGD-20 (10k)**: 1 pairs on 3+ seeds, 1 with a measured difference; 1 pairs")
+    assert lines[1].startswith("- **PGD-20 (10k)**: 1 pair on 3+ seeds, 1 with a measured difference; 1 pair on fewer")
     assert lines[2] == "  - x beats y: 3.00 points [2.00, 4.00] (p Holm 0.01; seeds 0-2)"
-    assert lines[3] == "- **suite (n)**: 1 pairs on 3+ seeds, no difference measured between any two methods."
+    assert lines[3] == "- **suite (n)**: 1 pair on 3+ seeds, no difference measured between any two methods."
 
 
 def test_then_suite_follows_each_method_not_its_pipeline_stages(monkeypatch):
