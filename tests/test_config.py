@@ -205,3 +205,12 @@ def test_a_shipped_config_states_only_what_differs_from_its_base(path):
             assert not same, f"{path.name}: {key}.{same} repeat the base"
         else:
             assert base.get(key, object()) != value, f"{path.name}: {key} repeats the base"
+
+
+def test_the_config_module_examples_run():
+    import doctest
+
+    import aal.config
+
+    result = doctest.testmod(aal.config, optionflags=doctest.ELLIPSIS)
+    assert result.attempted >= 10 and result.failed == 0

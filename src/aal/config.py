@@ -582,8 +582,8 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     Example:
         >>> import tempfile
         >>> d = Path(tempfile.mkdtemp())
-        >>> _ = (d / "recipe.yaml").write_text("epochs: 3\nmethod: {name: pgd_at, eps: 0.1}\n")
-        >>> _ = (d / "run.yaml").write_text("base: recipe.yaml\nmethod: {steps: 5}\n")
+        >>> _ = (d / "recipe.yaml").write_text("epochs: 3\\nmethod: {name: pgd_at, eps: 0.1}\\n")
+        >>> _ = (d / "run.yaml").write_text("base: recipe.yaml\\nmethod: {steps: 5}\\n")
         >>> read_config_file(d / "run.yaml")
         {'epochs': 3, 'method': {'name': 'pgd_at', 'eps': 0.1, 'steps': 5}}
     """
