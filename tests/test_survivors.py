@@ -71,6 +71,16 @@ def test_only_survivors_are_attacked_in_batches(data):
     assert bool((st.pred[broken] != y[broken]).all()) and torch.equal(st.pred[st.robust], y[st.robust])
 
 
+def test_a_stage_with_no_survivors_calls_no_attack(data):
+    """Once every point is broken the later stages attack nothing (not one empty batch), and still
+    record themselves and report the state."""
+    a, b = Spy(breaks=range(N)), Spy()
+    seen = []
+    st = run(data, [("a", a), ("b", b)], on_update=lambda s: seen.append(set(s.stages)))
+    assert st.robust.sum() == 0 and b.sizes == [] and st.stages["b"].attacked == 0
+    assert seen[-1] == {"a", "b"}
+
+
 def test_non_cumulative_attacks_every_clean_point(data):
     a, b = Spy(breaks=range(6, 16)), Spy(breaks=range(12, 20))
     st = run(data, [("a", a), ("b", b)], cumulative=False)

@@ -192,7 +192,7 @@ def attack_survivors(
         survived = state.robust if cumulative else state.clean.clone()
         todo = cur.todo.nonzero().flatten()
         bar = _bar(cur.attacked, cur.attacked - len(todo), name, progress)
-        for idx in todo.split(batch_size):
+        for idx in todo.split(batch_size) if len(todo) else ():  # an empty tensor splits into one empty batch
             t0 = time.perf_counter()
             xb, yb = fetch(idx)
             x_adv = attack(victim, xb, yb)
