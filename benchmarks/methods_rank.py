@@ -178,21 +178,33 @@ def analyse(recs: dict) -> dict:
             d = [100 * (a[s].mean() - b[s].mean()) for s in common]
             pairs.append({"a": ra["method"], "b": rb["method"], "seeds": common, "diff": statistics.fmean(d),
                           "ci95": [lo, hi], "p_boot": p, "p_paired_t": study.paired_t(d)})
-        for c, adj in zip(pairs, study.holm([c["p_boot"] for c in pairs])):
-            c["p_holm"] = adj
+        boot = study.holm([c["p_boot"] for c in pairs])
+        t = study.holm([1.0 if c["p_paired_t"] is None else c["p_paired_t"] for c in pairs])
+        for c, adj, adj_t in zip(pairs, boot, t):
+            c["p_holm"], c["p_t_holm"] = adj, adj_t
             c["verdict"] = verdict(c)
         comps[col] = pairs
     return {"rows": rows, "comparisons": comps}
 
 
 def verdict(c: dict) -> str:
-    """A pair's verdict from its Holm-adjusted p, its difference and how many seeds it rests on."""
+    """A pair's verdict from its Holm-adjusted p-values, its difference and how many seeds it rests on.
+
+    A method verdict (``MIN_SEEDS`` or more seeds) needs both tests below alpha: the hierarchical
+    bootstrap (``p_holm``) and the paired t over seeds (``p_t_holm``), each Holm-adjusted over the
+    column's pairs. The bootstrap alone is too liberal with few seeds: when every seed's difference
+    has the same sign, no resample of the seeds crosses zero, so its p is ~0 whatever their spread
+    (three seeds of one sign happen with probability 1/4 under no difference); the t test weighs
+    the spread. Below ``MIN_SEEDS`` the bootstrap compares the trained models (its image part).
+    """
     winner, loser = (c["a"], c["b"]) if c["diff"] > 0 else (c["b"], c["a"])
     if c["p_holm"] >= ALPHA:
         return "no difference measured"
     if (k := len(c["seeds"])) < MIN_SEEDS:  # the bootstrap then sees trained models, not methods
         models = f"{winner}'s model beats {loser}'s (1 seed" if k == 1 else f"{winner}'s models beat {loser}'s ({k} seeds"
         return models + ": not a method comparison yet)"
+    if c["p_t_holm"] >= ALPHA:
+        return "no difference measured"
     return f"{winner} beats {loser}"
 
 
@@ -237,8 +249,9 @@ def table_lines(doc: dict) -> list[str]:
 
 def comparisons_intro() -> str:
     return (f"Pairwise comparisons (A minus B, points; hierarchical bootstrap over seeds and images, {BOOT} resamples, "
-            f"95 % interval; Holm-corrected over the pairs of each column, alpha {ALPHA}; paired t over seeds for "
-            "reference). Only pairs with a verdict other than \"no difference measured\" are listed; the JSON has all.")
+            f"95 % interval, and paired t over seeds, each Holm-corrected over the pairs of each column, alpha {ALPHA}; "
+            f"\"A beats B\" needs both on {MIN_SEEDS}+ seeds, the bootstrap alone compares models on fewer). Only pairs "
+            "with a verdict other than \"no difference measured\" are listed; the JSON has all.")
 
 
 def _holm_text(c: dict, n_pairs: int) -> str:
@@ -254,7 +267,7 @@ def comparison_lines(doc: dict) -> list[str]:
         lines.append(f"- **{label}**: {len(pairs)} pairs, {len(won)} with a measured difference"
                      + (":" if won else "; no difference measured between any two methods."))
         for c in sorted(won, key=lambda c: -abs(c["diff"])):
-            pt = "-" if c["p_paired_t"] is None else f"{c['p_paired_t']:.3g}"
+            pt = "-" if c["p_paired_t"] is None else f"{c['p_paired_t']:.3g} (Holm {c['p_t_holm']:.3g})"
             lines.append(f"  - {c['verdict']}: `{c['a']}` - `{c['b']}` = {c['diff']:+.2f} "
                          f"[{c['ci95'][0]:+.2f}, {c['ci95'][1]:+.2f}] (p Holm {_holm_text(c, len(pairs))}, paired t {pt}, "
                          f"seeds {c['seeds']})")
@@ -293,15 +306,16 @@ def readme_verdicts(doc: dict) -> list[str]:
                                                   if one else "."))
         for c in won:
             lines.append(f"  - {c['verdict']}: {abs(c['diff']):.2f} points [{min(abs(x) for x in c['ci95']):.2f}, "
-                         f"{max(abs(x) for x in c['ci95']):.2f}] (p Holm {_holm_text(c, len(pairs))}; "
-                         f"seeds {study._seed_list(c['seeds'])})")
+                         f"{max(abs(x) for x in c['ci95']):.2f}] (bootstrap p Holm {_holm_text(c, len(pairs))}, "
+                         f"paired t p Holm {c['p_t_holm']:.3g}; seeds {study._seed_list(c['seeds'])})")
     return lines
 
 
 def readme_block(doc: dict) -> str:
     """The README's ranking table and method verdicts, rendered from ``methods_rank.json``."""
-    intro = (f"Verdicts: hierarchical bootstrap over seeds and images ({BOOT} resamples, 95 % interval), Holm-corrected "
-             f"over the pairs of each column, alpha {ALPHA}; \"A beats B\" only on {MIN_SEEDS} or more seeds.")
+    intro = (f"Verdicts: hierarchical bootstrap over seeds and images ({BOOT} resamples, 95 % interval) and paired t over "
+             f"seeds, each Holm-corrected over the pairs of each column, alpha {ALPHA}; \"A beats B\" only where both "
+             f"say so, on {MIN_SEEDS} or more seeds.")
     begin, end = readme_markers(doc["dataset"])
     return "\n".join([begin, *table_lines(doc), "", intro, "", *readme_verdicts(doc), end])
 

@@ -156,17 +156,20 @@ def test_readme_ranking_table_is_the_one_generated_from_the_committed_report():
 
 
 def test_a_verdict_names_methods_only_on_three_seeds():
-    def c(seeds, diff=-2.0, p=0.001):
-        return methods_rank.verdict({"a": "x", "b": "y", "seeds": seeds, "diff": diff, "p_holm": p})
+    def c(seeds, diff=-2.0, p=0.001, p_t=0.01):
+        return methods_rank.verdict({"a": "x", "b": "y", "seeds": seeds, "diff": diff, "p_holm": p, "p_t_holm": p_t})
     assert c([0]) == "y's model beats x's (1 seed: not a method comparison yet)"
     assert c([0, 1]) == "y's models beat x's (2 seeds: not a method comparison yet)"
     assert c([0, 1, 2]) == "y beats x" and c([0, 1, 2], diff=2.0) == "x beats y"
     assert c([0, 1, 2], p=0.05) == "no difference measured"
+    # three seeds of one sign: the bootstrap's p is ~0 whatever their spread; the t test must agree
+    assert c([0, 1, 2], p=0.0, p_t=0.18) == "no difference measured"
+    assert c([0, 1], p=0.0, p_t=1.0) == "y's models beat x's (2 seeds: not a method comparison yet)"
 
 
 def test_readme_verdicts_separate_one_seed_model_differences_from_method_verdicts():
     def pair(seeds, diff, p):
-        c = {"a": "x", "b": "y", "seeds": seeds, "diff": diff, "ci95": [diff - 1, diff + 1], "p_holm": p}
+        c = {"a": "x", "b": "y", "seeds": seeds, "diff": diff, "ci95": [diff - 1, diff + 1], "p_holm": p, "p_t_holm": p}
         return {**c, "verdict": methods_rank.verdict(c)}  # the rule analyse() applies
     doc = {"comparisons": {"clean": [pair([0], 3.0, 0.0), pair([0, 1], 3.0, 0.0)],
                            "pgd20": [pair([0, 1, 2], 3.0, 0.01), pair([0], 1.0, 0.5)],
@@ -174,7 +177,7 @@ def test_readme_verdicts_separate_one_seed_model_differences_from_method_verdict
     lines = methods_rank.readme_verdicts(doc)
     assert lines[0].startswith("- **clean (10k)**: no pair of methods on 3+ seeds yet; 2 pairs on fewer seeds")
     assert lines[1].startswith("- **PGD-20 (10k)**: 1 pair on 3+ seeds, 1 with a measured difference; 1 pair on fewer")
-    assert lines[2] == "  - x beats y: 3.00 points [2.00, 4.00] (p Holm 0.01; seeds 0-2)"
+    assert lines[2] == "  - x beats y: 3.00 points [2.00, 4.00] (bootstrap p Holm 0.01, paired t p Holm 0.01; seeds 0-2)"
     assert lines[3] == "- **suite (n)**: 1 pair on 3+ seeds, no difference measured between any two methods."
 
 
