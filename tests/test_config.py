@@ -214,3 +214,19 @@ def test_the_config_module_examples_run():
 
     result = doctest.testmod(aal.config, optionflags=doctest.ELLIPSIS)
     assert result.attempted >= 10 and result.failed == 0
+
+
+@pytest.mark.parametrize("path", ["configs/fashion_mnist/aal_pgd.yaml", "configs/fewshot/omniglot_protonet_aal.yaml"])
+def test_print_config_shows_the_resolved_config_and_trains_nothing(path, tmp_path, capsys, monkeypatch):
+    import yaml
+
+    from aal.cli import main, task_of
+
+    monkeypatch.chdir(REPO)
+    assert main(["train", path, "epochs=2", f"out_dir={tmp_path}", "--print-config"]) == 0
+    printed = capsys.readouterr().out
+    assert "base" not in yaml.safe_load(printed) and not any(tmp_path.iterdir())  # no run folder
+    (tmp_path / "printed.yaml").write_text(printed)
+    task = task_of(path)
+    assert task_of(tmp_path / "printed.yaml") is task
+    assert task.load_config(tmp_path / "printed.yaml") == task.load_config(path, ["epochs=2", f"out_dir={tmp_path}"])

@@ -73,6 +73,13 @@ def cmd_train(args: argparse.Namespace) -> int:
         overrides += [f"device={args.device}"] if args.device else []
     task = task_of(cfg_path)
     cfg = task.load_config(cfg_path, overrides)
+    if args.print_config:  # the resolved config (base: chain, overrides, defaults), validated; nothing trained
+        import yaml
+
+        from aal.config import config_to_dict
+
+        print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), end="")
+        return 0
     # malloc tuning for every task, before the first large tensor (the runner applies it)
     out = run_task(cfg, resume=run_dir, malloc_tune=not args.no_malloc_tune)
     if is_main_rank():  # under torchrun every process returns here: print once
@@ -422,6 +429,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
     t.add_argument("--no-malloc-tune", action="store_true", help="leave glibc malloc untuned")
     t.add_argument("--device", default=None, help="cpu, cuda, cuda:N or auto (the same as the override device=...)")
+    t.add_argument("--print-config", action="store_true",
+                   help="print the resolved, validated config as YAML (its base: chain and overrides applied) and stop")
     t.set_defaults(func=cmd_train)
 
     e = sub.add_parser("eval", help="evaluate a run folder or checkpoint, or any model (--model), with attacks or a suite")
