@@ -74,11 +74,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     task = task_of(cfg_path)
     cfg = task.load_config(cfg_path, overrides)
     if args.print_config:  # the resolved config (base: chain, overrides, defaults), validated; nothing trained
-        import yaml
+        from aal.config import config_yaml
 
-        from aal.config import config_to_dict
-
-        print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), end="")
+        print(config_yaml(cfg), end="")
         return 0
     # malloc tuning for every task, before the first large tensor (the runner applies it)
     out = run_task(cfg, resume=run_dir, malloc_tune=not args.no_malloc_tune)

@@ -600,10 +600,10 @@ def _read_config_chain(p: Path, chain: tuple[Path, ...]) -> dict[str, Any]:
     base = loaded.pop("base")
     if not isinstance(base, str) or not base.strip():
         raise ConfigError(f"{p}: base: expected a config file path (relative to {p.parent}), got {short(base)}")
-    here, target = p.resolve(), (p.parent / base)
-    chain = (*chain, here)
-    if target.resolve() in chain:
-        names = " -> ".join(str(c.name) for c in (*chain, target.resolve()))
+    target = p.parent / base
+    chain = (*chain, p.resolve())
+    if (key := target.resolve()) in chain:
+        names = " -> ".join(c.name for c in (*chain, key))
         raise ConfigError(f"{p}: base: {short(base)} makes a cycle ({names})")
     if len(chain) > MAX_BASE_DEPTH:
         raise ConfigError(f"{p}: base: chains deeper than {MAX_BASE_DEPTH} files")
@@ -787,6 +787,11 @@ def method_params(cfg: RunConfig) -> dict[str, Any]:
     return check_kwargs(lookup("method").get(cfg.method.name), cfg.method.params, "method")
 
 
+def config_yaml(cfg: Any) -> str:
+    """The resolved config (any task's) as YAML text, loadable again by its task's ``load_config``."""
+    return yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
+
+
 def dump_config(cfg: RunConfig, path: str | Path) -> None:
     """Write the resolved config as YAML (loadable again with :func:`load_config`)."""
-    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    Path(path).write_text(config_yaml(cfg))

@@ -134,13 +134,18 @@ def clean_pass(model: nn.Module, fetch: Fetch, labels: Tensor, indices: Tensor, 
     clean = torch.zeros(total, dtype=torch.bool)
     pred = torch.zeros(total, dtype=torch.long)
     bar = _bar(len(indices), 0, "clean", progress)
-    for idx in indices.split(batch_size):
+    for idx in _batches(indices, batch_size):
         xb, _ = fetch(idx)
         p = model(xb).argmax(1).cpu()
         pred[idx], clean[idx] = p, p == labels[idx]
         bar.update(len(idx))
     bar.close()
     return SurvivorState(clean=clean, robust=clean.clone(), pred=pred, clean_seconds=time.perf_counter() - t0)
+
+
+def _batches(indices: Tensor, batch_size: int) -> tuple[Tensor, ...]:
+    """``indices`` in batches; none for no indices (``split`` gives one empty batch there)."""
+    return indices.split(batch_size) if len(indices) else ()
 
 
 def attack_survivors(
@@ -192,7 +197,7 @@ def attack_survivors(
         survived = state.robust if cumulative else state.clean.clone()
         todo = cur.todo.nonzero().flatten()
         bar = _bar(cur.attacked, cur.attacked - len(todo), name, progress)
-        for idx in todo.split(batch_size) if len(todo) else ():  # an empty tensor splits into one empty batch
+        for idx in _batches(todo, batch_size):
             t0 = time.perf_counter()
             xb, yb = fetch(idx)
             x_adv = attack(victim, xb, yb)
