@@ -36,15 +36,17 @@ Runs are cached and resumable: a run folder is named by arm, seed and a hash of 
 config; a killed run resumes from its last checkpoint (in ``benchmarks/out/aal_study/``), and a
 finished run's small files (config, per-epoch metrics with the map diagnostics, results,
 per-image correctness) are published to ``benchmarks/results/aal_study_runs/``, which is
-committed: a finished run is never retrained, in any checkout. Runs can be split across
+committed: a finished run is never trained into a second record, in any checkout. Runs can be split across
 processes (``--arms``, ``--seeds``, ``--lock``) and days; two processes given the same run never
 train it twice: each run is claimed (an ``flock`` beside its folder) and a process that finds it
-claimed skips it and goes on with its list. The suite phase needs the run's
-checkpoint, so it runs where the run was trained (a published run without its checkpoint is
-reported as "suite not run"); ``train --then-suite`` runs it right after each run. Where the
-checkpoints are gone, the suite column grows by training *further seeds* with ``--then-suite``
-(CIFAR-10 seed 3, Fashion-MNIST seeds 3-5), never by training a published run a second time (two
-models for one record). Comparisons cover the suite column on the seeds where both runs have it
+claimed skips it and goes on with its list. The suite phase needs the run's checkpoint, and
+checkpoints are not committed; ``train --then-suite`` runs each suite right after its run, and for
+a published run without its checkpoint here (trained in an earlier session, whose machine is gone)
+it first *recovers* the checkpoint: it trains the run again and keeps it only if it reproduces the
+published run exactly (every per-image outcome on the test set and every logged per-epoch number;
+training is deterministic at one thread), else sets it aside and stops: never two models for one
+record (:func:`recover`). Pipeline stages (AToP's classifier and purifier) are recovered the same
+way when a later stage needs them. Comparisons cover the suite column on the seeds where both runs have it
 (same first n images). A published run whose config is no longer its arm's (a config file changed
 while it trained) is left out of the report and named there.
 
@@ -270,30 +272,145 @@ def _eps_value(text: str) -> float:
     return float(num) / float(den or 1)
 
 
-def train_one(dataset: str, arm: str, seed: int) -> dict:
-    """Train (or resume, or reuse) one run and evaluate it; returns its record."""
+def train_one(dataset: str, arm: str, seed: int, checkpoint: bool = False) -> dict:
+    """Train (or resume, or reuse) one run and evaluate it; returns its record.
+
+    A published run is reused as it is; with ``checkpoint``, one whose checkpoint is not on this
+    machine (checkpoints are not committed) is first recovered (:func:`recover`): a pipeline stage
+    or a suite needs the model itself, not only its record.
+    """
+    over = overrides_for(dataset, arm, seed)
+    run_dir = run_dir_for(dataset, arm, seed, over)
+    published = finished_record(dataset, arm, seed, over)
+    if published is not None:
+        if checkpoint and not (OUT / dataset / published.name / "checkpoints").exists():
+            recover(dataset, arm, seed, over, published)
+        return load_record(dataset, arm, seed, published)
+    with claimed(run_dir):
+        if not (run_dir / "study.json").exists():  # checked under the claim: another process may just have finished it
+            _train(dataset, arm, seed, over, run_dir)
+        publish(run_dir, dataset)
+    return load_record(dataset, arm, seed, RECORDS / dataset / run_dir.name)
+
+
+def _train(dataset: str, arm: str, seed: int, over: list[str], run_dir: Path) -> None:
+    """Train (or resume) the run in ``run_dir`` and evaluate it (per-image correctness kept)."""
     import numpy as np
     import torch
 
     torch.set_num_threads(1)
     from aal.engine.run import train_run
 
-    over = overrides_for(dataset, arm, seed)
-    run_dir = run_dir_for(dataset, arm, seed, over)
-    published = finished_record(dataset, arm, seed, over)
-    if published is not None:
-        return load_record(dataset, arm, seed, published)
+    cfg = config_for(dataset, arm, [*over, f"out_dir={run_dir.parent}", f"name={run_dir.name}"])
+    check_machine(cfg.precision)
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    with open(run_dir.parent / f"{run_dir.name}.log", "a") as logf:
+        _, result = train_run(cfg, resume=run_dir if run_dir.exists() else None,
+                              log=lambda s: print(s, file=logf, flush=True))
+    np.savez_compressed(run_dir / "correct.npz", **{k: v.numpy() for k, v in result.correct.items()})
+    (run_dir / "study.json").write_text(json.dumps({"dataset": dataset, "arm": arm, "seed": seed,
+                                                    "overrides": over}, indent=1))
+
+
+EMULATED_BF16_OK = "AAL_STUDY_EMULATED_BF16"  # set to 1 to train a bf16 setting on a CPU without native bf16
+
+
+def check_machine(precision: str) -> None:
+    """Refuse to train a bf16 setting on a CPU that only emulates bf16 (unless the environment sets
+    ``AAL_STUDY_EMULATED_BF16=1``): a Fashion-MNIST ranking run that takes ~30 min on an AVX-512
+    machine with bf16 ran at 5 images/s on an AVX2 EPYC (~16 h), and a study that mixed precisions
+    per run to dodge it would compare arithmetic, not methods."""
+    from aal.utils.precision import native_bf16
+    from aal.utils.runtime import cpu_info
+
+    if precision == "bf16" and not native_bf16("cpu") and os.environ.get(EMULATED_BF16_OK) != "1":
+        raise SystemExit(f"this setting trains under bf16 and this CPU ({cpu_info()['id'] or cpu_info()['name']}) has "
+                         f"no native bf16 (AVX512-BF16/AMX): a run would take ~30x its time on such a machine. Run it "
+                         f"on a machine with them (or a GPU), or set {EMULATED_BF16_OK}=1 to run it anyway.")
+
+
+def same_machine_kind(published: Path) -> str | None:
+    """Why this machine cannot reproduce the published run bit for bit (None: it may).
+
+    Floating-point results depend on the kernels the CPU selects: a run is re-trained only on the
+    CPU kind that trained it (its ``cpu_id``; records older than that field: its CPU name)."""
+    from aal.engine.run import machine_description
+
+    then = json.loads((published / "results.json").read_text()).get("machine") or {}
+    now = machine_description()
+    key = "cpu_id" if then.get("cpu_id") else "cpu"
+    if then.get(key) != now.get(key):
+        return f"trained on {then.get(key)!r}, this machine is {now.get(key)!r}"
+    return None
+
+
+# per-epoch fields that measure the machine, not the run: the only ones a reproduction may change
+TIMING = ("epoch_time", "eval_time", "img_per_s")
+
+
+def recover(dataset: str, arm: str, seed: int, over: list[str], published: Path) -> None:
+    """Recover the checkpoint of a published run trained on another machine: train it again, from
+    its config and seed, and keep the result only if it *is* that run.
+
+    Training here is deterministic (one thread; same seed, data order, initialisation and attack
+    draws; checked bit for bit, model and optimiser state, before this was written), so a
+    re-trained run either reproduces the published one exactly or is another model. It counts as
+    the published run only if it was trained on this CPU kind (:func:`same_machine_kind`; other
+    kernels round differently) and every per-image outcome on the full test set (``correct.npz``) and
+    every logged per-epoch number (losses, accuracies, map diagnostics, epoch evaluations; timings
+    aside) are equal; the folder then holds the published files, so a later :func:`publish` (after
+    its suite) leaves the record as it was. Anything else is set aside as ``<folder>.mismatch`` and
+    raises: never two models for one record.
+    """
+    import shutil
+
+    run_dir = OUT / dataset / published.name
     with claimed(run_dir):
-        if not (run_dir / "study.json").exists():  # checked under the claim: another process may just have finished it
-            cfg = config_for(dataset, arm, [*over, f"out_dir={run_dir.parent}", f"name={run_dir.name}"])
-            with open(run_dir.parent / f"{run_dir.name}.log", "a") as logf:
-                _, result = train_run(cfg, resume=run_dir if run_dir.exists() else None,
-                                      log=lambda s: print(s, file=logf, flush=True))
-            np.savez_compressed(run_dir / "correct.npz", **{k: v.numpy() for k, v in result.correct.items()})
-            (run_dir / "study.json").write_text(json.dumps({"dataset": dataset, "arm": arm, "seed": seed,
-                                                            "overrides": over}, indent=1))
-        publish(run_dir, dataset)
-    return load_record(dataset, arm, seed, RECORDS / dataset / run_dir.name)
+        if (run_dir / "checkpoints").exists() and (run_dir / "study.json").exists():
+            return  # another process recovered it while this one waited
+        other = same_machine_kind(published)
+        if other:
+            raise RuntimeError(f"{arm} seed {seed}: the published run {published.name} has no checkpoint here and "
+                               f"cannot be recovered on this machine ({other}): train it where it was trained")
+        print(f"  {published.name}: published, checkpoint not on this machine; re-training to recover it", flush=True)
+        _train(dataset, arm, seed, over, run_dir)
+        differs = reproduction_mismatch(published, run_dir)
+        if differs:
+            aside = run_dir.with_name(run_dir.name + ".mismatch")
+            shutil.rmtree(aside, ignore_errors=True)
+            run_dir.rename(aside)
+            raise RuntimeError(f"{arm} seed {seed}: re-training did not reproduce the published run "
+                               f"{published.name} ({differs}); set aside in {aside}")
+        for name in PUBLISHED:  # the record stays the published one (its timings, its machine)
+            if (published / name).exists():
+                shutil.copy2(published / name, run_dir / name)
+        print(f"  {published.name}: reproduced exactly (per-image outcomes, every epoch's logs); checkpoint recovered",
+              flush=True)
+
+
+def reproduction_mismatch(published: Path, run_dir: Path) -> str | None:
+    """How the run in ``run_dir`` differs from the published one (None: the same run)."""
+    import numpy as np
+
+    with np.load(published / "correct.npz") as a, np.load(run_dir / "correct.npz") as b:
+        if sorted(a.files) != sorted(b.files):
+            return f"evaluated attacks {sorted(a.files)} vs {sorted(b.files)}"
+        for k in a.files:
+            if not np.array_equal(a[k], b[k]):
+                return f"{k}: {int((a[k] != b[k]).sum())} of {a[k].size} per-image outcomes differ"
+
+    def epochs(folder: Path) -> list[dict]:
+        rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines() if line.strip()]
+        return [{k: v for k, v in row.items() if k not in TIMING} for row in rows]
+
+    mine, theirs = epochs(run_dir), epochs(published)
+    if len(mine) != len(theirs):
+        return f"{len(mine)} epochs logged vs {len(theirs)}"
+    for e, (m, t) in enumerate(zip(mine, theirs), 1):
+        if m != t:
+            keys = sorted(k for k in {*m, *t} if m.get(k) != t.get(k))
+            return f"epoch {e}: {', '.join(keys)} differ"
+    return None
 
 
 def publish(run_dir: Path, dataset: str) -> Path:
@@ -350,6 +467,12 @@ def _rel(path: Path) -> str:
         return str(path)
 
 
+def suite_missing(dataset: str, arm: str, seed: int) -> bool:
+    """Whether this arm and seed has no suite yet (unfinished runs included)."""
+    rec = current_record(dataset, arm, seed)
+    return rec is None or rec["suite"] is None
+
+
 def suite_one(dataset: str, arm: str, seed: int, n: int) -> None:
     """The standard suite on the first ``n`` test images of a finished run (resumable)."""
     import torch
@@ -360,7 +483,8 @@ def suite_one(dataset: str, arm: str, seed: int, n: int) -> None:
         return
     run_dir = OUT / dataset / Path(rec["run_dir"]).name
     if not (run_dir / "checkpoints").exists():
-        print(f"  {run_dir.name}: no checkpoint in this checkout; suite not run", flush=True)
+        print(f"  {run_dir.name}: no checkpoint in this checkout; suite not run (train --then-suite recovers it)",
+              flush=True)
         return
     out = run_dir / "eval" / "study_suite_standard.json"
     with claimed(run_dir):
@@ -839,7 +963,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lock", default=None, help="hold this file's lock (flock) during each run: share a core politely")
     p.add_argument("--then-suite", action="store_true",
                    help="train: run the suite on each run right after it, while its checkpoint is on this machine "
-                        "(checkpoints are not committed, so a later checkout cannot)")
+                        "(a published run without its suite and checkpoint is re-trained first, kept only if it "
+                        "reproduces the published run exactly)")
     args = p.parse_args(argv)
     if args.phase == "report":
         print(report())
@@ -854,7 +979,8 @@ def main(argv: list[str] | None = None) -> int:
             with _held(args.lock), _skip_claimed():
                 print(f"[{time.strftime('%H:%M:%S')}] {args.phase} {args.dataset} {arm} seed {seed}", flush=True)
                 if args.phase == "train":
-                    r = train_one(args.dataset, arm, seed)
+                    need = args.then_suite and suite_missing(args.dataset, arm, seed)  # its suite needs the model
+                    r = train_one(args.dataset, arm, seed, checkpoint=need)
                     print(f"  clean {r['accuracy']['clean']:.4f} pgd20 {r['accuracy']['pgd20']:.4f} "
                           f"diag {r['last_epoch']} ({time.time() - t0:.0f} s)", flush=True)
                     if args.then_suite:

@@ -7,8 +7,12 @@ training images, 5 epochs**, batch 128, SGD lr 0.05 cosine, eps 0.1; AToP: its o
 autocast** (dataset key ``fashion_mnist_rank``; evaluation in fp32): PGD-10 training steps of this
 model are 2.7x faster than fp32 on this CPU (``benchmarks/results/precision_speed.txt``), which
 makes each run (train + suite) fit in one machine session (~40 min at one thread, two runs at a
-time, UIAT ~60; a whole seed does not: ~6-8 runs per 3-h session, and AToP's stages and EOT suite
-only across sessions that get the same machine back, its checkpoints in ``benchmarks/out/``); bf16
+time, UIAT ~60; a whole seed does not: ~6-8 runs per 3-h session) on a CPU with native bf16
+(AVX512-BF16 or AMX; elsewhere bf16 is emulated, ~30x slower, and training refuses:
+``aal_study.check_machine``). AToP's chain (stages ~2.3 h, EOT suite est. 2-4 h) needs a machine
+kept across sessions, with its ``benchmarks/out/``, or a GPU: a later session recovers a stage's
+checkpoint by training it again (``aal_study.recover``: kept only if bit-identical, on the CPU kind
+that trained it), which costs the stage's time again; bf16
 and fp32 FGSM-AT reached the same accuracy (``precision_parity.md``), and AWP's weight perturbation
 survives the rounding of ``w + v`` to bf16
 (its logged ``awp_loss_gain``, the loss at ``w + v`` minus at ``w``, was 1.00x fp32's for AT-AWP
@@ -27,14 +31,15 @@ What the report states and tests:
   images (the first 1,000 test images) must be at least twice chance (20 %); the table says
   per method whether every seed did. **Close to converged**: the change of that accuracy over the
   last epoch, in points (the per-epoch curves are plotted).
-* **"A beats B"** only where a hierarchical bootstrap over seeds and test images (2,000 resamples:
-  seeds with replacement, then images with replacement within each drawn seed, on the per-image
-  outcomes) puts the difference's two-sided p below 0.05 after Holm's correction over all pairs of
-  that column, on at least 3 seeds; otherwise "no difference measured". With one seed the
-  bootstrap sees two trained models, not two methods; with two, resampling the seeds has three
-  outcomes and cannot measure the seed spread (a 0.6-point PGD-20 gap over 2 seeds had bootstrap
-  p 0.011 and paired-t p 0.19): below 3 seeds the verdict names the models, not the methods. The
-  paired t-test over seeds is given next to it. The suite column uses the suite's images only.
+* **"A beats B"** only where, on at least 3 seeds, both a hierarchical bootstrap over seeds and
+  test images (2,000 resamples: seeds with replacement, then images with replacement within each
+  drawn seed, on the per-image outcomes) and the paired t-test over seeds put the difference's
+  two-sided p below 0.05, each after Holm's correction over all pairs of that column (the bootstrap
+  alone is too liberal with 3 seeds: see :func:`verdict`); otherwise "no difference measured".
+  With one seed the bootstrap sees two trained models, not two methods; with two, resampling the
+  seeds has three outcomes and cannot measure the seed spread (a 0.6-point PGD-20 gap over 2 seeds
+  had bootstrap p 0.011 and paired-t p 0.19): below 3 seeds the verdict names the models, not the
+  methods. The suite column uses the suite's images only.
 
     python benchmarks/methods_rank.py train --seeds 0 --then-suite --lock /tmp/aal-study.lock   # hours per seed, 1 thread
     python benchmarks/methods_rank.py suite --seeds 0 --suite-n 1000
@@ -84,7 +89,10 @@ def train(methods: list[str], seeds: list[int], lock: str | None, suite_n: int =
                     t0 = time.time()
                     with study._held(lock):
                         print(f"[{time.strftime('%H:%M:%S')}] train {arm} seed {seed}", flush=True)
-                        r = study.train_one(dataset, arm, seed)
+                        # a pipeline stage's model feeds the next stage, a method's feeds its suite: recover the
+                        # checkpoint of a published run trained on another machine when it is needed
+                        need = arm != m or bool(suite_n) and study.suite_missing(dataset, m, seed)
+                        r = study.train_one(dataset, arm, seed, checkpoint=need)
                         if suite_n and arm == m:
                             study.suite_one(dataset, m, seed, suite_n)
                     print(f"  clean {r['accuracy']['clean']:.4f} pgd20 {r['accuracy']['pgd20']:.4f} "

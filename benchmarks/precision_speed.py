@@ -186,6 +186,9 @@ def main(argv=None) -> int:
     p.add_argument("--peak-n", type=int, default=4096)
     p.add_argument("--profile-rows", type=int, default=12)
     p.add_argument("--out", default=None, help="write OUT.json and OUT.txt")
+    p.add_argument("--models", default=",".join(MODELS),
+                   help="only these models' cases (comma-separated; section 4 needs resnet18): on a CPU that emulates "
+                        "bf16 the ResNet-18 cases alone take most of an hour")
     p.add_argument("--compile-epochs", default=None, choices=sorted(MODELS),
                    help="only: short epochs of this model, fp32 vs bf16 vs bf16 + compile (writes OUT_compile.json)")
     args = p.parse_args(argv)
@@ -196,6 +199,11 @@ def main(argv=None) -> int:
         return compile_epochs(args)
     torch.manual_seed(0)
     epoch_batches = {k: int(v) for k, v in (item.split("=") for item in args.epoch_batches.split(","))}
+    models = [m for m in args.models.split(",") if m]
+    unknown = sorted(set(models) - set(MODELS))
+    if unknown:
+        p.error(f"--models: unknown {unknown}; choose from {sorted(MODELS)}")
+    cases = [c for c in CASES if c[0] in models]
     uptime0 = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
     t_start = time.perf_counter()
     out = io.StringIO()
@@ -206,19 +214,20 @@ def main(argv=None) -> int:
 
     peaks = {"fp32": [matmul_peak(torch.device("cpu"), args.peak_n, 3)], "bf16": [bf16_peak(args.peak_n, 3)]}
     steps, epochs = {}, {}
-    for case in CASES:
+    for case in cases:
         steps[case] = interleaved({pr: step_runner(case, pr) for pr in PRECISIONS}, args.repeats)
         say(f"  step  {case[0]:<10} {case[1]:<9} " + "  ".join(f"{pr} {statistics.median(t):.3f}s" for pr, t in steps[case].items()))
     peaks["fp32"].append(matmul_peak(torch.device("cpu"), args.peak_n, 1))
     peaks["bf16"].append(bf16_peak(args.peak_n, 1))
-    for case in CASES:
+    for case in cases:
         n = epoch_batches[case[0]]
         epochs[case] = interleaved({pr: epoch_runner(case, pr, n) for pr in PRECISIONS}, args.epoch_repeats)
         say(f"  epoch {case[0]:<10} {case[1]:<9} " + "  ".join(f"{pr} {statistics.median(t):.3f}s" for pr, t in epochs[case].items()))
-    flop_steps = {pr: standard_step_flops(pr, args.repeats) for pr in PRECISIONS}
+    flop_steps = {pr: standard_step_flops(pr, args.repeats) for pr in PRECISIONS} if "resnet18" in models else {}
     peaks["fp32"].append(matmul_peak(torch.device("cpu"), args.peak_n, 3))
     peaks["bf16"].append(bf16_peak(args.peak_n, 3))
-    profiles = {(m, pr): profile_step((m, "pgd10_at"), pr, args.profile_rows) for m in ("cifar_cpu", "resnet18") for pr in PRECISIONS}
+    profiles = {(m, pr): profile_step((m, "pgd10_at"), pr, args.profile_rows)
+                for m in ("cifar_cpu", "resnet18") if m in models for pr in PRECISIONS}
     best = {pr: {k: max(s[k][0] for s in peaks[pr]) for k in peaks[pr][0]} for pr in PRECISIONS}
     peak = {pr: max(best[pr].values()) for pr in PRECISIONS}
     uptime1 = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
@@ -228,8 +237,9 @@ def main(argv=None) -> int:
     mach = machine_description()
     say()
     say(f"# benchmarks/precision_speed.py  {time.strftime('%Y-%m-%d %H:%M %Z')}  aal {mach.get('aal_commit')}")
-    say(f"# machine: {mach['cpu']}, {mach['cores']} cores, torch {mach['torch']}, cpu capability "
-        f"{torch.backends.cpu.get_cpu_capability()}, threads {torch.get_num_threads()} (the other core runs another job)")
+    say(f"# machine: {mach['cpu']} ({mach['cpu_id']}), {mach['cores']} cores, torch {mach['torch']}, cpu capability "
+        f"{mach['cpu_capability']}, native bf16 {mach['bf16_native']}, threads {torch.get_num_threads()} "
+        f"(the other core runs another job)")
     say(f"# uptime before: {uptime0}")
     say(f"# uptime after:  {uptime1}")
     say("# batch 128, random data; Trainer steps (method under autocast, backward, SGD step); median of interleaved rounds")
@@ -241,7 +251,7 @@ def main(argv=None) -> int:
     say(f"2. train steps (s)  rounds {args.repeats}")
     say(f"   {'model':<10} {'method':<9} {'fp32':>8} {'bf16':>8} {'speed-up':>9}")
     rows = {}
-    for case in CASES:
+    for case in cases:
         a, b = (statistics.median(steps[case][pr]) for pr in PRECISIONS)
         rows[f"{case[0]}/{case[1]}"] = {"step": {"fp32": steps[case]["fp32"], "bf16": steps[case]["bf16"], "speedup": a / b}}
         say(f"   {case[0]:<10} {case[1]:<9} {a:>8.3f} {b:>8.3f} {a / b:>8.2f}x")
@@ -249,7 +259,7 @@ def main(argv=None) -> int:
     say(f"3. short epochs (s; N batches of random uint8 images of the dataset's shape through the Trainer and "
         f"BatchLoader)  rounds {args.epoch_repeats}")
     say(f"   {'model':<10} {'method':<9} {'N':>3} {'fp32':>8} {'bf16':>8} {'speed-up':>9} {'goal':>6}")
-    for case in CASES:
+    for case in cases:
         a, b = (statistics.median(epochs[case][pr]) for pr in PRECISIONS)
         goal = 1.7 if case[1] == "pgd10_at" and case[0] in ("cifar_cpu", "resnet18") else None
         rows[f"{case[0]}/{case[1]}"]["epoch"] = {"batches": epoch_batches[case[0]], "fp32": epochs[case]["fp32"],
@@ -257,9 +267,10 @@ def main(argv=None) -> int:
         say(f"   {case[0]:<10} {case[1]:<9} {epoch_batches[case[0]]:>3} {a:>8.3f} {b:>8.3f} {a / b:>8.2f}x "
             f"{'' if goal is None else f'{goal:.2f}x':>6}")
     say()
-    say("4. ResNet-18 standard train step (fwd+bwd+SGD) against its precision's peak")
+    say("4. ResNet-18 standard train step (fwd+bwd+SGD) against its precision's peak"
+        + ("" if flop_steps else ": not measured (resnet18 not in --models)"))
     fractions = {}
-    for pr in PRECISIONS:
+    for pr in flop_steps:
         flops, secs = flop_steps[pr]
         fractions[pr] = flops / secs / 1e9 / peak[pr]
         say(f"   {pr}: {secs:.3f} s, {flops / 1e9:.1f} GFLOP, {flops / secs / 1e9:.0f} GFLOP/s = "

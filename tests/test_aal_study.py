@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -169,8 +170,9 @@ def test_then_suite_runs_each_suite_right_after_its_run(monkeypatch):
     on the machine that trained it); without the flag no suite runs."""
     calls = []
     acc = {"accuracy": {"clean": 0.5, "pgd20": 0.2}, "last_epoch": {}}
-    monkeypatch.setattr(aal_study, "train_one", lambda d, a, s: calls.append(("train", a, s)) or acc)
+    monkeypatch.setattr(aal_study, "train_one", lambda d, a, s, checkpoint=False: calls.append(("train", a, s)) or acc)
     monkeypatch.setattr(aal_study, "suite_one", lambda d, a, s, n: calls.append(("suite", a, s, n)))
+    monkeypatch.setattr(aal_study, "suite_missing", lambda d, a, s: True)
     aal_study.main(["train", "--dataset", "fashion_mnist", "--arms", "fgsm_at,aal_fgsm", "--seeds", "1",
                     "--then-suite", "--suite-n", "300"])
     assert calls == [("train", "fgsm_at", 1), ("suite", "fgsm_at", 1, 300), ("train", "aal_fgsm", 1),
@@ -285,3 +287,112 @@ def test_paired_verdicts_hold_together_after_holm_over_the_datasets_tests():
     text = aal_study.verdict(comps[0])
     assert "clean +2.00 pt (paired t over 3 seeds p=0.01, Holm 0.03: higher)" in text
     assert "pgd20 +2.00 pt (paired t over 3 seeds p=0.03, Holm 0.06: no difference measured)" in text
+
+
+FMNIST = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz")
+TINY = ["epochs=1", "data.train_n=256", "model.attention=cbam_in", "seed=0", "threads=1", "progress=false",
+        "checkpoint_every=1", "eval.n=100", "eval.attacks=[clean,pgd20]", "eval.epoch_attacks=[clean]", "eval.epoch_n=100"]
+
+
+@pytest.mark.skipif(not FMNIST.exists(), reason="Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")
+def test_a_published_run_is_recovered_only_if_training_it_again_reproduces_it(tmp_path, monkeypatch):
+    """A later session has the published record but not the checkpoint: training the run again (one
+    thread, same seed) gives back the same run bit for bit, and the folder then holds the published
+    files; a record it does not reproduce is set aside, never published over, and stops the study."""
+    import shutil
+
+    monkeypatch.setattr(aal_study, "OUT", tmp_path / "out")
+    monkeypatch.setattr(aal_study, "RECORDS", tmp_path / "records")
+    run_dir = aal_study.run_dir_for("fashion_mnist", "fgsm_at", 0, TINY)
+    aal_study._train("fashion_mnist", "fgsm_at", 0, TINY, run_dir)
+    published = aal_study.publish(run_dir, "fashion_mnist")
+    shutil.rmtree(tmp_path / "out")  # another machine: the checkpoint is gone
+
+    aal_study.recover("fashion_mnist", "fgsm_at", 0, TINY, published)
+    assert (run_dir / "checkpoints").is_dir()
+    for name in aal_study.PUBLISHED:  # the record's own files (its timings), byte for byte
+        if (published / name).exists():
+            assert (run_dir / name).read_bytes() == (published / name).read_bytes(), name
+
+    rows = [json.loads(line) for line in (published / "metrics.jsonl").read_text().splitlines()]
+    rows[0]["train_loss"] += 1e-9  # a record this training does not reproduce
+    (published / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    shutil.rmtree(tmp_path / "out")
+    with pytest.raises(RuntimeError, match=r"did not reproduce .*epoch 1: train_loss differ"):
+        aal_study.recover("fashion_mnist", "fgsm_at", 0, TINY, published)
+    assert not run_dir.exists() and (run_dir.parent / f"{run_dir.name}.mismatch" / "checkpoints").is_dir()
+    assert json.loads((published / "metrics.jsonl").read_text().splitlines()[0])["train_loss"] == rows[0]["train_loss"]
+
+
+def test_reproduction_compares_outcomes_and_logs_not_timings(tmp_path):
+    def run(name, correct, loss, seconds):
+        d = tmp_path / name
+        d.mkdir()
+        np.savez_compressed(d / "correct.npz", clean=np.array(correct), pgd20=np.array([True, False]))
+        (d / "metrics.jsonl").write_text(json.dumps({"epoch": 1, "train_loss": loss, "epoch_time": seconds,
+                                                     "eval_time": seconds, "img_per_s": 1 / seconds}) + "\n")
+        return d
+
+    a = run("a", [True, True], 0.5, 10.0)
+    assert aal_study.reproduction_mismatch(a, run("b", [True, True], 0.5, 99.0)) is None  # timings may differ
+    assert aal_study.reproduction_mismatch(a, run("c", [True, False], 0.5, 10.0)) == "clean: 1 of 2 per-image outcomes differ"
+    assert aal_study.reproduction_mismatch(a, run("d", [True, True], 0.25, 10.0)) == "epoch 1: train_loss differ"
+
+
+def test_train_recovers_a_checkpoint_only_when_asked_and_absent(tmp_path, monkeypatch):
+    """A published run is reused as it is; ``checkpoint=True`` (a stage or a suite needs the model)
+    recovers it when this machine lacks it, and not when it is here."""
+    monkeypatch.setattr(aal_study, "OUT", tmp_path / "out")
+    monkeypatch.setattr(aal_study, "RECORDS", tmp_path / "records")
+    pub = tmp_path / "records" / "fashion_mnist" / "fgsm_at-s0-abcdef12"
+    monkeypatch.setattr(aal_study, "finished_record", lambda d, a, s, o: pub)
+    monkeypatch.setattr(aal_study, "load_record", lambda d, a, s, run_dir: {"run_dir": str(run_dir)})
+    recovered = []
+    monkeypatch.setattr(aal_study, "recover", lambda d, a, s, o, p: recovered.append((a, s, p)))
+    assert aal_study.train_one("fashion_mnist", "fgsm_at", 0) == {"run_dir": str(pub)} and recovered == []
+    aal_study.train_one("fashion_mnist", "fgsm_at", 0, checkpoint=True)
+    assert recovered == [("fgsm_at", 0, pub)]
+    (tmp_path / "out" / "fashion_mnist" / pub.name / "checkpoints").mkdir(parents=True)
+    aal_study.train_one("fashion_mnist", "fgsm_at", 0, checkpoint=True)
+    assert len(recovered) == 1
+
+
+def test_a_bf16_setting_is_refused_on_a_cpu_that_emulates_bf16(monkeypatch):
+    import aal.utils.precision
+
+    monkeypatch.delenv(aal_study.EMULATED_BF16_OK, raising=False)
+    monkeypatch.setattr(aal.utils.precision, "native_bf16", lambda device="cpu": False)
+    with pytest.raises(SystemExit, match="no native bf16"):
+        aal_study.check_machine("bf16")
+    aal_study.check_machine("fp32")  # fp32 settings run anywhere
+    monkeypatch.setenv(aal_study.EMULATED_BF16_OK, "1")
+    aal_study.check_machine("bf16")  # asked for
+    monkeypatch.setattr(aal.utils.precision, "native_bf16", lambda device="cpu": True)
+    monkeypatch.delenv(aal_study.EMULATED_BF16_OK)
+    aal_study.check_machine("bf16")
+
+
+def test_a_run_is_recovered_only_on_the_cpu_kind_that_trained_it(tmp_path, monkeypatch):
+    """Another CPU kind selects other kernels: it is refused before an hour of training, by the
+    record's cpu_id, or by its CPU name where the record predates that field."""
+    from aal.engine.run import machine_description
+
+    now = machine_description()
+    pub = tmp_path / "run"
+    pub.mkdir()
+
+    def record(**machine):
+        (pub / "results.json").write_text(json.dumps({"machine": machine}))
+
+    record(cpu=now["cpu"], cpu_id=now["cpu_id"])
+    assert aal_study.same_machine_kind(pub) is None
+    record(cpu=now["cpu"], cpu_id="GenuineIntel family 6 model 143 stepping 8")
+    assert "trained on 'GenuineIntel family 6 model 143" in aal_study.same_machine_kind(pub)
+    record(cpu=now["cpu"])  # an older record: the name decides
+    assert aal_study.same_machine_kind(pub) is None
+    record(cpu="Some Other CPU")
+    assert "trained on 'Some Other CPU'" in aal_study.same_machine_kind(pub)
+    monkeypatch.setattr(aal_study, "OUT", tmp_path / "out")
+    with pytest.raises(RuntimeError, match="cannot be recovered on this machine"):
+        aal_study.recover("fashion_mnist", "fgsm_at", 0, TINY, pub)
+    assert not (tmp_path / "out" / "fashion_mnist" / "run" / "checkpoints").exists()

@@ -54,8 +54,12 @@ PRECISION = {"pgd_at_bf16": "bf16"}  # the others train in fp32
 # batch of 16 than of 32): measured, the 2-process losses differ from 1 process by up to 4.1e-4
 # relative and the first conv's weights by 0.16 of their move, far above fp32's summation noise
 # but clearly below what no gradient averaging gives (1-6x the move, see assert_same_training).
-# (loss rtol, epoch-loss atol, weight tol):
-TOLERANCE = {"pgd_at_bf16": (2e-3, 2e-3, 0.3)}
+# PGD's sign step turns summation noise into a whole step where a pixel's input gradient is near
+# zero: on an AVX2 AMD EPYC (2026-12-02; other kernels than the AVX-512 machines that set 1e-4)
+# fp32 PGD-AT's step-6 loss differed by 2.7e-4 relative, its epoch loss by 1.3e-4 and its weights
+# by 7.4e-3 of their move, while AWP-PGD-AT, the same attack, stayed at 1e-7; no gradient
+# averaging is 1-6x the move. (loss rtol, epoch-loss atol, weight tol):
+TOLERANCE = {"pgd_at_bf16": (2e-3, 2e-3, 0.3), "pgd_at": (1e-3, 1e-3, 2e-2)}
 
 
 class Killed(Exception):
@@ -304,12 +308,21 @@ def test_torchrun_cli_matches_one_process(tmp_path):
     m2 = [json.loads(x) for x in (r2 / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in m2] == [1, 2]  # rank 0 alone wrote: no duplicate lines
     for a, b in zip(m1, m2):
-        assert abs(a["train_loss"] - b["train_loss"]) < 1e-4 and a["images"] == b["images"] == 512
-        assert a["eval"] == b["eval"]  # sharded and reduced; FGSM without random start is deterministic
+        # a PGD-AT run, as that case: its tolerances
+        assert abs(a["train_loss"] - b["train_loss"]) < TOLERANCE["pgd_at"][1] and a["images"] == b["images"] == 512
+        # sharded and reduced; FGSM without random start is deterministic, but the weights differ by
+        # PGD's sign flips (above): on the AVX2 EPYC one of the 64 images flipped. A reduction that
+        # lost a rank's half would be off by far more than 2 images.
+        assert a["eval"].keys() == b["eval"].keys()
+        assert all(abs(a["eval"][k] - b["eval"][k]) <= 2 / 64 + 1e-9 for k in a["eval"]), (a["eval"], b["eval"])
     w1, w2 = load_file(str(r1 / "checkpoints/last/model.safetensors")), load_file(str(r2 / "checkpoints/last/model.safetensors"))
-    assert_same_training(w1, w2, build_experiment(cfg).model.state_dict())
+    # 16 PGD steps of batch 64 accumulate more sign flips than the 8 above: 0.020 of the move measured on
+    # the AVX2 EPYC (stem.bias), under 0.01 on the AVX-512 machines; no gradient averaging is 1-6x the move
+    assert_same_training(w1, w2, build_experiment(cfg).model.state_dict(), tol=0.1)
     res1, res2 = json.loads((r1 / "results.json").read_text()), json.loads((r2 / "results.json").read_text())
-    assert res1["eval"]["accuracy"] == res2["eval"]["accuracy"] and res2["eval"]["n"] == 100
+    acc1, acc2 = res1["eval"]["accuracy"], res2["eval"]["accuracy"]
+    assert acc1.keys() == acc2.keys() and res2["eval"]["n"] == 100
+    assert all(abs(acc1[k] - acc2[k]) <= 2 / 100 + 1e-9 for k in acc1), (acc1, acc2)
 
 
 def _gloo_threads() -> list[str]:

@@ -259,3 +259,33 @@ def test_compile_option_trains_a_step_like_eager(name):
         weights.append(model.state_dict())
     for k in weights[0]:  # the same step up to the compiler's float reassociation
         torch.testing.assert_close(weights[1][k], weights[0][k], rtol=1e-3, atol=1e-5)
+
+
+def test_native_bf16_follows_the_cpus_bf16_flags_and_bf16_training_on_others_warns(monkeypatch):
+    """Without AVX512-BF16/AMX torch emulates bf16 (slower than fp32): the trainer says so, since a
+    user who chose bf16 chose it for speed; fp32 and native bf16 say nothing."""
+    import warnings
+
+    import aal.engine.trainer
+    import aal.utils.precision as precision
+
+    def cpu(flags):
+        return lambda: {"name": "Test CPU", "id": "x", "flags": set(flags)}
+
+    monkeypatch.setattr(precision, "cpu_info", cpu(["avx2", "avx512f"]))
+    assert precision.native_bf16("cpu") is False
+    monkeypatch.setattr(precision, "cpu_info", cpu(["avx512f", "avx512_bf16"]))
+    assert precision.native_bf16("cpu") is True
+    monkeypatch.setattr(precision, "cpu_info", cpu(["amx_bf16"]))
+    assert precision.native_bf16("cpu") is True
+
+    model = nn.Sequential(nn.Flatten(), nn.Linear(4, 2))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    monkeypatch.setattr(aal.engine.trainer, "native_bf16", lambda device: False)
+    with pytest.warns(UserWarning, match="precision=bf16 on a cpu without native bf16 .*slower than fp32"):
+        Trainer(model, create_method("standard"), [], opt, epochs=1, progress=False, precision="bf16")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        Trainer(model, create_method("standard"), [], opt, epochs=1, progress=False, precision="fp32")
+        monkeypatch.setattr(aal.engine.trainer, "native_bf16", lambda device: True)
+        Trainer(model, create_method("standard"), [], opt, epochs=1, progress=False, precision="bf16")

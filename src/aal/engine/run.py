@@ -60,8 +60,8 @@ from aal.tasks.classification import (  # noqa: F401 (re-exported: their home be
     make_epoch_eval,
 )
 from aal.tasks.classification import build_experiment as _build_experiment
-from aal.utils.precision import precision_record
-from aal.utils.runtime import tune_malloc
+from aal.utils.precision import native_bf16, precision_record
+from aal.utils.runtime import cpu_info, tune_malloc
 
 def check_training_numbers(cfg: Any) -> None:
     """Refuse NaN or infinite optimizer numbers and gradient clipping before anything runs (a NaN
@@ -236,18 +236,13 @@ def train_run(cfg: RunConfig, resume: str | Path | None = None, log: Callable[[s
 
 
 def machine_description() -> dict[str, Any]:
-    """Where a figure was measured: CPU model, cores, torch version and threads."""
+    """Where a figure was measured: CPU (name, family/model, torch's kernel level, native bf16),
+    cores, torch version and threads. The CPU's identity matters beyond its name: two "AMD EPYC"
+    can differ 40x in bf16 speed and round differently (a run re-trained elsewhere is not
+    bit-identical)."""
     import os
-    import platform
 
-    cpu = platform.processor() or ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_info()
     commit = None
     try:
         import subprocess
@@ -259,7 +254,10 @@ def machine_description() -> dict[str, Any]:
         pass
     return {
         "aal_commit": commit,
-        "cpu": cpu,
+        "cpu": cpu["name"] or "",
+        "cpu_id": cpu["id"],
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "bf16_native": native_bf16("cpu"),
         "cores": os.cpu_count(),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),

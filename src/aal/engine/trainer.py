@@ -34,6 +34,7 @@ import math
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -45,8 +46,8 @@ from aal.config import check_logger
 from aal.engine import distributed as dist_utils
 from aal.engine.checkpoint import load_checkpoint, resolve_checkpoint, save_checkpoint
 from aal.engine.tracking import MetricsLogger, create_logger
-from aal.utils.precision import autocast_context, check_precision, make_grad_scaler
-from aal.utils.runtime import get_rng_state, is_main_process, seed_everything, set_rng_state, world_size
+from aal.utils.precision import autocast_context, check_precision, make_grad_scaler, native_bf16
+from aal.utils.runtime import cpu_info, get_rng_state, is_main_process, seed_everything, set_rng_state, world_size
 from aal.utils.serialize import jsonable
 
 
@@ -200,6 +201,11 @@ class Trainer:
         params = next(iter(self.model.parameters()), None)
         self.device = params.device if params is not None else torch.device("cpu")
         self.precision = check_precision(precision, self.device)
+        if self.precision == "bf16" and not native_bf16(self.device):
+            # it still runs (and gives bf16's numbers), but a user choosing bf16 wants speed
+            warnings.warn(f"precision=bf16 on a {self.device.type} without native bf16 ({cpu_info()['name']}; "
+                          "no AVX512-BF16/AMX): it is emulated and slower than fp32 here (6.3x for a small CNN's "
+                          "forward + backward on an AVX2 AMD EPYC); precision=fp32 is faster", stacklevel=2)
         self.scaler = make_grad_scaler(self.precision, self.device)  # None unless fp16 on CUDA
         self.compiled = bool(compile)
         if self.compiled:  # around the DDP wrapper when there is one (DDP's documented order)

@@ -32,6 +32,8 @@ from typing import Any, ContextManager
 
 import torch
 
+from aal.utils.runtime import cpu_info
+
 PRECISIONS: tuple[str, ...] = ("fp32", "bf16", "fp16")
 """Values of a run config's ``precision`` key."""
 
@@ -69,6 +71,31 @@ def check_precision(precision: Any, device: Any = "cpu") -> str:
     return precision
 
 
+# the instruction-set flags (Linux's names) with which a CPU computes bf16 dot products itself
+BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
+
+
+def native_bf16(device: Any = "cpu") -> bool:
+    """Whether ``device`` computes bf16 in hardware, so that ``precision=bf16`` can pay off.
+
+    CUDA: ``torch.cuda.is_bf16_supported()``. CPU: the AVX512-BF16 or AMX-BF16 instructions
+    (:data:`BF16_FLAGS` in ``/proc/cpuinfo``; off Linux, oneDNN's own bf16 check). Without them
+    torch still runs bf16 autocast, converting around fp32 kernels, and training is *slower* than
+    fp32: a small-CNN forward + backward (batch 128, one thread) took 6.3x fp32's time on an AVX2
+    AMD EPYC, where an AVX-512 machine with bf16 ran PGD-10 steps 2.7x *faster* than fp32
+    (``benchmarks/results/precision_speed*.txt``).
+    """
+    if _device_type(device) == "cuda":
+        return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+    flags = cpu_info()["flags"]
+    if flags is not None:
+        return bool(BF16_FLAGS & flags)
+    try:  # a private op, hence the guard; it answers for oneDNN's kernels
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
 def autocast_context(precision: str, device: Any) -> ContextManager[Any]:
     """The context a training step (or an attack) runs in for ``precision`` on ``device``.
 
@@ -100,4 +127,5 @@ def precision_record(train: str, eval: str = "fp32") -> dict[str, str]:
     return {"train": train, "eval": eval}
 
 
-__all__ = ["PRECISIONS", "autocast_context", "check_precision", "make_grad_scaler", "precision_record"]
+__all__ = ["BF16_FLAGS", "PRECISIONS", "autocast_context", "check_precision", "make_grad_scaler", "native_bf16",
+           "precision_record"]
