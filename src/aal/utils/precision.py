@@ -81,9 +81,9 @@ def native_bf16(device: Any = "cpu") -> bool:
     CUDA: ``torch.cuda.is_bf16_supported()``. CPU: the AVX512-BF16 or AMX-BF16 instructions
     (:data:`BF16_FLAGS` in ``/proc/cpuinfo``; off Linux, oneDNN's own bf16 check). Without them
     torch still runs bf16 autocast, converting around fp32 kernels, and training is *slower* than
-    fp32: a small-CNN forward + backward (batch 128, one thread) took 6.3x fp32's time on an AVX2
-    AMD EPYC, where an AVX-512 machine with bf16 ran PGD-10 steps 2.7x *faster* than fp32
-    (``benchmarks/results/precision_speed*.txt``).
+    fp32: small-CNN PGD-10-AT train steps (batch 128, one thread) took 10x fp32's time on an AVX2
+    AMD EPYC (``benchmarks/results/precision_speed_avx2.txt``), where an AVX-512 machine with AMX
+    ran them 2.7x *faster* than fp32 (``precision_speed.txt``).
     """
     if _device_type(device) == "cuda":
         return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
