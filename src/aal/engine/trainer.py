@@ -203,9 +203,10 @@ class Trainer:
         self.precision = check_precision(precision, self.device)
         if self.precision == "bf16" and not native_bf16(self.device):
             # it still runs (and gives bf16's numbers), but a user choosing bf16 wants speed
-            warnings.warn(f"precision=bf16 on a {self.device.type} without native bf16 ({cpu_info()['name']}; "
-                          "no AVX512-BF16/AMX): it is emulated, ~10x slower than fp32 (small-CNN PGD-10-AT steps on "
-                          "an AVX2 AMD EPYC); precision=fp32 is faster", stacklevel=2)
+            what = f"{cpu_info()['name']}; no AVX512-BF16/AMX" if self.device.type == "cpu" else "torch: no bf16 support"
+            warnings.warn(f"precision=bf16 on a {self.device.type} without native bf16 ({what}): it is emulated, "
+                          "~10x slower than fp32 (small-CNN PGD-10-AT steps on an AVX2 AMD EPYC); precision=fp32 is "
+                          "faster", stacklevel=2)
         self.scaler = make_grad_scaler(self.precision, self.device)  # None unless fp16 on CUDA
         self.compiled = bool(compile)
         if self.compiled:  # around the DDP wrapper when there is one (DDP's documented order)
