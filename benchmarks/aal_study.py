@@ -325,7 +325,8 @@ def check_machine(precision: str) -> None:
     from aal.utils.runtime import cpu_info
 
     if precision == "bf16" and not native_bf16("cpu") and os.environ.get(EMULATED_BF16_OK) != "1":
-        raise SystemExit(f"this setting trains under bf16 and this CPU ({cpu_info()['id'] or cpu_info()['name']}) has "
+        cpu = cpu_info()
+        raise SystemExit(f"this setting trains under bf16 and this CPU ({cpu['id'] or cpu['name']}) has "
                          f"no native bf16 (AVX512-BF16/AMX): a run takes ~40x its time on a CPU with them. Run it "
                          f"on a machine with them (or a GPU), or set {EMULATED_BF16_OK}=1 to run it anyway.")
 
@@ -335,10 +336,11 @@ def same_machine_kind(published: Path) -> str | None:
 
     Floating-point results depend on the kernels the CPU selects: a run is re-trained only on the
     CPU kind that trained it (its ``cpu_id``; records older than that field: its CPU name)."""
-    from aal.engine.run import machine_description
+    from aal.utils.runtime import cpu_info
 
     then = json.loads((published / "results.json").read_text()).get("machine") or {}
-    now = machine_description()
+    cpu = cpu_info()  # the two fields of the machine record (engine.run.machine_description) compared here
+    now = {"cpu": cpu["name"] or "", "cpu_id": cpu["id"]}
     key = "cpu_id" if then.get("cpu_id") else "cpu"
     if then.get(key) != now.get(key):
         return f"trained on {then.get(key)!r}, this machine is {now.get(key)!r}"
