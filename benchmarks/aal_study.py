@@ -33,7 +33,7 @@ paired over seeds (mean difference, std and a two-sided paired t-test); with one
 McNemar test on the per-image PGD-20 outcomes (same test images) is given instead.
 
 Runs are cached and resumable: a run folder is named by arm, seed and a hash of its exact
-config; a killed run resumes from its last checkpoint (in ``benchmarks/out/aal_study/``), and a
+config; a killed run resumes from its last checkpoint (in ``~/.cache/aal/study/``, ``$AAL_STUDY_OUT``), and a
 finished run's small files (config, per-epoch metrics with the map diagnostics, results,
 per-image correctness) are published to ``benchmarks/results/aal_study_runs/``, which is
 committed: a finished run is never trained into a second record, in any checkout. Runs can be split across
@@ -71,7 +71,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
-OUT = ROOT / "benchmarks" / "out" / "aal_study"  # working run folders (checkpoints; not in git)
+# working run folders (checkpoints; not in git), outside the work tree: a session that is handed its machine back
+# gets a fresh work tree but keeps the rest, so checkpoints kept here spare recovery (a re-training) and let a run
+# longer than a session resume; $AAL_STUDY_OUT moves them (benchmarks/out/aal_study until 2026-12-02)
+CACHE = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+OUT = Path(os.environ.get("AAL_STUDY_OUT") or CACHE / "aal" / "study")
 RECORDS = RESULTS / "aal_study_runs"  # the small files of every finished run (in git): the cache across checkouts
 PUBLISHED = ("config.yaml", "metrics.jsonl", "results.json", "study.json", "correct.npz", "suite_correct.npz")
 EOT_N = 20  # EOT draws per attack step for randomised models in the suite phase
@@ -112,6 +116,12 @@ DATASETS = {
         "configs/fashion_mnist", "0.1", ("epochs=5", "model.attention=cbam_in", "precision=bf16", "compile=false"),
         "Fashion-MNIST, small CNN + CBAM (cbam_in), 5 epochs, batch 128, all 60,000 training images, "
         "trained under bf16 autocast (evaluated in fp32)",
+    ),
+    # the ranking study's setting in fp32: any CPU runs it at full speed (bf16 needs AVX512-BF16/AMX, else it is
+    # emulated ~10x slower than fp32: precision_speed_avx2.txt); its own folder and results, never mixed with the bf16 one
+    "fashion_mnist_rank_fp32": Dataset(
+        "configs/fashion_mnist", "0.1", ("epochs=5", "model.attention=cbam_in", "precision=fp32", "compile=false"),
+        "Fashion-MNIST, small CNN + CBAM (cbam_in), 5 epochs, batch 128, all 60,000 training images, fp32",
     ),
     # the ranking study on the CPU-scale CIFAR-10 recipe as shipped (20 epochs, bf16), pinned like the study's
     # arms; eager (the seed methods' two-step tests run eager; compile is a speed option, not part of a run)

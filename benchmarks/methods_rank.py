@@ -10,7 +10,7 @@ makes each run (train + suite) fit in one machine session (~40 min at one thread
 time, UIAT ~60; a whole seed does not: ~6-8 runs per 3-h session) on a CPU with native bf16
 (AVX512-BF16 or AMX; elsewhere bf16 is emulated, ~40x slower, and training refuses:
 ``aal_study.check_machine``). AToP's chain (stages ~2.3 h, EOT suite est. 2-4 h) needs a machine
-kept across sessions, with its ``benchmarks/out/``, or a GPU: a later session recovers a stage's
+kept across sessions (run folders live outside the work tree, ``aal_study.OUT``), or a GPU: a later session recovers a stage's
 checkpoint by training it again (``aal_study.recover``: kept only if bit-identical, on the CPU kind
 that trained it), which costs the stage's time again; bf16
 and fp32 FGSM-AT reached the same accuracy (``precision_parity.md``), and AWP's weight perturbation
@@ -18,7 +18,7 @@ survives the rounding of ``w + v`` to bf16
 (its logged ``awp_loss_gain``, the loss at ``w + v`` minus at ``w``, was 1.00x fp32's for AT-AWP
 and 0.94x for TRADES-AWP, mean of 16 batches: ``benchmarks/awp_bf16.py``). Runs, caching,
 resuming and publishing are the AAL study's (``aal_study.train_one`` / ``suite_one``: a run folder
-per arm, seed and config hash in ``benchmarks/out/aal_study/``; finished runs' small files in
+per arm, seed and config hash in ``aal_study.OUT``, ``~/.cache/aal/study/``; finished runs' small files in
 ``benchmarks/results/aal_study_runs/``, committed, never retrained). Evaluation per run: clean and
 PGD-20 on the full test set (10,000 images; AToP's PGD-20 there draws one random transform per
 step, no EOT), then the standard suite (APGD-CE -> APGD-T -> FAB-T -> Square, AutoAttack's
@@ -50,6 +50,12 @@ What the report states and tests:
 data from ``$AAL_CIFAR10`` or ``../shared/data/cifar10``), its report in ``methods_rank_cifar10.*``
 and its README block where the README has its markers.
 
+``--dataset fashion_mnist_rank_fp32`` is the same comparison trained in fp32 (every resolved config
+the bf16 one's but for ``precision``), its report in ``methods_rank_fp32.*``: a CPU without native
+bf16 runs bf16 ~10x slower than fp32 (``precision_speed_avx2.txt``) and the study refuses it there,
+while fp32 runs at full speed on any CPU kind, so this setting can progress whatever machine a
+session gets. Its runs never mix with the bf16 setting's (own folder, own tables).
+
 ``train`` and ``suite`` can run in several processes (``--methods``, ``--seeds``; two processes
 given the same list share it: each skips the runs the other holds) and on several days; a killed
 run resumes from its last epoch.
@@ -69,7 +75,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import aal_study as study  # noqa: E402
 
 # the settings (aal_study dataset keys; their runs live apart) -> the stem of their results files
-SETTINGS = {"fashion_mnist_rank": "methods_rank", "cifar10_rank": "methods_rank_cifar10"}
+SETTINGS = {"fashion_mnist_rank": "methods_rank", "fashion_mnist_rank_fp32": "methods_rank_fp32",
+            "cifar10_rank": "methods_rank_cifar10"}
 DATASET = "fashion_mnist_rank"  # the default: the AAL study's Fashion-MNIST setting, trained under bf16 autocast
 METHODS = ["pgd_at", "trades", "awp_pgd_at", "awp_trades", "mart", "uiat", "spat", "aal_pgd", "atop"]
 PREREQUISITES = {"atop": ["standard", "atop_pretrain"]}  # pipeline stages trained first, same seed

@@ -396,3 +396,20 @@ def test_a_run_is_recovered_only_on_the_cpu_kind_that_trained_it(tmp_path, monke
     with pytest.raises(RuntimeError, match="cannot be recovered on this machine"):
         aal_study.recover("fashion_mnist", "fgsm_at", 0, TINY, pub)
     assert not (tmp_path / "out" / "fashion_mnist" / "run" / "checkpoints").exists()
+
+
+def test_working_folder_lies_outside_the_work_tree_and_follows_the_environment(tmp_path):
+    """Checkpoints live where a fresh work tree does not wipe them; $AAL_STUDY_OUT, then $XDG_CACHE_HOME, move them."""
+    import os
+    import subprocess
+
+    def out(**env):
+        base = {k: v for k, v in os.environ.items() if k not in ("AAL_STUDY_OUT", "XDG_CACHE_HOME")}
+        code = "import sys; sys.path.insert(0, 'benchmarks'); import aal_study; print(aal_study.OUT)"
+        return Path(subprocess.run([sys.executable, "-c", code], cwd=aal_study.ROOT, env={**base, "HOME": str(tmp_path), **env},
+                                   capture_output=True, text=True, check=True).stdout.strip())
+
+    assert out() == tmp_path / ".cache" / "aal" / "study"
+    assert aal_study.ROOT not in out().parents
+    assert out(XDG_CACHE_HOME=str(tmp_path / "xdg")) == tmp_path / "xdg" / "aal" / "study"
+    assert out(AAL_STUDY_OUT=str(tmp_path / "o"), XDG_CACHE_HOME=str(tmp_path / "xdg")) == tmp_path / "o"

@@ -15,18 +15,30 @@ aal_study = pytest.importorskip("aal_study")
 methods_rank = pytest.importorskip("methods_rank")
 
 
-def test_every_ranked_method_is_an_arm_with_the_study_setting():
-    ds = methods_rank.DATASET
+@pytest.mark.parametrize("ds, precision", [("fashion_mnist_rank", "bf16"), ("fashion_mnist_rank_fp32", "fp32")])
+def test_every_ranked_method_is_an_arm_with_the_study_setting(ds, precision):
     for m in methods_rank.METHODS:
         over = aal_study.overrides_for(ds, m, 0) if m != "atop" else None
         if over is not None:
             cfg = aal_study.config_for(ds, m, over)
             assert cfg.epochs == 5 and cfg.model.attention == "cbam_in" and cfg.eval.n is None, m
-            assert cfg.precision == "bf16" and not cfg.compile and cfg.data.name == "fashion_mnist", m
+            assert cfg.precision == precision and not cfg.compile and cfg.data.name == "fashion_mnist", m
             assert cfg.method.name == m and cfg.eval.epoch_n == 1000, m
     # its own run folders: a ranked pgd_at is not the AAL study's Fashion-MNIST pgd_at (fp32)
     assert aal_study.run_dir_for(ds, "pgd_at", 0, aal_study.overrides_for(ds, "pgd_at", 0)).parent.name == ds
     assert aal_study.ARMS["atop"].study == "rank" and aal_study.ARMS["pgd_at"].study == "aal"
+    assert methods_rank.SETTINGS[ds] != methods_rank.SETTINGS[methods_rank.DATASET] or ds == methods_rank.DATASET
+
+
+def test_the_fp32_ranking_is_the_bf16_one_but_for_precision():
+    """Two settings, one comparison: every ranked method's resolved config differs only in precision."""
+    for m in [*methods_rank.METHODS, "standard"]:
+        if m == "atop":
+            continue
+        cfgs = [aal_study.identity(aal_study.config_for(ds, m, aal_study.overrides_for(ds, m, 0)))
+                for ds in ("fashion_mnist_rank", "fashion_mnist_rank_fp32")]
+        diff = {k for k in cfgs[0].keys() | cfgs[1].keys() if cfgs[0].get(k) != cfgs[1].get(k)}
+        assert diff == {"precision"}, (m, diff)
 
 
 def test_the_cifar10_setting_gives_every_method_the_cpu_recipe(monkeypatch, tmp_path):
