@@ -8,7 +8,7 @@ autocast** (dataset key ``fashion_mnist_rank``; evaluation in fp32): PGD-10 trai
 model are 2.7x faster than fp32 on this CPU (``benchmarks/results/precision_speed.txt``), which
 makes each run (train + suite) fit in one machine session (~40 min at one thread, two runs at a
 time, UIAT ~60; a whole seed does not: ~6-8 runs per 3-h session) on a CPU with native bf16
-(AVX512-BF16 or AMX; elsewhere bf16 is emulated, ~40x slower, and training refuses:
+(AVX512-BF16 or AMX; elsewhere bf16 is emulated, ~40x slower than there, and training refuses:
 ``aal_study.check_machine``). AToP's chain (stages ~2.3 h, EOT suite est. 2-4 h) needs a machine
 kept across sessions (run folders live outside the work tree, ``aal_study.OUT``), or a GPU: a later session recovers a stage's
 checkpoint by training it again (``aal_study.recover``: kept only if bit-identical, on the CPU kind
@@ -279,7 +279,7 @@ def comparison_lines(doc: dict) -> list[str]:
     for col, label in COLUMNS.items():
         pairs = doc["comparisons"].get(col, [])
         won = [c for c in pairs if c["verdict"] != "no difference measured"]
-        lines.append(f"- **{label}**: {len(pairs)} pairs, {len(won)} with a measured difference"
+        lines.append(f"- **{label}**: {_pairs(len(pairs))}, {len(won)} with a measured difference"
                      + (":" if won else "; no difference measured between any two methods."))
         for c in sorted(won, key=lambda c: -abs(c["diff"])):
             pt = "-" if c["p_paired_t"] is None else f"{c['p_paired_t']:.3g} (Holm {c['p_t_holm']:.3g})"

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -400,8 +402,6 @@ def test_a_run_is_recovered_only_on_the_cpu_kind_that_trained_it(tmp_path, monke
 
 def test_working_folder_lies_outside_the_work_tree_and_follows_the_environment(tmp_path):
     """Checkpoints live where a fresh work tree does not wipe them; $AAL_STUDY_OUT, then $XDG_CACHE_HOME, move them."""
-    import os
-    import subprocess
 
     def out(**env):
         base = {k: v for k, v in os.environ.items() if k not in ("AAL_STUDY_OUT", "XDG_CACHE_HOME")}
