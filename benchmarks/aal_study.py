@@ -66,7 +66,7 @@ import os
 import statistics
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -98,6 +98,15 @@ class Dataset:
     cifar: bool = False  # read from $AAL_CIFAR10, else the shared CIFAR-10 folder
 
 
+def _trained_in(base: Dataset, precision: str, label: str) -> Dataset:
+    """``base`` pinned to one precision, eager: the same runs but for their arithmetic, in their own folders."""
+    return replace(base, overrides=(*base.overrides, f"precision={precision}", "compile=false"), label=f"{base.label}, {label}")
+
+
+FASHION = Dataset(
+    "configs/fashion_mnist", "0.1", ("epochs=5", "model.attention=cbam_in"),
+    "Fashion-MNIST, small CNN + CBAM (cbam_in), 5 epochs, batch 128, all 60,000 training images",
+)
 DATASETS = {
     "cifar10": Dataset(
         # fp32 and eager as the study's first runs: the recipe's bf16 + compile would change the arithmetic mid-study
@@ -106,23 +115,13 @@ DATASETS = {
         "CIFAR-10, PreAct-ResNet-18 width 16 + CBAM (cbam_in), 6 epochs, batch 128, all 50,000 training images",
         cifar=True,
     ),
-    "fashion_mnist": Dataset(
-        "configs/fashion_mnist", "0.1", ("epochs=5", "model.attention=cbam_in"),
-        "Fashion-MNIST, small CNN + CBAM (cbam_in), 5 epochs, batch 128, all 60,000 training images",
-    ),
+    "fashion_mnist": FASHION,
     # the ranking study's setting (benchmarks/methods_rank.py): the one above, trained under bf16 autocast
     # (2.7x faster PGD-10 steps on this CPU; evaluation stays fp32); its own folder, never mixed with the above
-    "fashion_mnist_rank": Dataset(
-        "configs/fashion_mnist", "0.1", ("epochs=5", "model.attention=cbam_in", "precision=bf16", "compile=false"),
-        "Fashion-MNIST, small CNN + CBAM (cbam_in), 5 epochs, batch 128, all 60,000 training images, "
-        "trained under bf16 autocast (evaluated in fp32)",
-    ),
+    "fashion_mnist_rank": _trained_in(FASHION, "bf16", "trained under bf16 autocast (evaluated in fp32)"),
     # the ranking study's setting in fp32: any CPU runs it at full speed (bf16 needs AVX512-BF16/AMX, else it is
     # emulated ~10x slower than fp32: precision_speed_avx2.txt); its own folder and results, never mixed with the bf16 one
-    "fashion_mnist_rank_fp32": Dataset(
-        "configs/fashion_mnist", "0.1", ("epochs=5", "model.attention=cbam_in", "precision=fp32", "compile=false"),
-        "Fashion-MNIST, small CNN + CBAM (cbam_in), 5 epochs, batch 128, all 60,000 training images, fp32",
-    ),
+    "fashion_mnist_rank_fp32": _trained_in(FASHION, "fp32", "fp32"),
     # the ranking study on the CPU-scale CIFAR-10 recipe as shipped (20 epochs, bf16), pinned like the study's
     # arms; eager (the seed methods' two-step tests run eager; compile is a speed option, not part of a run)
     "cifar10_rank": Dataset(
@@ -346,11 +345,10 @@ def same_machine_kind(published: Path) -> str | None:
 
     Floating-point results depend on the kernels the CPU selects: a run is re-trained only on the
     CPU kind that trained it (its ``cpu_id``; records older than that field: its CPU name)."""
-    from aal.utils.runtime import cpu_info
+    from aal.engine.run import cpu_identity
 
     then = json.loads((published / "results.json").read_text()).get("machine") or {}
-    cpu = cpu_info()  # the two fields of the machine record (engine.run.machine_description) compared here
-    now = {"cpu": cpu["name"] or "", "cpu_id": cpu["id"]}
+    now = cpu_identity()
     key = "cpu_id" if then.get("cpu_id") else "cpu"
     if then.get(key) != now.get(key):
         return f"trained on {then.get(key)!r}, this machine is {now.get(key)!r}"

@@ -235,14 +235,18 @@ def train_run(cfg: RunConfig, resume: str | Path | None = None, log: Callable[[s
     return out.run_dir, out.result  # type: ignore[return-value]
 
 
+def cpu_identity() -> dict[str, Any]:
+    """The machine record's CPU fields: its name and ``cpu_id`` (vendor, family, model, stepping), what
+    decides whether a run trained elsewhere can be reproduced bit for bit here."""
+    cpu = cpu_info()
+    return {"cpu": cpu["name"] or "", "cpu_id": cpu["id"]}
+
+
 def machine_description() -> dict[str, Any]:
     """Where a figure was measured: CPU (name, family/model, torch's kernel level, native bf16),
     cores, torch version and threads. The CPU's identity matters beyond its name: two "AMD EPYC"
     can differ 40x in bf16 speed and round differently (a run re-trained elsewhere is not
     bit-identical)."""
-    import os
-
-    cpu = cpu_info()
     commit = None
     try:
         import subprocess
@@ -254,8 +258,7 @@ def machine_description() -> dict[str, Any]:
         pass
     return {
         "aal_commit": commit,
-        "cpu": cpu["name"] or "",
-        "cpu_id": cpu["id"],
+        **cpu_identity(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "bf16_native": native_bf16("cpu"),
         "cores": os.cpu_count(),
@@ -340,6 +343,7 @@ __all__ = [
     "load_checkpoint",
     "load_run",
     "machine_description",
+    "cpu_identity",
     "build_optimization",
     "check_training_numbers",
     "load_task_run",
