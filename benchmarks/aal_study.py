@@ -46,7 +46,10 @@ it first *recovers* the checkpoint: it trains the run again and keeps it only if
 published run exactly (every per-image outcome on the test set and every logged per-epoch number;
 training is deterministic at one thread), else sets it aside and stops: never two models for one
 record (:func:`recover`). Pipeline stages (AToP's classifier and purifier) are recovered the same
-way when a later stage needs them. Comparisons cover the suite column on the seeds where both runs have it
+way when a later stage needs them. Recovery needs the CPU kind that trained the run; on another
+kind, ``--supersede-unrecoverable`` sets the published run (and the stages built on it) aside in
+``aal_study_runs/<dataset>/superseded/``, kept and listed by the reports, and trains its arm and
+seed again here (:func:`supersede`). Comparisons cover the suite column on the seeds where both runs have it
 (same first n images). A published run whose config is no longer its arm's (a config file changed
 while it trained) is left out of the report and named there.
 
@@ -281,25 +284,86 @@ def _eps_value(text: str) -> float:
     return float(num) / float(den or 1)
 
 
-def train_one(dataset: str, arm: str, seed: int, checkpoint: bool = False) -> dict:
+def train_one(dataset: str, arm: str, seed: int, checkpoint: bool = False, supersede_unrecoverable: bool = False) -> dict:
     """Train (or resume, or reuse) one run and evaluate it; returns its record.
 
     A published run is reused as it is; with ``checkpoint``, one whose checkpoint is not on this
     machine (checkpoints are not committed) is first recovered (:func:`recover`): a pipeline stage
-    or a suite needs the model itself, not only its record.
+    or a suite needs the model itself, not only its record. Where it cannot be recovered (trained on
+    another CPU kind) and ``supersede_unrecoverable`` is set, it is set aside instead
+    (:func:`supersede`) and its arm and seed trained again here.
     """
     over = overrides_for(dataset, arm, seed)
     run_dir = run_dir_for(dataset, arm, seed, over)
     published = finished_record(dataset, arm, seed, over)
+    replace = None
     if published is not None:
-        if checkpoint and not (OUT / dataset / published.name / "checkpoints").exists():
+        if not checkpoint or (OUT / dataset / published.name / "checkpoints").exists():
+            return load_record(dataset, arm, seed, published)
+        replace = same_machine_kind(published) if supersede_unrecoverable else None
+        if replace is None:
             recover(dataset, arm, seed, over, published)
-        return load_record(dataset, arm, seed, published)
+            return load_record(dataset, arm, seed, published)
     with claimed(run_dir):
+        if replace and published.exists():  # under the claim: another process may have set it aside already
+            supersede(dataset, published, f"its model was needed (suite or next stage), its checkpoint is gone "
+                                          f"and it cannot be recovered here ({replace})")
         if not (run_dir / "study.json").exists():  # checked under the claim: another process may just have finished it
             _train(dataset, arm, seed, over, run_dir)
         publish(run_dir, dataset)
     return load_record(dataset, arm, seed, RECORDS / dataset / run_dir.name)
+
+
+SUPERSEDED = "superseded"  # RECORDS/<dataset>/superseded/<run>/: published runs set aside for a re-training
+
+
+def supersede(dataset: str, published: Path, reason: str) -> list[str]:
+    """Set a published run aside, with every published run built on it (a pipeline's later stages
+    name it in their config), so that its arm and seed are trained again; returns the names set aside.
+
+    For a run whose model is needed and cannot be had: its checkpoint is gone and :func:`recover`
+    cannot rebuild it on this CPU kind. Waiting for that kind may take any number of sessions, so
+    the run is replaced by a new training of the same config and seed here. The rule is mechanical
+    (whatever the old run measured: no choosing by outcome) and nothing is lost: the records move to
+    ``RECORDS/<dataset>/superseded/`` with a ``superseded.json`` (why, when, this machine), and the
+    reports list them (:func:`superseded`)."""
+    from aal.engine.run import cpu_identity
+
+    names = []
+    for run in dict.fromkeys([published, *downstream(dataset, published.name)]):
+        dest = RECORDS / dataset / SUPERSEDED / run.name
+        if dest.exists():  # the same run superseded before: keep both
+            dest = dest.with_name(f"{run.name}.{time.strftime('%Y%m%dT%H%M%S')}")
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        run.rename(dest)
+        why = reason if run == published else f"built on {published.name}, which was superseded"
+        (dest / "superseded.json").write_text(json.dumps(
+            {"reason": why, "when": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "machine": cpu_identity()},
+            indent=1))
+        names.append(run.name)
+        print(f"  {run.name}: superseded ({why}); its record is kept in {_rel(dest)}", flush=True)
+    return names
+
+
+def downstream(dataset: str, name: str) -> list[Path]:
+    """The published runs of ``dataset`` whose config names the run ``name`` as an input, and theirs."""
+    found = []
+    for study in sorted(RECORDS.glob(f"{dataset}/*/study.json")):
+        model = stored_config(study.parent).to_dict()["model"]
+        if any(isinstance(model.get(k), str) and Path(model[k]).name == name for k in RUN_KEYS):
+            found += [study.parent, *downstream(dataset, study.parent.name)]
+    return found
+
+
+def superseded(dataset: str) -> list[dict]:
+    """The runs of ``dataset`` set aside by :func:`supersede`: which, why, and what they measured."""
+    out = []
+    for info in sorted(RECORDS.glob(f"{dataset}/{SUPERSEDED}/*/superseded.json")):
+        study = json.loads((info.parent / "study.json").read_text())
+        res = json.loads((info.parent / "results.json").read_text())
+        out.append({"arm": study["arm"], "seed": study["seed"], "run": info.parent.name, **json.loads(info.read_text()),
+                    "accuracy": res["eval"]["accuracy"], "trained_on": (res.get("machine") or {}).get("cpu")})
+    return out
 
 
 def _train(dataset: str, arm: str, seed: int, over: list[str], run_dir: Path) -> None:
@@ -784,8 +848,15 @@ def report() -> str:
             lines += ["", "Left out: runs trained under another config than their arm's (a config file changed "
                       "while they ran), so they are not runs of that arm: "
                       + "; ".join(f"`{g['arm']}` seed {g['seed']} ({g['differs']})" for g in gone) + "."]
+        sup = [x for x in superseded(dataset) if ARMS[x["arm"]].study == "aal"]
+        if sup:
+            lines += ["", "Superseded (set aside and trained again: `--supersede-unrecoverable`; records kept in "
+                      f"`aal_study_runs/{dataset}/{SUPERSEDED}/`): " + "; ".join(
+                          f"`{x['arm']}` seed {x['seed']} (`{x['run']}`, clean {100 * x['accuracy']['clean']:.2f}, "
+                          f"PGD-20 {100 * x['accuracy']['pgd20']:.2f}; {x['reason']})" for x in sup) + "."]
         lines.append("")
-        doc[dataset] = {"runs": [recs[k] for k in sorted(recs)], "comparisons": comps, "excluded": gone}
+        doc[dataset] = {"runs": [recs[k] for k in sorted(recs)], "comparisons": comps, "excluded": gone,
+                        "superseded": sup}
     RESULTS.mkdir(parents=True, exist_ok=True)
     for dataset, recs in sorted(all_recs.items()):
         png = plot(dataset, recs)
@@ -976,6 +1047,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="train: run the suite on each run right after it, while its checkpoint is on this machine "
                         "(a published run without its suite and checkpoint is re-trained first, kept only if it "
                         "reproduces the published run exactly)")
+    p.add_argument("--supersede-unrecoverable", action="store_true",
+                   help="train: a published run whose model is needed but was trained on another CPU kind is set "
+                        "aside (kept in superseded/, reported) and trained again here, instead of stopping")
     args = p.parse_args(argv)
     if args.phase == "report":
         print(report())
@@ -991,7 +1065,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"[{time.strftime('%H:%M:%S')}] {args.phase} {args.dataset} {arm} seed {seed}", flush=True)
                 if args.phase == "train":
                     need = args.then_suite and suite_missing(args.dataset, arm, seed)  # its suite needs the model
-                    r = train_one(args.dataset, arm, seed, checkpoint=need)
+                    r = train_one(args.dataset, arm, seed, checkpoint=need,
+                                  supersede_unrecoverable=args.supersede_unrecoverable)
                     print(f"  clean {r['accuracy']['clean']:.4f} pgd20 {r['accuracy']['pgd20']:.4f} "
                           f"diag {r['last_epoch']} ({time.time() - t0:.0f} s)", flush=True)
                     if args.then_suite:

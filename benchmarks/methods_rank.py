@@ -80,15 +80,18 @@ SETTINGS = {"fashion_mnist_rank": "methods_rank", "fashion_mnist_rank_fp32": "me
 DATASET = "fashion_mnist_rank"  # the default: the AAL study's Fashion-MNIST setting, trained under bf16 autocast
 METHODS = ["pgd_at", "trades", "awp_pgd_at", "awp_trades", "mart", "uiat", "spat", "aal_pgd", "atop"]
 PREREQUISITES = {"atop": ["standard", "atop_pretrain"]}  # pipeline stages trained first, same seed
+STAGES = {arm for arms in PREREQUISITES.values() for arm in arms}
 CHANCE, LEFT_CHANCE = 0.1, 0.2  # 10 classes; the epoch-1 rule: robust accuracy >= 2x chance
 COLUMNS = {"clean": "clean (10k)", "pgd20": "PGD-20 (10k)", "suite": "suite (n)"}
 ALPHA, BOOT = 0.05, 2000
 MIN_SEEDS = 3  # a method comparison needs seed-to-seed variation the bootstrap can resample (the issue's 3 seeds)
 
 
-def train(methods: list[str], seeds: list[int], lock: str | None, suite_n: int = 0, dataset: str = DATASET) -> None:
+def train(methods: list[str], seeds: list[int], lock: str | None, suite_n: int = 0, dataset: str = DATASET,
+          supersede: bool = False) -> None:
     """Train every method (and its pipeline stages) per seed; with ``suite_n`` > 0 run each method's
-    suite right after it, while its checkpoint is on this machine (checkpoints are not committed)."""
+    suite right after it, while its checkpoint is on this machine (checkpoints are not committed).
+    ``supersede``: a needed model that cannot be recovered here is trained again (``aal_study.supersede``)."""
     for seed in seeds:  # seed-major: a cut-short study still has whole seeds
         for m in methods:
             with study._skip_claimed():  # another process holds a stage: the method's chain is its work
@@ -99,7 +102,7 @@ def train(methods: list[str], seeds: list[int], lock: str | None, suite_n: int =
                         # a pipeline stage's model feeds the next stage, a method's feeds its suite: recover the
                         # checkpoint of a published run trained on another machine when it is needed
                         need = arm != m or bool(suite_n) and study.suite_missing(dataset, m, seed)
-                        r = study.train_one(dataset, arm, seed, checkpoint=need)
+                        r = study.train_one(dataset, arm, seed, checkpoint=need, supersede_unrecoverable=supersede)
                         if suite_n and arm == m:
                             study.suite_one(dataset, m, seed, suite_n)
                     print(f"  clean {r['accuracy']['clean']:.4f} pgd20 {r['accuracy']['pgd20']:.4f} "
@@ -243,6 +246,11 @@ def markdown(doc: dict) -> str:
     if doc.get("excluded"):
         lines += ["", "Left out: runs trained under another config than their method's: " + "; ".join(
             f"`{e['method']}` seed {e['seed']} ({e['differs']})" for e in doc["excluded"]) + "."]
+    if doc.get("superseded"):
+        lines += ["", "Superseded (set aside and trained again, records kept in `aal_study_runs/<setting>/superseded/`): "
+                  + "; ".join(f"`{s['arm']}` seed {s['seed']} (`{s['run']}`, trained on {s['trained_on']}: clean "
+                              f"{100 * s['accuracy']['clean']:.2f}, PGD-20 {100 * s['accuracy']['pgd20']:.2f}; "
+                              f"{s['reason']}; {s['when']})" for s in doc["superseded"]) + "."]
     return "\n".join(lines) + "\n"
 
 
@@ -366,6 +374,7 @@ def report(dataset: str = DATASET) -> str:
     excluded: list = []
     doc = {"dataset": dataset, **analyse(collect(excluded, dataset))}
     doc["excluded"] = [{"method": a, "seed": s, "differs": why} for a, s, why in excluded]
+    doc["superseded"] = [s for s in study.superseded(dataset) if s["arm"] in METHODS or s["arm"] in STAGES]
     stem = study.RESULTS / SETTINGS[dataset]
     stem.with_suffix(".json").write_text(json.dumps(doc, indent=1))
     if doc["rows"]:
@@ -384,6 +393,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--suite-n", type=int, default=1000)
     p.add_argument("--lock", default=None, help="hold this file's lock (flock) during each run: share a core politely")
     p.add_argument("--then-suite", action="store_true", help="train: each method's suite right after it (same machine)")
+    p.add_argument("--supersede-unrecoverable", action="store_true",
+                   help="train: a published run whose model is needed (its suite, a next stage) but was trained on "
+                        "another CPU kind is set aside (kept, reported) and trained again here, instead of stopping")
     p.add_argument("--dataset", choices=sorted(SETTINGS), default=DATASET,
                    help="the setting (default %(default)s; cifar10_rank reads CIFAR-10 from $AAL_CIFAR10 or ../shared/data)")
     args = p.parse_args(argv)
@@ -392,7 +404,8 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"unknown methods {unknown}; choose from {', '.join(METHODS)}")
     seeds = [int(s) for s in args.seeds.split(",") if s]
     if args.phase == "train":
-        train(methods, seeds, args.lock, args.suite_n if args.then_suite else 0, args.dataset)
+        train(methods, seeds, args.lock, args.suite_n if args.then_suite else 0, args.dataset,
+              args.supersede_unrecoverable)
     elif args.phase == "suite":
         suite(methods, seeds, args.suite_n, args.lock, args.dataset)
     else:

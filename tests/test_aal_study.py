@@ -172,7 +172,8 @@ def test_then_suite_runs_each_suite_right_after_its_run(monkeypatch):
     on the machine that trained it); without the flag no suite runs."""
     calls = []
     acc = {"accuracy": {"clean": 0.5, "pgd20": 0.2}, "last_epoch": {}}
-    monkeypatch.setattr(aal_study, "train_one", lambda d, a, s, checkpoint=False: calls.append(("train", a, s)) or acc)
+    monkeypatch.setattr(aal_study, "train_one", lambda d, a, s, checkpoint=False, supersede_unrecoverable=False:
+                        calls.append(("train", a, s) + (("supersede",) if supersede_unrecoverable else ())) or acc)
     monkeypatch.setattr(aal_study, "suite_one", lambda d, a, s, n: calls.append(("suite", a, s, n)))
     monkeypatch.setattr(aal_study, "suite_missing", lambda d, a, s: True)
     aal_study.main(["train", "--dataset", "fashion_mnist", "--arms", "fgsm_at,aal_fgsm", "--seeds", "1",
@@ -182,6 +183,9 @@ def test_then_suite_runs_each_suite_right_after_its_run(monkeypatch):
     calls.clear()
     aal_study.main(["train", "--dataset", "fashion_mnist", "--arms", "fgsm_at", "--seeds", "0"])
     assert calls == [("train", "fgsm_at", 0)]
+    calls.clear()
+    aal_study.main(["train", "--dataset", "fashion_mnist", "--arms", "fgsm_at", "--seeds", "0", "--supersede-unrecoverable"])
+    assert calls == [("train", "fgsm_at", 0, "supersede")]
 
 
 def test_a_run_claimed_by_another_process_is_skipped_not_trained_twice(tmp_path, monkeypatch, capsys):
@@ -398,6 +402,73 @@ def test_a_run_is_recovered_only_on_the_cpu_kind_that_trained_it(tmp_path, monke
     with pytest.raises(RuntimeError, match="cannot be recovered on this machine"):
         aal_study.recover("fashion_mnist", "fgsm_at", 0, TINY, pub)
     assert not (tmp_path / "out" / "fashion_mnist" / "run" / "checkpoints").exists()
+
+
+@pytest.mark.skipif(not FMNIST.exists(), reason="Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")
+def test_an_unrecoverable_run_is_superseded_only_when_asked_and_its_record_is_kept(tmp_path, monkeypatch):
+    """A published run trained on another CPU kind, whose model a suite needs: without the flag the
+    study stops; with it the record moves to superseded/ (why, when, where) and the arm and seed are
+    trained again here, published in its place and listed by ``superseded``."""
+    import shutil
+
+    monkeypatch.setattr(aal_study, "OUT", tmp_path / "out")
+    monkeypatch.setattr(aal_study, "RECORDS", tmp_path / "records")
+    monkeypatch.setattr(aal_study, "overrides_for", lambda d, a, s: list(TINY))
+    run_dir = aal_study.run_dir_for("fashion_mnist", "fgsm_at", 0, TINY)
+    aal_study._train("fashion_mnist", "fgsm_at", 0, TINY, run_dir)
+    published = aal_study.publish(run_dir, "fashion_mnist")
+    shutil.rmtree(tmp_path / "out")
+    res = json.loads((published / "results.json").read_text())
+    res["machine"] = {"cpu": "Some Other CPU"}  # trained elsewhere: not recoverable here
+    (published / "results.json").write_text(json.dumps(res))
+    old = (published / "results.json").read_bytes()
+
+    with pytest.raises(RuntimeError, match="cannot be recovered on this machine"):
+        aal_study.train_one("fashion_mnist", "fgsm_at", 0, checkpoint=True)
+    assert (published / "results.json").read_bytes() == old and not aal_study.superseded("fashion_mnist")
+    assert aal_study.train_one("fashion_mnist", "fgsm_at", 0)["run_dir"]  # not needed: reused as it is
+
+    rec = aal_study.train_one("fashion_mnist", "fgsm_at", 0, checkpoint=True, supersede_unrecoverable=True)
+    aside = tmp_path / "records" / "fashion_mnist" / aal_study.SUPERSEDED / published.name
+    assert (aside / "results.json").read_bytes() == old  # the old record, kept as it was
+    why = json.loads((aside / "superseded.json").read_text())
+    assert "cannot be recovered here (trained on 'Some Other CPU'" in why["reason"] and why["machine"]["cpu"]
+    assert (run_dir / "checkpoints").is_dir()  # the new model, here for its suite
+    new = json.loads((published / "results.json").read_text())  # published in its place, trained on this machine
+    assert new["machine"]["cpu"] != "Some Other CPU" and rec["accuracy"] == new["eval"]["accuracy"]
+    listed = aal_study.superseded("fashion_mnist")
+    assert [(x["arm"], x["seed"], x["run"], x["trained_on"]) for x in listed] == [("fgsm_at", 0, published.name, "Some Other CPU")]
+    assert listed[0]["accuracy"] == res["eval"]["accuracy"]
+    assert set(aal_study.collect(dataset="fashion_mnist")["fashion_mnist"]) == {("fgsm_at", 0)}  # one run per arm and seed
+
+
+def test_superseding_a_pipeline_stage_sets_aside_the_stages_built_on_it(tmp_path, monkeypatch):
+    """A later stage trained on the superseded model is no longer a run of today's chain: it goes too."""
+    records = tmp_path / "records" / "fashion_mnist"
+    models = {"standard-s0-aaaa": {}, "other-s0-dddd": {},
+              "atop_pretrain-s0-bbbb": {"classifier_run": "/old/machine/standard-s0-aaaa"},
+              "atop-s0-cccc": {"classifier_run": "/x/standard-s0-aaaa", "purifier_run": "/x/atop_pretrain-s0-bbbb"}}
+    for name, model in models.items():
+        (records / name).mkdir(parents=True)
+        (records / name / "study.json").write_text(json.dumps({"arm": name.split("-")[0], "seed": 0}))
+        (records / name / "results.json").write_text(json.dumps({"eval": {"accuracy": {"clean": 0.9}}}))
+        (records / name / "model.json").write_text(json.dumps(model))
+
+    class Stored:
+        def __init__(self, run_dir):
+            self.model = json.loads((run_dir / "model.json").read_text())
+
+        def to_dict(self):
+            return {"model": self.model}
+
+    monkeypatch.setattr(aal_study, "RECORDS", tmp_path / "records")
+    monkeypatch.setattr(aal_study, "stored_config", Stored)
+    names = aal_study.supersede("fashion_mnist", records / "standard-s0-aaaa", "a reason")
+    assert names[0] == "standard-s0-aaaa" and sorted(names[1:]) == ["atop-s0-cccc", "atop_pretrain-s0-bbbb"]
+    assert sorted(p.name for p in records.iterdir()) == ["other-s0-dddd", "superseded"]
+    aside = {x["run"]: x["reason"] for x in aal_study.superseded("fashion_mnist")}
+    assert aside == {"standard-s0-aaaa": "a reason", "atop_pretrain-s0-bbbb": "built on standard-s0-aaaa, which was superseded",
+                     "atop-s0-cccc": "built on standard-s0-aaaa, which was superseded"}
 
 
 def test_working_folder_lies_outside_the_work_tree_and_follows_the_environment(tmp_path):

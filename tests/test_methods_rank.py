@@ -65,7 +65,7 @@ def test_the_cifar10_setting_gives_every_method_the_cpu_recipe(monkeypatch, tmp_
 def test_dataset_option_reaches_every_phase_and_names_the_results(monkeypatch, tmp_path):
     calls = []
     acc = {"accuracy": {"clean": 0.5, "pgd20": 0.2}}
-    monkeypatch.setattr(methods_rank.study, "train_one", lambda d, a, s, checkpoint: calls.append(("train", d, a)) or acc)
+    monkeypatch.setattr(methods_rank.study, "train_one", lambda d, a, s, checkpoint, supersede_unrecoverable: calls.append(("train", d, a)) or acc)
     monkeypatch.setattr(methods_rank.study, "suite_one", lambda d, a, s, n: calls.append(("suite", d, a)))
     monkeypatch.setattr(methods_rank.study, "suite_missing", lambda d, a, s: calls.append(("missing?", d, a)) or True)
     methods_rank.main(["train", "--dataset", "cifar10_rank", "--methods", "trades", "--seeds", "0", "--then-suite"])
@@ -197,7 +197,8 @@ def test_readme_verdicts_separate_one_seed_model_differences_from_method_verdict
 def test_then_suite_follows_each_method_not_its_pipeline_stages(monkeypatch):
     calls = []
     acc = {"accuracy": {"clean": 0.5, "pgd20": 0.2}}
-    monkeypatch.setattr(methods_rank.study, "train_one", lambda d, a, s, checkpoint=False: calls.append(("train", a, checkpoint)) or acc)
+    monkeypatch.setattr(methods_rank.study, "train_one", lambda d, a, s, checkpoint=False, supersede_unrecoverable=False:
+                        calls.append(("train", a, checkpoint) + (("supersede",) if supersede_unrecoverable else ())) or acc)
     monkeypatch.setattr(methods_rank.study, "suite_one", lambda d, a, s, n: calls.append(("suite", a, n)))
     monkeypatch.setattr(methods_rank.study, "suite_missing", lambda d, a, s: a == "atop")  # trades has its suite
     methods_rank.main(["train", "--methods", "atop,trades", "--seeds", "0", "--then-suite", "--suite-n", "500"])
@@ -207,13 +208,16 @@ def test_then_suite_follows_each_method_not_its_pipeline_stages(monkeypatch):
     calls.clear()
     methods_rank.main(["train", "--methods", "atop", "--seeds", "0"])  # no suite: only the stages need their models
     assert calls == [("train", "standard", True), ("train", "atop_pretrain", True), ("train", "atop", False)]
+    calls.clear()
+    methods_rank.main(["train", "--methods", "trades", "--seeds", "0", "--supersede-unrecoverable"])
+    assert calls == [("train", "trades", False, "supersede")]
 
 
 def test_a_claimed_pipeline_stage_skips_its_method_and_the_list_goes_on(monkeypatch, capsys):
     calls = []
     acc = {"accuracy": {"clean": 0.5, "pgd20": 0.2}}
 
-    def train_one(d, a, s, checkpoint=False):
+    def train_one(d, a, s, checkpoint=False, supersede_unrecoverable=False):
         if a == "standard":  # another process is training AToP's first stage
             raise methods_rank.study.Claimed("standard-s0-x: claimed by another process; skipped")
         calls.append(a)
