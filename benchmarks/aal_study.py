@@ -80,7 +80,9 @@ RESULTS = ROOT / "benchmarks" / "results"
 CACHE = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
 OUT = Path(os.environ.get("AAL_STUDY_OUT") or CACHE / "aal" / "study")
 RECORDS = RESULTS / "aal_study_runs"  # the small files of every finished run (in git): the cache across checkouts
-PUBLISHED = ("config.yaml", "metrics.jsonl", "results.json", "study.json", "correct.npz", "suite_correct.npz")
+CARRY = RESULTS / "aal_study_carry"  # unfinished run folders handed to a later session (committed): see carry()
+CARRIED = "carried.jsonl"  # in a run folder: one line per hand-over (when, from which machine, at which epoch)
+PUBLISHED = ("config.yaml", "metrics.jsonl", "results.json", "study.json", "correct.npz", "suite_correct.npz", CARRIED)
 EOT_N = 20  # EOT draws per attack step for randomised models in the suite phase
 SHARED_CIFAR = ROOT.parent / "shared" / "data" / "cifar10"
 K_RANGE, K_STD_MIN = (0.2, 0.8), 0.1  # the degeneracy rule
@@ -408,14 +410,17 @@ def same_machine_kind(published: Path) -> str | None:
     """Why this machine cannot reproduce the published run bit for bit (None: it may).
 
     Floating-point results depend on the kernels the CPU selects: a run is re-trained only on the
-    CPU kind that trained it (its ``cpu_id``; records older than that field: its CPU name)."""
+    CPU kind that trained it (its ``cpu_id``; records older than that field: its CPU name), every
+    part of it for a run carried between sessions (:func:`carry`)."""
     from aal.engine.run import cpu_identity
 
-    then = json.loads((published / "results.json").read_text()).get("machine") or {}
     now = cpu_identity()
-    key = "cpu_id" if then.get("cpu_id") else "cpu"
-    if then.get(key) != now.get(key):
-        return f"trained on {then.get(key)!r}, this machine is {now.get(key)!r}"
+    carried = published / CARRIED  # a run trained in parts: every part's machine
+    parts = [json.loads(line)["machine"] for line in carried.read_text().splitlines() if line.strip()] if carried.exists() else []
+    for then in [*parts, json.loads((published / "results.json").read_text()).get("machine") or {}]:
+        key = "cpu_id" if then.get("cpu_id") else "cpu"
+        if then.get(key) != now.get(key):
+            return f"trained on {then.get(key)!r}, this machine is {now.get(key)!r}"
     return None
 
 
@@ -500,7 +505,72 @@ def publish(run_dir: Path, dataset: str) -> Path:
     suite = run_dir / "eval" / "study_suite_standard.json"
     if suite.exists():
         shutil.copy2(suite, dest / "suite_standard.json")
+        shutil.rmtree(CARRY / dataset / run_dir.name, ignore_errors=True)  # complete: nothing left to hand over
     return dest
+
+
+def carry(dataset: str = "*") -> list[Path]:
+    """Hand every unfinished run of this machine to a later session: copy its folder (checkpoint,
+    per-epoch log, suite state) from ``OUT`` into ``CARRY``, which is committed; returns the copies.
+
+    Sessions get fresh machines (``OUT`` does not survive them) and a run plus its suite can take
+    longer than a session, so without this such a run never finishes. Unfinished: a run folder with
+    a checkpoint whose run is not published with its suite (training or its suite not done; a
+    pipeline stage, published without one, is carried too: a later stage needs its model). A run a
+    process holds now is skipped (stop it first: its checkpoint may be mid-write). The folder gets a
+    line in ``carried.jsonl`` (published with the run), so its record says it was trained in parts
+    and where. :func:`restore_carried` puts it back in ``OUT``; :func:`publish` drops the copy once
+    the run is published with its suite."""
+    import shutil
+
+    from aal.engine.run import cpu_identity
+
+    copies = []
+    for ckpt in sorted(OUT.glob(f"{dataset}/*/checkpoints")):
+        run = ckpt.parent
+        if run.name.endswith(".mismatch") or (RECORDS / run.parent.name / run.name / "suite_standard.json").exists():
+            continue
+        try:
+            with claimed(run):
+                with open(run / CARRIED, "a") as f:
+                    f.write(json.dumps({"when": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+                                        "machine": cpu_identity(), "epoch": _progress(run)[0],
+                                        "suite_state": any((run / "eval").glob("study_suite_state_*.json"))}) + "\n")
+                dest = CARRY / run.parent.name / run.name
+                shutil.rmtree(dest, ignore_errors=True)
+                shutil.copytree(run, dest)
+        except Claimed as e:
+            print(f"  {e}: not carried (stop it first)", flush=True)
+            continue
+        print(f"  {run.name}: carried at epoch {_progress(run)[0]} to {_rel(dest)}", flush=True)
+        copies.append(dest)
+    return copies
+
+
+def restore_carried(dataset: str = "*") -> list[Path]:
+    """Put the runs carried by an earlier session (:func:`carry`) into ``OUT`` where this machine
+    has no copy as far along; returns the run folders restored."""
+    import shutil
+
+    restored = []
+    for src in sorted(CARRY.glob(f"{dataset}/*/{CARRIED}")):
+        run = src.parent
+        dest = OUT / run.parent.name / run.name
+        if dest.exists() and _progress(dest) >= _progress(run):
+            continue
+        with claimed(dest):
+            shutil.rmtree(dest, ignore_errors=True)
+            shutil.copytree(run, dest)
+        print(f"  {run.name}: restored from {_rel(run)} (epoch {_progress(dest)[0]})", flush=True)
+        restored.append(dest)
+    return restored
+
+
+def _progress(run: Path) -> tuple[int, bool, bool]:
+    """How far a run folder is: its checkpoint's epoch, training finished, suite finished."""
+    state = run / "checkpoints" / "last" / "state.json"
+    epoch = json.loads(state.read_text())["epoch"] if state.exists() else 0
+    return epoch, (run / "study.json").exists(), (run / "eval" / "study_suite_standard.json").exists()
 
 
 def current_record(dataset: str, arm: str, seed: int) -> dict | None:
@@ -1037,7 +1107,9 @@ def _skip_claimed():
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("phase", choices=("train", "suite", "report"))
+    p.add_argument("phase", choices=("train", "suite", "report", "carry"),
+                   help="carry: copy this machine's unfinished runs into benchmarks/results/aal_study_carry/ (commit "
+                        "it) so that a later session resumes them; train and suite restore them first")
     p.add_argument("--dataset", choices=sorted(DATASETS), default="cifar10")
     p.add_argument("--arms", default=",".join(MAIN), help=f"comma-separated, from: {', '.join(ARMS)}")
     p.add_argument("--seeds", default="0")
@@ -1054,10 +1126,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.phase == "report":
         print(report())
         return 0
+    if args.phase == "carry":
+        carry(args.dataset)
+        return 0
     arms = [a for a in args.arms.split(",") if a]
     unknown = [a for a in arms if a not in ARMS]
     if unknown:
         p.error(f"unknown arms {unknown}")
+    restore_carried(args.dataset)
     for seed in [int(s) for s in args.seeds.split(",") if s]:
         for arm in arms:
             t0 = time.time()

@@ -387,7 +387,9 @@ def report(dataset: str = DATASET) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("phase", choices=("train", "suite", "report"))
+    p.add_argument("phase", choices=("train", "suite", "report", "carry"),
+                   help="carry: copy this machine's unfinished runs of the setting into benchmarks/results/"
+                        "aal_study_carry/ (commit it) so that a later session resumes them; train and suite restore them first")
     p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, from: {', '.join(METHODS)}")
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--suite-n", type=int, default=1000)
@@ -403,7 +405,11 @@ def main(argv: list[str] | None = None) -> int:
     if unknown := [m for m in methods if m not in METHODS]:
         p.error(f"unknown methods {unknown}; choose from {', '.join(METHODS)}")
     seeds = [int(s) for s in args.seeds.split(",") if s]
-    if args.phase == "train":
+    if args.phase in ("train", "suite"):
+        study.restore_carried(args.dataset)
+    if args.phase == "carry":
+        study.carry(args.dataset)
+    elif args.phase == "train":
         train(methods, seeds, args.lock, args.suite_n if args.then_suite else 0, args.dataset,
               args.supersede_unrecoverable)
     elif args.phase == "suite":

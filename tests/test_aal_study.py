@@ -16,6 +16,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 aal_study = pytest.importorskip("aal_study")
 
 
+@pytest.fixture(autouse=True)
+def _no_carried_runs_of_this_checkout(tmp_path_factory, monkeypatch):
+    """``train`` and ``suite`` restore the runs carried by earlier sessions: never this checkout's into the real cache."""
+    monkeypatch.setattr(aal_study, "CARRY", tmp_path_factory.mktemp("carry"))
+    monkeypatch.setattr(aal_study, "OUT", tmp_path_factory.mktemp("out"))
+
+
 def _rec(arm, k=0.3, std=0.2):
     return {"arm": arm, "last_epoch": {"mask_mean": k, "mask_std": std}}
 
@@ -469,6 +476,62 @@ def test_superseding_a_pipeline_stage_sets_aside_the_stages_built_on_it(tmp_path
     aside = {x["run"]: x["reason"] for x in aal_study.superseded("fashion_mnist")}
     assert aside == {"standard-s0-aaaa": "a reason", "atop_pretrain-s0-bbbb": "built on standard-s0-aaaa, which was superseded",
                      "atop-s0-cccc": "built on standard-s0-aaaa, which was superseded"}
+
+
+@pytest.mark.skipif(not FMNIST.exists(), reason="Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")
+def test_a_run_carried_to_a_fresh_machine_resumes_into_the_uninterrupted_run(tmp_path, monkeypatch):
+    """A session ends in a run's epoch 2: ``carry`` copies its folder (epoch-1 checkpoint) into the
+    committed carry folder; a fresh machine (empty OUT) restores and resumes it, and the run is the
+    one trained without a break (every per-image outcome, every logged number); published with its
+    suite, its carried copy goes. A run another process holds is not carried."""
+    import shutil
+
+    import aal.engine.trainer
+
+    two = [o for o in TINY if not o.startswith("epochs=")] + ["epochs=2"]
+    monkeypatch.setattr(aal_study, "OUT", tmp_path / "out")
+    monkeypatch.setattr(aal_study, "RECORDS", tmp_path / "records")
+    monkeypatch.setattr(aal_study, "CARRY", tmp_path / "carry")
+    whole = aal_study.run_dir_for("fashion_mnist", "fgsm_at", 0, two)
+    aal_study._train("fashion_mnist", "fgsm_at", 0, two, whole)
+    reference = tmp_path / "reference"
+    whole.rename(reference)
+
+    fit_epoch = aal.engine.trainer.Trainer.train_epoch
+
+    def stop_in_epoch_2(self, epoch):
+        if epoch == 1:
+            raise KeyboardInterrupt("the session ends")
+        return fit_epoch(self, epoch)
+
+    monkeypatch.setattr(aal.engine.trainer.Trainer, "train_epoch", stop_in_epoch_2)
+    with pytest.raises(KeyboardInterrupt):
+        aal_study._train("fashion_mnist", "fgsm_at", 0, two, whole)
+    monkeypatch.setattr(aal.engine.trainer.Trainer, "train_epoch", fit_epoch)
+    first_epoch = (whole / "metrics.jsonl").read_text()  # with its timings: resuming keeps it, re-training would not
+    with aal_study.claimed(whole):  # still running: not carried
+        assert aal_study.carry() == []
+    [copy] = aal_study.carry()
+    assert copy == tmp_path / "carry" / "fashion_mnist" / whole.name and (copy / "checkpoints").is_dir()
+    line = json.loads((copy / aal_study.CARRIED).read_text())
+    assert line["epoch"] == 1 and line["machine"]["cpu"] and not line["suite_state"]
+
+    shutil.rmtree(tmp_path / "out")  # the next session's fresh machine
+    assert aal_study.restore_carried() == [whole] and aal_study.restore_carried() == []  # once: not behind
+    aal_study._train("fashion_mnist", "fgsm_at", 0, two, whole)
+    assert aal_study.reproduction_mismatch(reference, whole) is None
+    assert (whole / "metrics.jsonl").read_text().startswith(first_epoch)  # resumed, not trained again
+    assert len((whole / aal_study.CARRIED).read_text().splitlines()) == 1  # the record says it came in parts
+    published = aal_study.publish(whole, "fashion_mnist")
+    assert (published / aal_study.CARRIED).exists() and copy.exists()  # no suite yet: still to hand over
+    (whole / "eval").mkdir()
+    (whole / "eval" / "study_suite_standard.json").write_text("{}")
+    aal_study.publish(whole, "fashion_mnist")
+    assert not copy.exists()  # complete: nothing left to carry
+    assert aal_study.carry() == []
+    # the published record was trained in parts: a machine kind that made any part cannot be told apart
+    (published / aal_study.CARRIED).write_text(json.dumps({"machine": {"cpu": "Some Other CPU"}}) + "\n")
+    assert "trained on 'Some Other CPU'" in aal_study.same_machine_kind(published)
 
 
 def test_working_folder_lies_outside_the_work_tree_and_follows_the_environment(tmp_path):

@@ -15,6 +15,13 @@ aal_study = pytest.importorskip("aal_study")
 methods_rank = pytest.importorskip("methods_rank")
 
 
+@pytest.fixture(autouse=True)
+def _no_carried_runs_of_this_checkout(tmp_path_factory, monkeypatch):
+    """``train`` and ``suite`` restore the runs carried by earlier sessions: never this checkout's into the real cache."""
+    monkeypatch.setattr(aal_study, "CARRY", tmp_path_factory.mktemp("carry"))
+    monkeypatch.setattr(aal_study, "OUT", tmp_path_factory.mktemp("out"))
+
+
 @pytest.mark.parametrize("ds, precision", [("fashion_mnist_rank", "bf16"), ("fashion_mnist_rank_fp32", "fp32")])
 def test_every_ranked_method_is_an_arm_with_the_study_setting(ds, precision):
     for m in methods_rank.METHODS:
@@ -140,6 +147,9 @@ def test_report_from_synthetic_runs(tmp_path, monkeypatch):
 
     monkeypatch.setattr(methods_rank, "collect", collect)
     monkeypatch.setattr(aal_study, "RESULTS", tmp_path)
+    monkeypatch.setattr(aal_study, "superseded", lambda dataset: [  # a ranked method's and an unranked arm's
+        {"arm": arm, "seed": 2, "run": f"{arm}-s2-abc", "reason": "why", "when": "then", "trained_on": "Other CPU",
+         "accuracy": {"clean": 0.81, "pgd20": 0.7288}} for arm in ("mart", "fgsm_at")])
     readme = tmp_path / "README.md"
     begin, end = methods_rank.readme_markers("fashion_mnist_rank")
     readme.write_text(f"intro\n{begin}\nold table\n{end}\nafter\n")
@@ -156,6 +166,8 @@ def test_report_from_synthetic_runs(tmp_path, monkeypatch):
     assert "| NO |" in text and (tmp_path / "methods_rank.png").stat().st_size > 10_000
     assert "Left out: runs trained under another config than their method's: `mart` seed 3 (precision fp32" in text
     assert rows["mart"]["seeds"] == [0, 1, 2]
+    assert ("`mart` seed 2 (`mart-s2-abc`, trained on Other CPU: clean 81.00, PGD-20 72.88; why; then)" in text
+            and "fgsm_at" not in text and [x["arm"] for x in doc["superseded"]] == ["mart"])
     block = readme.read_text()
     assert block == f"intro\n{methods_rank.readme_block(doc)}\nafter\n" and "| `mart`: MART" in block
     assert "  - pgd_at beats mart: " in block and "seeds 0-2)" in block  # method verdicts: 3 seeds
