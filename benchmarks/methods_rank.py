@@ -3,23 +3,31 @@
 Every method trains the same model on the same data with the same schedule: the AAL study's
 Fashion-MNIST setting (``benchmarks/aal_study.py``: small CNN + input-level CBAM, **all 60,000
 training images, 5 epochs**, batch 128, SGD lr 0.05 cosine, eps 0.1; AToP: its own purifier stages,
-5 epochs each, on top of a standard-trained classifier of that architecture), **trained under bf16
-autocast** (dataset key ``fashion_mnist_rank``; evaluation in fp32): PGD-10 training steps of this
-model are 2.7x faster than fp32 on this CPU (``benchmarks/results/precision_speed.txt``), which
-makes each run (train + suite) fit in one machine session (~40 min at one thread, two runs at a
-time, UIAT ~60; a whole seed does not: ~6-8 runs per 3-h session) on a CPU with native bf16
-(AVX512-BF16 or AMX; elsewhere bf16 is emulated, ~40x slower than there, and training refuses:
-``aal_study.check_machine``). AToP's chain (stages ~2.3 h, EOT suite est. 2-4 h) needs a machine
-kept across sessions (run folders live outside the work tree, ``aal_study.OUT``), or a GPU: a later session recovers a stage's
-checkpoint by training it again (``aal_study.recover``: kept only if bit-identical, on the CPU kind
-that trained it), which costs the stage's time again; bf16
-and fp32 FGSM-AT reached the same accuracy (``precision_parity.md``), and AWP's weight perturbation
-survives the rounding of ``w + v`` to bf16
-(its logged ``awp_loss_gain``, the loss at ``w + v`` minus at ``w``, was 1.00x fp32's for AT-AWP
-and 0.94x for TRADES-AWP, mean of 16 batches: ``benchmarks/awp_bf16.py``). Runs, caching,
-resuming and publishing are the AAL study's (``aal_study.train_one`` / ``suite_one``: a run folder
-per arm, seed and config hash in ``aal_study.OUT``, ``~/.cache/aal/study/``; finished runs' small files in
-``benchmarks/results/aal_study_runs/``, committed, never retrained). Evaluation per run: clean and
+5 epochs each, on top of a standard-trained classifier of that architecture). Two settings of it,
+never mixed (own run folders, own reports):
+
+* ``fashion_mnist_rank`` (the default): trained under **bf16 autocast** (evaluation in fp32). On a
+  CPU with native bf16 (AVX512-BF16 or AMX) PGD-10 training steps of this model were 2.7x faster
+  than fp32 on the machine of ``benchmarks/results/precision_speed.txt``; elsewhere bf16 is emulated,
+  ~10x slower than fp32 (``precision_speed_avx2.txt``), and training refuses
+  (``aal_study.check_machine``). bf16 and fp32 FGSM-AT reached the same accuracy
+  (``precision_parity.md``), and AWP's weight perturbation survives the rounding of ``w + v`` to
+  bf16 (its logged ``awp_loss_gain``, the loss at ``w + v`` minus at ``w``, was 1.00x fp32's for
+  AT-AWP and 0.94x for TRADES-AWP, mean of 16 batches: ``benchmarks/awp_bf16.py``).
+* ``fashion_mnist_rank_fp32``: the same comparison in fp32 (every resolved config the bf16 one's
+  but for ``precision``), its report in ``methods_rank_fp32.*``: it runs at full speed on any CPU
+  kind, so it progresses whatever machine a session gets.
+
+A run with its suite takes ~40 min to ~2 h per core depending on method and machine, so a seed
+takes more than one 3-h session. Runs, caching, resuming and publishing are the AAL study's
+(``aal_study.train_one`` / ``suite_one``: a run folder per arm, seed and config hash in
+``aal_study.OUT``, ``~/.cache/aal/study/``; finished runs' small files in
+``benchmarks/results/aal_study_runs/``, committed, never retrained). Sessions get fresh machines:
+``carry`` at a session's end commits the unfinished run folders (``aal_study.carry``), which
+``train`` and ``suite`` resume; a published run whose checkpoint is gone is recovered by training
+it again (``aal_study.recover``: kept only if bit-identical, on the CPU kind that trained it) or,
+with ``--supersede-unrecoverable`` on another kind, set aside and trained again
+(``aal_study.supersede``). Evaluation per run: clean and
 PGD-20 on the full test set (10,000 images; AToP's PGD-20 there draws one random transform per
 step, no EOT), then the standard suite (APGD-CE -> APGD-T -> FAB-T -> Square, AutoAttack's
 standard version) on the first ``--suite-n`` test images, or for a randomised model (AToP)
@@ -44,17 +52,12 @@ What the report states and tests:
     python benchmarks/methods_rank.py train --seeds 0 --then-suite --lock /tmp/aal-study.lock   # hours per seed, 1 thread
     python benchmarks/methods_rank.py suite --seeds 0 --suite-n 1000
     python benchmarks/methods_rank.py report
+    python benchmarks/methods_rank.py carry    # at a session's end, the processes stopped: commit benchmarks/results/aal_study_carry/
 
 ``--dataset cifar10_rank`` runs the same comparison on the CPU-scale CIFAR-10 recipe as shipped
 (``configs/cifar10_cpu/``: PreAct-ResNet-18 width 16 + CBAM, 20 epochs, bf16, eager; eps 8/255; the
 data from ``$AAL_CIFAR10`` or ``../shared/data/cifar10``), its report in ``methods_rank_cifar10.*``
 and its README block where the README has its markers.
-
-``--dataset fashion_mnist_rank_fp32`` is the same comparison trained in fp32 (every resolved config
-the bf16 one's but for ``precision``), its report in ``methods_rank_fp32.*``: a CPU without native
-bf16 runs bf16 ~10x slower than fp32 (``precision_speed_avx2.txt``) and the study refuses it there,
-while fp32 runs at full speed on any CPU kind, so this setting can progress whatever machine a
-session gets. Its runs never mix with the bf16 setting's (own folder, own tables).
 
 ``train`` and ``suite`` can run in several processes (``--methods``, ``--seeds``; two processes
 given the same list share it: each skips the runs the other holds) and on several days; a killed
