@@ -198,6 +198,7 @@ ARMS = {
     "atop": _rank("atop_finetune.yaml", "AToP (RT2, U-Net purifier + standard classifier)",
                   needs=(("model.classifier_run", "standard"), ("model.purifier_run", "atop_pretrain")), drop=("model.attention",)),
 }  # fmt: skip
+STAGES = {arm for a in ARMS.values() for _, arm in a.needs}  # arms trained as another arm's input, never given a suite
 MAIN = ["fgsm_at", "aal_fgsm", "aal_fgsm_uniform", "aal_fgsm_shuffle", "aal_fgsm_anti", "fgsm_at_matched"]
 DIAG = ("mask_mean", "mask_std", "m_mean", "m_std", "backtracked_frac", "trigger_frac", "sal_fg_corr")
 
@@ -516,7 +517,7 @@ def carry(dataset: str = "*") -> list[Path]:
     Sessions get fresh machines (``OUT`` does not survive them) and a run plus its suite can take
     longer than a session, so without this such a run never finishes. Unfinished: a run folder with
     a checkpoint whose run is not published with its suite (training or its suite not done; a
-    pipeline stage, published without one, is carried too: a later stage needs its model). A run a
+    pipeline stage, published without one, is carried while a run built on it is unfinished). A run a
     process holds now is skipped (stop it first: its checkpoint may be mid-write). The folder gets a
     line in ``carried.jsonl`` (published with the run), so its record says it was trained in parts
     and where. :func:`restore_carried` puts it back in ``OUT``; :func:`publish` drops the copy once
@@ -528,7 +529,10 @@ def carry(dataset: str = "*") -> list[Path]:
     copies = []
     for ckpt in sorted(OUT.glob(f"{dataset}/*/checkpoints")):
         run = ckpt.parent
-        if run.name.endswith(".mismatch") or (RECORDS / run.parent.name / run.name / "suite_standard.json").exists():
+        if run.name.endswith(".mismatch"):
+            continue
+        if _complete(run) or (_stage(run) and not _feeds_unfinished(run)):  # nothing left to do with its model
+            shutil.rmtree(CARRY / run.parent.name / run.name, ignore_errors=True)
             continue
         try:
             with claimed(run):
@@ -558,12 +562,37 @@ def restore_carried(dataset: str = "*") -> list[Path]:
         dest = OUT / run.parent.name / run.name
         if dest.exists() and _progress(dest) >= _progress(run):
             continue
-        with claimed(dest):
-            shutil.rmtree(dest, ignore_errors=True)
-            shutil.copytree(run, dest)
+        try:
+            with claimed(dest):
+                shutil.rmtree(dest, ignore_errors=True)
+                shutil.copytree(run, dest)
+        except Claimed:
+            continue  # another process is restoring (or running) it
         print(f"  {run.name}: restored from {_rel(run)} (epoch {_progress(dest)[0]})", flush=True)
         restored.append(dest)
     return restored
+
+
+
+def _complete(run: Path) -> bool:
+    """Published with its suite."""
+    return (RECORDS / run.parent.name / run.name / "suite_standard.json").exists()
+
+
+def _stage(run: Path) -> bool:
+    """A finished run of a pipeline-stage arm."""
+    study = run / "study.json"
+    return study.exists() and json.loads(study.read_text())["arm"] in STAGES
+
+
+def _feeds_unfinished(run: Path) -> bool:
+    """Whether a run folder beside ``run`` that is not complete names it as an input in its config."""
+    for other in run.parent.glob("*/config.yaml"):
+        if other.parent != run and not _complete(other.parent):
+            model = stored_config(other.parent).to_dict()["model"]
+            if any(isinstance(model.get(k), str) and Path(model[k]).name == run.name for k in RUN_KEYS):
+                return True
+    return False
 
 
 def _progress(run: Path) -> tuple[int, bool, bool]:

@@ -83,7 +83,6 @@ SETTINGS = {"fashion_mnist_rank": "methods_rank", "fashion_mnist_rank_fp32": "me
 DATASET = "fashion_mnist_rank"  # the default: the AAL study's Fashion-MNIST setting, trained under bf16 autocast
 METHODS = ["pgd_at", "trades", "awp_pgd_at", "awp_trades", "mart", "uiat", "spat", "aal_pgd", "atop"]
 PREREQUISITES = {"atop": ["standard", "atop_pretrain"]}  # pipeline stages trained first, same seed
-STAGES = {arm for arms in PREREQUISITES.values() for arm in arms}
 CHANCE, LEFT_CHANCE = 0.1, 0.2  # 10 classes; the epoch-1 rule: robust accuracy >= 2x chance
 COLUMNS = {"clean": "clean (10k)", "pgd20": "PGD-20 (10k)", "suite": "suite (n)"}
 ALPHA, BOOT = 0.05, 2000
@@ -377,7 +376,7 @@ def report(dataset: str = DATASET) -> str:
     excluded: list = []
     doc = {"dataset": dataset, **analyse(collect(excluded, dataset))}
     doc["excluded"] = [{"method": a, "seed": s, "differs": why} for a, s, why in excluded]
-    doc["superseded"] = [s for s in study.superseded(dataset) if s["arm"] in METHODS or s["arm"] in STAGES]
+    doc["superseded"] = [s for s in study.superseded(dataset) if s["arm"] in METHODS or s["arm"] in study.STAGES]
     stem = study.RESULTS / SETTINGS[dataset]
     stem.with_suffix(".json").write_text(json.dumps(doc, indent=1))
     if doc["rows"]:

@@ -534,6 +534,40 @@ def test_a_run_carried_to_a_fresh_machine_resumes_into_the_uninterrupted_run(tmp
     assert "trained on 'Some Other CPU'" in aal_study.same_machine_kind(published)
 
 
+def test_a_pipeline_stage_is_carried_while_a_run_built_on_it_is_unfinished(tmp_path, monkeypatch):
+    """AToP's fine-tuning needs its stages' models: they go with it, and their copies go once it is complete."""
+    out, records, carried = tmp_path / "out" / "fashion_mnist_rank", tmp_path / "records" / "fashion_mnist_rank", tmp_path / "carry"
+
+    def run(name, epoch, arm=None, **model):
+        d = out / name
+        (d / "checkpoints" / "last").mkdir(parents=True)
+        (d / "checkpoints" / "last" / "state.json").write_text(json.dumps({"epoch": epoch}))
+        (d / "config.yaml").write_text("")
+        (d / "model.json").write_text(json.dumps(model))
+        if arm:  # training finished
+            (d / "study.json").write_text(json.dumps({"arm": arm, "seed": 0}))
+        return d
+
+    class Stored:
+        def __init__(self, run_dir):
+            self.model = json.loads((run_dir / "model.json").read_text())
+
+        def to_dict(self):
+            return {"model": self.model}
+
+    monkeypatch.setattr(aal_study, "OUT", tmp_path / "out")
+    monkeypatch.setattr(aal_study, "RECORDS", tmp_path / "records")
+    monkeypatch.setattr(aal_study, "CARRY", carried)
+    monkeypatch.setattr(aal_study, "stored_config", Stored)
+    run("standard-s0-aaaa", 5, "standard")
+    run("standard-s1-eeee", 5, "standard")  # nothing built on it here: its model is not needed
+    run("atop-s0-cccc", 2, classifier_run="/x/standard-s0-aaaa")
+    assert sorted(p.name for p in aal_study.carry()) == ["atop-s0-cccc", "standard-s0-aaaa"]
+    (records / "atop-s0-cccc").mkdir(parents=True)
+    (records / "atop-s0-cccc" / "suite_standard.json").write_text("{}")  # AToP done, suite and all
+    assert aal_study.carry() == [] and list((carried / "fashion_mnist_rank").iterdir()) == []
+
+
 def test_working_folder_lies_outside_the_work_tree_and_follows_the_environment(tmp_path):
     """Checkpoints live where a fresh work tree does not wipe them; $AAL_STUDY_OUT, then $XDG_CACHE_HOME, move them."""
 
