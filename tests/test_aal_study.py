@@ -449,6 +449,16 @@ def test_an_unrecoverable_run_is_superseded_only_when_asked_and_its_record_is_ke
     assert set(aal_study.collect(dataset="fashion_mnist")["fashion_mnist"]) == {("fgsm_at", 0)}  # one run per arm and seed
 
 
+class _StoredModel:
+    """A stand-in for a run's stored config: only its ``model`` section, read from ``model.json``."""
+
+    def __init__(self, run_dir):
+        self.model = json.loads((run_dir / "model.json").read_text())
+
+    def to_dict(self):
+        return {"model": self.model}
+
+
 def test_superseding_a_pipeline_stage_sets_aside_the_stages_built_on_it(tmp_path, monkeypatch):
     """A later stage trained on the superseded model is no longer a run of today's chain: it goes too."""
     records = tmp_path / "records" / "fashion_mnist"
@@ -461,15 +471,8 @@ def test_superseding_a_pipeline_stage_sets_aside_the_stages_built_on_it(tmp_path
         (records / name / "results.json").write_text(json.dumps({"eval": {"accuracy": {"clean": 0.9}}}))
         (records / name / "model.json").write_text(json.dumps(model))
 
-    class Stored:
-        def __init__(self, run_dir):
-            self.model = json.loads((run_dir / "model.json").read_text())
-
-        def to_dict(self):
-            return {"model": self.model}
-
     monkeypatch.setattr(aal_study, "RECORDS", tmp_path / "records")
-    monkeypatch.setattr(aal_study, "stored_config", Stored)
+    monkeypatch.setattr(aal_study, "stored_config", _StoredModel)
     names = aal_study.supersede("fashion_mnist", records / "standard-s0-aaaa", "a reason")
     assert names[0] == "standard-s0-aaaa" and sorted(names[1:]) == ["atop-s0-cccc", "atop_pretrain-s0-bbbb"]
     assert sorted(p.name for p in records.iterdir()) == ["other-s0-dddd", "superseded"]
@@ -548,17 +551,10 @@ def test_a_pipeline_stage_is_carried_while_a_run_built_on_it_is_unfinished(tmp_p
             (d / "study.json").write_text(json.dumps({"arm": arm, "seed": 0}))
         return d
 
-    class Stored:
-        def __init__(self, run_dir):
-            self.model = json.loads((run_dir / "model.json").read_text())
-
-        def to_dict(self):
-            return {"model": self.model}
-
     monkeypatch.setattr(aal_study, "OUT", tmp_path / "out")
     monkeypatch.setattr(aal_study, "RECORDS", tmp_path / "records")
     monkeypatch.setattr(aal_study, "CARRY", carried)
-    monkeypatch.setattr(aal_study, "stored_config", Stored)
+    monkeypatch.setattr(aal_study, "stored_config", _StoredModel)
     run("standard-s0-aaaa", 5, "standard")
     run("standard-s1-eeee", 5, "standard")  # nothing built on it here: its model is not needed
     run("atop-s0-cccc", 2, classifier_run="/x/standard-s0-aaaa")
