@@ -299,18 +299,18 @@ def train_one(dataset: str, arm: str, seed: int, checkpoint: bool = False, super
     over = overrides_for(dataset, arm, seed)
     run_dir = run_dir_for(dataset, arm, seed, over)
     published = finished_record(dataset, arm, seed, over)
-    replace = None
+    unrecoverable = None
     if published is not None:
         if not checkpoint or (OUT / dataset / published.name / "checkpoints").exists():
             return load_record(dataset, arm, seed, published)
-        replace = same_machine_kind(published) if supersede_unrecoverable else None
-        if replace is None:
+        unrecoverable = same_machine_kind(published) if supersede_unrecoverable else None
+        if unrecoverable is None:
             recover(dataset, arm, seed, over, published)
             return load_record(dataset, arm, seed, published)
     with claimed(run_dir):
-        if replace and published.exists():  # under the claim: another process may have set it aside already
+        if unrecoverable and published.exists():  # under the claim: another process may have set it aside already
             supersede(dataset, published, f"its model was needed (suite or next stage), its checkpoint is gone "
-                                          f"and it cannot be recovered here ({replace})")
+                                          f"and it cannot be recovered here ({unrecoverable})")
         if not (run_dir / "study.json").exists():  # checked under the claim: another process may just have finished it
             _train(dataset, arm, seed, over, run_dir)
         publish(run_dir, dataset)
@@ -352,10 +352,15 @@ def downstream(dataset: str, name: str) -> list[Path]:
     """The published runs of ``dataset`` whose config names the run ``name`` as an input, and theirs."""
     found = []
     for study in sorted(RECORDS.glob(f"{dataset}/*/study.json")):
-        model = stored_config(study.parent).to_dict()["model"]
-        if any(isinstance(model.get(k), str) and Path(model[k]).name == name for k in RUN_KEYS):
+        if name in input_runs(study.parent):
             found += [study.parent, *downstream(dataset, study.parent.name)]
     return found
+
+
+def input_runs(run_dir: Path) -> set[str]:
+    """The names of the runs a run's stored config takes as inputs (a pipeline stage's earlier stages)."""
+    model = stored_config(run_dir).to_dict()["model"]
+    return {Path(model[k]).name for k in RUN_KEYS if isinstance(model.get(k), str)}
 
 
 def superseded(dataset: str) -> list[dict]:
@@ -534,11 +539,12 @@ def carry(dataset: str = "*") -> list[Path]:
         if _complete(run) or (_stage(run) and not _feeds_unfinished(run)):  # nothing left to do with its model
             shutil.rmtree(CARRY / run.parent.name / run.name, ignore_errors=True)
             continue
+        epoch = _progress(run)[0]
         try:
             with claimed(run):
                 with open(run / CARRIED, "a") as f:
                     f.write(json.dumps({"when": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
-                                        "machine": cpu_identity(), "epoch": _progress(run)[0],
+                                        "machine": cpu_identity(), "epoch": epoch,
                                         "suite_state": any((run / "eval").glob("study_suite_state_*.json"))}) + "\n")
                 dest = CARRY / run.parent.name / run.name
                 shutil.rmtree(dest, ignore_errors=True)
@@ -546,7 +552,7 @@ def carry(dataset: str = "*") -> list[Path]:
         except Claimed as e:
             print(f"  {e}: not carried (stop it first)", flush=True)
             continue
-        print(f"  {run.name}: carried at epoch {_progress(run)[0]} to {_rel(dest)}", flush=True)
+        print(f"  {run.name}: carried at epoch {epoch} to {_rel(dest)}", flush=True)
         copies.append(dest)
     return copies
 
@@ -587,12 +593,8 @@ def _stage(run: Path) -> bool:
 
 def _feeds_unfinished(run: Path) -> bool:
     """Whether a run folder beside ``run`` that is not complete names it as an input in its config."""
-    for other in run.parent.glob("*/config.yaml"):
-        if other.parent != run and not _complete(other.parent):
-            model = stored_config(other.parent).to_dict()["model"]
-            if any(isinstance(model.get(k), str) and Path(model[k]).name == run.name for k in RUN_KEYS):
-                return True
-    return False
+    return any(other.parent != run and not _complete(other.parent) and run.name in input_runs(other.parent)
+               for other in run.parent.glob("*/config.yaml"))
 
 
 def _progress(run: Path) -> tuple[int, bool, bool]:
