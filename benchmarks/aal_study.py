@@ -540,13 +540,15 @@ def carry(dataset: str = "*") -> list[Path]:
             shutil.rmtree(CARRY / run.parent.name / run.name, ignore_errors=True)
             continue
         epoch = _progress(run)[0]
+        dest = CARRY / run.parent.name / run.name
+        if _carried_as_is(run, dest):  # a second call in one session: no new hand-over to record
+            continue
         try:
             with claimed(run):
                 with open(run / CARRIED, "a") as f:
                     f.write(json.dumps({"when": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
                                         "machine": cpu_identity(), "epoch": epoch,
                                         "suite_state": any((run / "eval").glob("study_suite_state_*.json"))}) + "\n")
-                dest = CARRY / run.parent.name / run.name
                 shutil.rmtree(dest, ignore_errors=True)
                 shutil.copytree(run, dest)
         except Claimed as e:
@@ -555,6 +557,16 @@ def carry(dataset: str = "*") -> list[Path]:
         print(f"  {run.name}: carried at epoch {epoch} to {_rel(dest)}", flush=True)
         copies.append(dest)
     return copies
+
+
+def _carried_as_is(run: Path, copy: Path) -> bool:
+    """Whether ``copy`` already holds ``run`` as far as it is now: same checkpoint epoch, same finished
+    parts, same suite state."""
+
+    def suite_states(d: Path) -> dict[str, bytes]:
+        return {p.name: p.read_bytes() for p in (d / "eval").glob("study_suite_state_*.json")}
+
+    return copy.is_dir() and _progress(copy) == _progress(run) and suite_states(copy) == suite_states(run)
 
 
 def restore_carried(dataset: str = "*") -> list[Path]:

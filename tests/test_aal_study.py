@@ -518,6 +518,7 @@ def test_a_run_carried_to_a_fresh_machine_resumes_into_the_uninterrupted_run(tmp
     assert copy == tmp_path / "carry" / "fashion_mnist" / whole.name and (copy / "checkpoints").is_dir()
     line = json.loads((copy / aal_study.CARRIED).read_text())
     assert line["epoch"] == 1 and line["machine"]["cpu"] and not line["suite_state"]
+    assert aal_study.carry() == []  # carried again unchanged: no second hand-over line
 
     shutil.rmtree(tmp_path / "out")  # the next session's fresh machine
     assert aal_study.restore_carried() == [whole] and aal_study.restore_carried() == []  # once: not behind
