@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
@@ -528,6 +529,14 @@ def test_a_run_carried_to_a_fresh_machine_resumes_into_the_uninterrupted_run(tmp
     assert len((whole / aal_study.CARRIED).read_text().splitlines()) == 1  # the record says it came in parts
     published = aal_study.publish(whole, "fashion_mnist")
     assert (published / aal_study.CARRIED).exists() and copy.exists()  # no suite yet: still to hand over
+    assert aal_study.carry() == [copy]  # trained now: handed over for its suite, without its optimizer state
+    assert not (copy / "checkpoints" / "last" / "optimizer.safetensors").exists()
+    shutil.rmtree(whole)
+    assert aal_study.restore_carried() == [whole]
+    from aal.engine.run import load_run
+
+    restored, trained = load_run(whole)[1].state_dict(), load_run(reference)[1].state_dict()
+    assert restored.keys() == trained.keys() and all(torch.equal(restored[k], trained[k]) for k in trained)
     (whole / "eval").mkdir()
     (whole / "eval" / "study_suite_standard.json").write_text("{}")
     aal_study.publish(whole, "fashion_mnist")
@@ -546,6 +555,7 @@ def test_a_pipeline_stage_is_carried_while_a_run_built_on_it_is_unfinished(tmp_p
         d = out / name
         (d / "checkpoints" / "last").mkdir(parents=True)
         (d / "checkpoints" / "last" / "state.json").write_text(json.dumps({"epoch": epoch}))
+        (d / "checkpoints" / "last" / "optimizer.safetensors").write_bytes(b"momentum")
         (d / "config.yaml").write_text("")
         (d / "model.json").write_text(json.dumps(model))
         if arm:  # training finished
@@ -560,6 +570,9 @@ def test_a_pipeline_stage_is_carried_while_a_run_built_on_it_is_unfinished(tmp_p
     run("standard-s1-eeee", 5, "standard")  # nothing built on it here: its model is not needed
     run("atop-s0-cccc", 2, classifier_run="/x/standard-s0-aaaa")
     assert sorted(p.name for p in aal_study.carry()) == ["atop-s0-cccc", "standard-s0-aaaa"]
+    # the finished stage is only read from now on: its optimizer state stays behind; the run in training keeps its own
+    assert not (carried / "fashion_mnist_rank" / "standard-s0-aaaa" / "checkpoints" / "last" / "optimizer.safetensors").exists()
+    assert (carried / "fashion_mnist_rank" / "atop-s0-cccc" / "checkpoints" / "last" / "optimizer.safetensors").exists()
     (records / "atop-s0-cccc").mkdir(parents=True)
     (records / "atop-s0-cccc" / "suite_standard.json").write_text("{}")  # AToP done, suite and all
     assert aal_study.carry() == [] and list((carried / "fashion_mnist_rank").iterdir()) == []
