@@ -525,8 +525,9 @@ def carry(dataset: str = "*") -> list[Path]:
     pipeline stage, published without one, is carried while a run built on it is unfinished). A run a
     process holds now is skipped (stop it first: its checkpoint may be mid-write). The folder gets a
     line in ``carried.jsonl`` (published with the run), so its record says it was trained in parts
-    and where. A run whose training is finished goes without its optimizer state (half its size). :func:`restore_carried` puts it back in ``OUT``; :func:`publish` drops the copy once
-    the run is published with its suite."""
+    and where. A run whose training is finished goes without its optimizer state (half its size).
+    :func:`restore_carried` puts it back in ``OUT``; :func:`publish` drops the copy once the run is
+    published with its suite."""
     import shutil
 
     from aal.engine.run import cpu_identity
@@ -585,9 +586,7 @@ def restore_carried(dataset: str = "*") -> list[Path]:
         try:
             with claimed(dest):
                 shutil.rmtree(dest, ignore_errors=True)
-                # a finished run is only read (its model, for its suite or a next stage), never
-                # resumed: its optimizer state, as large as its weights, stays behind
-                shutil.copytree(run, dest, ignore=shutil.ignore_patterns("optimizer.safetensors") if _progress(run)[1] else None)
+                shutil.copytree(run, dest)
         except Claimed:
             continue  # another process is restoring (or running) it
         print(f"  {run.name}: restored from {_rel(run)} (epoch {_progress(dest)[0]})", flush=True)
