@@ -349,7 +349,37 @@ def suite_report(res: dict, args, say) -> None:
 
 
 # ----------------------------------------------------------------------------- main
-def main(argv=None) -> int:
+class Report:
+    """Lines printed as they come and kept, so ``--out`` writes exactly what the terminal showed."""
+
+    def __init__(self) -> None:
+        self.out, self.t_start, self.load0 = io.StringIO(), time.perf_counter(), os.getloadavg()
+
+    def __call__(self, line: str = "") -> None:
+        print(line, flush=True)
+        self.out.write(line + "\n")
+
+    def header(self, title: str, device, note: str, threads: str = "") -> dict:
+        """Title, machine and load lines (the load before was read when the report began)."""
+        from aal.engine.run import machine_description
+
+        mach, l0, l1 = machine_description(), self.load0, os.getloadavg()
+        self(f"# {title}  {time.strftime('%Y-%m-%d %H:%M %Z')}  aal {mach.get('aal_commit')}")
+        self(f"# machine: {mach['cpu']}, {mach['cores']} cores, torch {mach['torch']}, device {device}" + threads)
+        self(f"# load average (1/5/15 min) before {l0[0]:.1f}/{l0[1]:.1f}/{l0[2]:.1f}, "
+             f"after {l1[0]:.1f}/{l1[1]:.1f}/{l1[2]:.1f}" + (f"; {note}" if note else ""))
+        return mach
+
+    def finish(self, path: str | None) -> int:
+        """Last line (total time) and, with ``--out``, the report written to that file."""
+        self(f"# total {time.perf_counter() - self.t_start:.0f} s")
+        if path:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            Path(path).write_text(self.out.getvalue())
+        return 0
+
+
+def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--repeats", type=int, default=3, help="timed rounds of the ResNet-18 PGD-10 / AT steps")
     p.add_argument("--device", default="cpu")
@@ -373,33 +403,17 @@ def main(argv=None) -> int:
     p.add_argument("--role", default="attacks", choices=("attacks", "suite-aal", "suite-torchattacks"),
                    help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    if args.worker:
-        if args.role == "attacks":
-            return worker(args.worker, args.device)
-        return suite_worker(args.worker, args.device, args.role.removeprefix("suite-"))
     for name in ("suite_n", "suite_threads", "suite_repeats", "suite_train_steps"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
-    if args.only == "suite":
-        return main_suite(args)
+    return args
 
-    # as the aal CLI does at start-up, before the first big tensor
-    from aal.utils.runtime import malloc_tuned, tune_malloc
 
-    tune_malloc()
-    from aal.attacks import FGSM, PGD
-    from aal.engine.run import default_channels_last, machine_description
-    from aal.methods import create_method
+def build_models(dev: torch.device) -> tuple[dict, dict, dict]:
+    """``(models, data, saved)``: each model of :data:`MODELS` in aal's default memory format with a
+    random batch, and the NCHW weights + batch (``saved``) the torchattacks process loads."""
+    from aal.engine.run import default_channels_last
     from aal.models import create_model
-
-    dev = torch.device(args.device)
-    load0 = os.getloadavg()
-    t_start = time.perf_counter()
-    out = io.StringIO()
-
-    def say(line: str = "") -> None:
-        print(line, flush=True)
-        out.write(line + "\n")
 
     torch.manual_seed(0)
     models, data, saved = {}, {}, {}
@@ -411,103 +425,103 @@ def main(argv=None) -> int:
         xd = x.to(dev)
         models[name] = (m, cl)
         data[name] = (xd.contiguous(memory_format=torch.channels_last) if cl else xd, y.to(dev))
-    tmp = tempfile.mkdtemp(prefix="aal-speed-")
-    torch.save(saved, f"{tmp}/state.pt")
-    peer = Peer(f"{tmp}/state.pt", args.device)
+    return models, data, saved
 
-    aal_attacks = {"pgd10": PGD(EPS, steps=STEPS, step_size=ALPHA, rand_init=True), "fgsm": FGSM(EPS)}
-    # the same attacks with BatchNorm left unfolded (aal.utils.fold): the fold's own gain, side by side
-    unfolded = {"pgd10": PGD(EPS, steps=STEPS, step_size=ALPHA, rand_init=True, fold_bn=False), "fgsm": FGSM(EPS, fold_bn=False)}
+
+def aal_attacks(fold_bn: bool = True) -> dict:
+    """aal's PGD-10 and FGSM; ``fold_bn=False``: BatchNorm left unfolded, to time the fold's own gain."""
+    from aal.attacks import FGSM, PGD
+
+    return {"pgd10": PGD(EPS, steps=STEPS, step_size=ALPHA, rand_init=True, fold_bn=fold_bn),
+            "fgsm": FGSM(EPS, fold_bn=fold_bn)}
+
+
+def time_attacks(models, data, peer: Peer, args, dev, peaks: list) -> tuple[list, dict, dict]:
+    """Section 1's timings, ``(cases, rounds, times)``: round-robin over aal, aal unfolded and
+    torchattacks (alternating who goes first), a matmul-peak sample per round appended to ``peaks``."""
+    sides = {"aal": aal_attacks(), "aal_unfolded": aal_attacks(fold_bn=False)}
     cases = [(m, a) for m in MODELS for a in ("pgd10", "fgsm")]
     # the cheap cases get more rounds: their times are short and noisier
     rounds = {c: args.repeats if c == ("resnet18", "pgd10") else 2 * args.repeats for c in cases}
     if args.small_rounds:  # the small CNN's calls take milliseconds: many rounds to resolve a few per cent
         rounds.update({c: args.small_rounds for c in cases if c[0] == "small_cnn"})
     times = {c: {"aal": [], "torchattacks": [], "aal_unfolded": []} for c in cases}
-    peaks = [matmul_peak(dev, args.peak_n, repeats=3)]  # sampled through the run; the best counts
     for c in cases:  # warm-up both sides (lazy init, first allocations); a PGD step allocates what
-        if c[1] != "fgsm":  # an FGSM call does, so the costly PGD-10 needs no warm-up call of its own
-            continue
-        m, xy = models[c[0]][0], data[c[0]]
-        aal_attacks[c[1]](m, *xy)
-        peer.ask(op="time", model=c[0], attack=c[1])
+        if c[1] == "fgsm":  # an FGSM call does, so the costly PGD-10 needs no warm-up call of its own
+            sides["aal"][c[1]](models[c[0]][0], *data[c[0]])
+            peer.ask(op="time", model=c[0], attack=c[1])
     for r in range(max(rounds.values())):
         peaks.append(matmul_peak(dev, args.peak_n, repeats=1))
-        for c in cases:
-            if r >= rounds[c]:
-                continue
+        for c in (c for c in cases if r < rounds[c]):
             m, (x, y) = models[c[0]][0], data[c[0]]
-            sides = ["aal", "aal_unfolded", "torchattacks"] if r % 2 == 0 else ["torchattacks", "aal_unfolded", "aal"]
-            for side in sides:
-                if side == "aal":
-                    times[c]["aal"].append(timed(lambda: aal_attacks[c[1]](m, x, y), dev))
-                elif side == "aal_unfolded":
-                    times[c]["aal_unfolded"].append(timed(lambda: unfolded[c[1]](m, x, y), dev))
+            order = ["aal", "aal_unfolded", "torchattacks"] if r % 2 == 0 else ["torchattacks", "aal_unfolded", "aal"]
+            for side in order:
+                if side == "torchattacks":
+                    times[c][side].append(peer.ask(op="time", model=c[0], attack=c[1])["seconds"])
                 else:
-                    times[c]["torchattacks"].append(peer.ask(op="time", model=c[0], attack=c[1])["seconds"])
+                    times[c][side].append(timed(lambda: sides[side][c[1]](m, x, y), dev))
+    return cases, rounds, times
 
-    # FGSM: identical adversarial examples?
-    fgsm_check = {}
+
+def fgsm_identity(models, data, saved, peer: Peer, tmp: str, dev) -> dict:
+    """Per model: are aal's FGSM examples identical to torchattacks' (same weights, same inputs)? On a
+    channels_last model also the same check on the model in NCHW with BatchNorm unfolded: the same
+    arithmetic as torchattacks, so there they must be identical."""
+    from aal.models import create_model
+
+    fgsm, fgsm_unfolded = aal_attacks()["fgsm"], aal_attacks(fold_bn=False)["fgsm"]
+    check = {}
     for name in MODELS:
         m, cl = models[name]
         x, y = data[name]
         peer.ask(op="output", model=name, attack="fgsm", path=f"{tmp}/{name}_fgsm.pt")
         ref = torch.load(f"{tmp}/{name}_fgsm.pt", weights_only=True)
-        ours = aal_attacks["fgsm"](m, x, y).cpu()
+        ours = fgsm(m, x, y).cpu()
         row = {"identical": bool(torch.equal(ours.contiguous(), ref)), "differ_frac": float((ours != ref).float().mean()),
                "max_abs": float((ours - ref).abs().max())}
-        if cl:  # the same model in NCHW: the same arithmetic as torchattacks
+        if cl:
             nchw = create_model(name, num_classes=10, in_channels=MODELS[name][0]).to(dev).eval()
             nchw.load_state_dict(saved[name]["weights"])
-            o2 = unfolded["fgsm"](nchw, saved[name]["x"].to(dev), y).cpu()  # unfolded: the same arithmetic
+            o2 = fgsm_unfolded(nchw, saved[name]["x"].to(dev), y).cpu()
             row["nchw_identical"] = bool(torch.equal(o2, ref))
             row["nchw_differ_frac"] = float((o2 != ref).float().mean())
-        fgsm_check[name] = row
-    peer_threads = peer.info.get("threads")
-    peer.close()
+        check[name] = row
+    return check
 
-    # ----------------------------------------------------------------------------- FLOPs
-    m, _ = models["resnet18"]
-    x, y = data["resnet18"]
-    opt = torch.optim.SGD(m.parameters(), lr=1e-3, momentum=0.9)
+
+def time_training(model, x, y, args, dev, peaks: list) -> dict:
+    """Section 2's measurements on ResNet-18: counted FLOPs and times of a standard and a PGD-10-AT
+    training step, and (``--epoch-batches``) a whole PGD-10-AT epoch through the Trainer."""
+    from aal.methods import create_method
+
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
     standard, pgd_at = create_method("standard"), create_method("pgd_at", eps=EPS, steps=STEPS, step_size=ALPHA)
 
     def train_step(method):
-        m.train()
-        out_ = method(m, (x, y))
+        model.train()
+        loss = method(model, (x, y)).loss
         opt.zero_grad(set_to_none=True)
-        out_.loss.backward()
+        loss.backward()
         opt.step()
 
     # every PGD step is the same forward + input-gradient backward: count PGD-1-AT and extrapolate
     pgd1_at = create_method("pgd_at", eps=EPS, steps=1, step_size=ALPHA)
     f_std, f_pgd1 = count_flops(lambda: train_step(standard)), count_flops(lambda: train_step(pgd1_at))
-    step_flops = {"standard": f_std, "pgd_at": f_std + STEPS * (f_pgd1 - f_std)}
-    step_times = {"standard": [], "pgd_at": []}
-    train_step(standard)  # warm-up (the attack's buffers were warmed up above)
+    flops = {"standard": f_std, "pgd_at": f_std + STEPS * (f_pgd1 - f_std)}
+    times = {"standard": [], "pgd_at": []}
+    train_step(standard)  # warm-up (the attack's buffers were warmed up in section 1)
     for _ in range(args.repeats):
         peaks.append(matmul_peak(dev, args.peak_n, repeats=1))
         for _ in range(3):
-            step_times["standard"].append(timed(lambda: train_step(standard), dev))
-        step_times["pgd_at"].append(timed(lambda: train_step(pgd_at), dev))
+            times["standard"].append(timed(lambda: train_step(standard), dev))
+        times["pgd_at"].append(timed(lambda: train_step(pgd_at), dev))
     peaks.append(matmul_peak(dev, args.peak_n, repeats=3))
-    epoch = pgd_at_epoch(m, pgd_at, args.epoch_batches, dev) if args.epoch_batches else None
+    epoch = pgd_at_epoch(model, pgd_at, args.epoch_batches, dev) if args.epoch_batches else None
     peaks.append(matmul_peak(dev, args.peak_n, repeats=3))
-    suite = suite_benchmark(args, tmp) if args.only is None else None
-    best = {k: (max(p_[k][0] for p_ in peaks), max(p_[k][1] for p_ in peaks)) for k in peaks[0]}
-    peak, peak_cpu = max(v[0] for v in best.values()), max(v[1] for v in best.values())
+    return {"flops": flops, "times": times, "epoch": epoch}
 
-    # ----------------------------------------------------------------------------- report
-    mach = machine_description()
-    load1 = os.getloadavg()
-    say(f"# benchmarks/speed.py  {time.strftime('%Y-%m-%d %H:%M %Z')}  aal {mach.get('aal_commit')}")
-    say(f"# machine: {mach['cpu']}, {mach['cores']} cores, torch {mach['torch']}, device {dev}, "
-        f"threads aal={torch.get_num_threads()} torchattacks={peer_threads}")
-    say(f"# load average (1/5/15 min) before {load0[0]:.1f}/{load0[1]:.1f}/{load0[2]:.1f}, "
-        f"after {load1[0]:.1f}/{load1[1]:.1f}/{load1[2]:.1f}" + (f"; {args.note}" if args.note else ""))
-    say(f"# aal process: malloc tuned={malloc_tuned()}, channels_last per aal's default "
-        f"({', '.join(f'{n}={models[n][1]}' for n in MODELS)}); torchattacks: plain subprocess, NCHW")
-    say()
+
+def attacks_report(say, cases, rounds, times, fgsm_check) -> None:
     say(f"1. attacks, fp32, batch {BATCH}, eps 8/255 (PGD-10: alpha 2/255, random start); median seconds per batch;")
     say("   speed-up = torchattacks time / aal time, from wall time and from each process's CPU time")
     say("   (aal unfolded: the same aal attack with fold_bn=False, i.e. BatchNorm not folded into the convolutions;")
@@ -528,11 +542,15 @@ def main(argv=None) -> int:
         if "nchw_identical" in r:
             line += f"; aal (fold_bn=False) on the same model in NCHW: identical={r['nchw_identical']}"
         say(line)
-    say()
-    med = {k: (statistics.median(w for w, _ in v), statistics.median(c for _, c in v)) for k, v in step_times.items()}
+
+
+def flops_report(say, train: dict, peaks: list, channels_last: bool) -> None:
+    best = {k: (max(p_[k][0] for p_ in peaks), max(p_[k][1] for p_ in peaks)) for k in peaks[0]}
+    peak, peak_cpu = max(v[0] for v in best.values()), max(v[1] for v in best.values())
+    med = {k: (statistics.median(w for w, _ in v), statistics.median(c for _, c in v)) for k, v in train["times"].items()}
     (std_t, std_c), (at_t, at_c) = med["standard"], med["pgd_at"]
-    f_std, f_at = step_flops["standard"] / 1e9, step_flops["pgd_at"] / 1e9
-    say(f"2. FLOPs (ResNet-18 CIFAR, batch {BATCH}, fp32, channels_last={models['resnet18'][1]}); peak = the best "
+    f_std, f_at = train["flops"]["standard"] / 1e9, train["flops"]["pgd_at"] / 1e9
+    say(f"2. FLOPs (ResNet-18 CIFAR, batch {BATCH}, fp32, channels_last={channels_last}); peak = the best "
         f"fp32 GEMM of {len(peaks)} samples spread over the run")
     say(f"   measured peak            {peak:7.1f} GFLOP/s wall, {peak_cpu:7.1f} GFLOP per CPU-second; best per kernel: "
         + ", ".join(f"{k} {v[0]:.0f}" for k, v in best.items())
@@ -542,6 +560,7 @@ def main(argv=None) -> int:
     say(f"   PGD-10-AT step           {at_t:7.3f} s wall, {at_c:7.3f} s CPU, {f_at:7.1f} GFLOP: "
         f"{at_t / (f_at / peak):5.2f}x its FLOP lower bound (wall), {at_c / (f_at / peak_cpu):5.2f}x (CPU time)   "
         f"goal <= 1.3x")
+    epoch = train["epoch"]
     if epoch is not None:
         ep_f = epoch["batches"] * f_at
         say(f"   PGD-10-AT epoch (Trainer) {epoch['wall']:7.3f} s wall, {epoch['cpu']:7.3f} s CPU, {ep_f:7.1f} GFLOP: "
@@ -550,45 +569,62 @@ def main(argv=None) -> int:
         say(f"     ({epoch['batches']} batches of {BATCH} random uint8 3x32x32 images through aal's Trainer and "
             f"BatchLoader: shuffle, crop+flip, channels_last, SGD momentum, cosine LR, logged running means; "
             f"no evaluation, no checkpoint)")
-    say(f"   (times: median of {len(step_times['standard'])} / {len(step_times['pgd_at'])} steps. PGD-10-AT FLOPs / "
-        f"train-step FLOPs = {step_flops['pgd_at'] / step_flops['standard']:.2f}: the attack takes input gradients "
+    n_std, n_at = len(train["times"]["standard"]), len(train["times"]["pgd_at"])
+    say(f"   (times: median of {n_std} / {n_at} steps. PGD-10-AT FLOPs / train-step FLOPs = "
+        f"{train['flops']['pgd_at'] / train['flops']['standard']:.2f}: the attack takes input gradients "
         f"only; FlopCounterMode counts convolutions and matmuls, not elementwise ops)")
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.worker:
+        if args.role == "attacks":
+            return worker(args.worker, args.device)
+        return suite_worker(args.worker, args.device, args.role.removeprefix("suite-"))
+    if args.only == "suite":
+        return main_suite(args)
+
+    # as the aal CLI does at start-up, before the first big tensor
+    from aal.utils.runtime import malloc_tuned, tune_malloc
+
+    tune_malloc()
+    dev = torch.device(args.device)
+    say = Report()
+    models, data, saved = build_models(dev)
+    tmp = tempfile.mkdtemp(prefix="aal-speed-")
+    torch.save(saved, f"{tmp}/state.pt")
+    peer = Peer(f"{tmp}/state.pt", args.device)
+    peaks = [matmul_peak(dev, args.peak_n, repeats=3)]  # sampled through the run; the best counts
+    cases, rounds, times = time_attacks(models, data, peer, args, dev, peaks)
+    fgsm_check = fgsm_identity(models, data, saved, peer, tmp, dev)
+    peer_threads = peer.info.get("threads")
+    peer.close()
+    train = time_training(models["resnet18"][0], *data["resnet18"], args, dev, peaks)
+    suite = suite_benchmark(args, tmp) if args.only is None else None
+
+    say.header("benchmarks/speed.py", dev, args.note, f", threads aal={torch.get_num_threads()} torchattacks={peer_threads}")
+    say(f"# aal process: malloc tuned={malloc_tuned()}, channels_last per aal's default "
+        f"({', '.join(f'{n}={models[n][1]}' for n in MODELS)}); torchattacks: plain subprocess, NCHW")
+    say()
+    attacks_report(say, cases, rounds, times, fgsm_check)
+    say()
+    flops_report(say, train, peaks, models["resnet18"][1])
     say()
     if suite is not None:
         suite_report(suite, args, say)
         say()
-    return finish(say, out, t_start, args.out)
-
-
-def finish(say, out: io.StringIO, t_start: float, path: str | None) -> int:
-    """Last line (total time) and, with ``--out``, the report written to that file."""
-    say(f"# total {time.perf_counter() - t_start:.0f} s")
-    if path:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_text(out.getvalue())
-    return 0
+    return say.finish(args.out)
 
 
 def main_suite(args) -> int:
     """``--only suite``: section 3 alone (this process only trains the model and drives the two sides)."""
-    from aal.engine.run import machine_description
-
-    load0, t_start, out = os.getloadavg(), time.perf_counter(), io.StringIO()
-
-    def say(line: str = "") -> None:
-        print(line, flush=True)
-        out.write(line + "\n")
-
+    say = Report()
     res = suite_benchmark(args, tempfile.mkdtemp(prefix="aal-speed-"))
-    mach, load1 = machine_description(), os.getloadavg()
-    say(f"# benchmarks/speed.py --only suite  {time.strftime('%Y-%m-%d %H:%M %Z')}  aal {mach.get('aal_commit')}")
-    say(f"# machine: {mach['cpu']}, {mach['cores']} cores, torch {mach['torch']}, device {args.device}")
-    say(f"# load average (1/5/15 min) before {load0[0]:.1f}/{load0[1]:.1f}/{load0[2]:.1f}, "
-        f"after {load1[0]:.1f}/{load1[1]:.1f}/{load1[2]:.1f}" + (f"; {args.note}" if args.note else ""))
+    say.header("benchmarks/speed.py --only suite", args.device, args.note)
     say()
     suite_report(res, args, say)
     say()
-    return finish(say, out, t_start, args.out)
+    return say.finish(args.out)
 
 
 if __name__ == "__main__":
