@@ -359,7 +359,7 @@ class Report:
         print(line, flush=True)
         self.out.write(line + "\n")
 
-    def header(self, title: str, device, note: str, threads: str = "") -> dict:
+    def header(self, title: str, device, note: str, threads: str = "") -> None:
         """Title, machine and load lines (the load before was read when the report began)."""
         from aal.engine.run import machine_description
 
@@ -368,7 +368,6 @@ class Report:
         self(f"# machine: {mach['cpu']}, {mach['cores']} cores, torch {mach['torch']}, device {device}" + threads)
         self(f"# load average (1/5/15 min) before {l0[0]:.1f}/{l0[1]:.1f}/{l0[2]:.1f}, "
              f"after {l1[0]:.1f}/{l1[1]:.1f}/{l1[2]:.1f}" + (f"; {note}" if note else ""))
-        return mach
 
     def finish(self, path: str | None) -> int:
         """Last line (total time) and, with ``--out``, the report written to that file."""
@@ -436,10 +435,10 @@ def aal_attacks(fold_bn: bool = True) -> dict:
             "fgsm": FGSM(EPS, fold_bn=fold_bn)}
 
 
-def time_attacks(models, data, peer: Peer, args, dev, peaks: list) -> tuple[list, dict, dict]:
-    """Section 1's timings, ``(cases, rounds, times)``: round-robin over aal, aal unfolded and
-    torchattacks (alternating who goes first), a matmul-peak sample per round appended to ``peaks``."""
-    sides = {"aal": aal_attacks(), "aal_unfolded": aal_attacks(fold_bn=False)}
+def time_attacks(models, data, sides: dict, peer: Peer, args, dev, peaks: list) -> tuple[list, dict, dict]:
+    """Section 1's timings, ``(cases, rounds, times)``: round-robin over aal's ``sides`` (``{"aal": ...,
+    "aal_unfolded": ...}``, each :func:`aal_attacks`) and torchattacks (alternating who goes first), a
+    matmul-peak sample per round appended to ``peaks``."""
     cases = [(m, a) for m in MODELS for a in ("pgd10", "fgsm")]
     # the cheap cases get more rounds: their times are short and noisier
     rounds = {c: args.repeats if c == ("resnet18", "pgd10") else 2 * args.repeats for c in cases}
@@ -463,13 +462,13 @@ def time_attacks(models, data, peer: Peer, args, dev, peaks: list) -> tuple[list
     return cases, rounds, times
 
 
-def fgsm_identity(models, data, saved, peer: Peer, tmp: str, dev) -> dict:
+def fgsm_identity(models, data, saved, sides: dict, peer: Peer, tmp: str, dev) -> dict:
     """Per model: are aal's FGSM examples identical to torchattacks' (same weights, same inputs)? On a
     channels_last model also the same check on the model in NCHW with BatchNorm unfolded: the same
     arithmetic as torchattacks, so there they must be identical."""
     from aal.models import create_model
 
-    fgsm, fgsm_unfolded = aal_attacks()["fgsm"], aal_attacks(fold_bn=False)["fgsm"]
+    fgsm, fgsm_unfolded = sides["aal"]["fgsm"], sides["aal_unfolded"]["fgsm"]  # the attacks section 1 timed
     check = {}
     for name in MODELS:
         m, cl = models[name]
@@ -595,8 +594,9 @@ def main(argv=None) -> int:
     torch.save(saved, f"{tmp}/state.pt")
     peer = Peer(f"{tmp}/state.pt", args.device)
     peaks = [matmul_peak(dev, args.peak_n, repeats=3)]  # sampled through the run; the best counts
-    cases, rounds, times = time_attacks(models, data, peer, args, dev, peaks)
-    fgsm_check = fgsm_identity(models, data, saved, peer, tmp, dev)
+    sides = {"aal": aal_attacks(), "aal_unfolded": aal_attacks(fold_bn=False)}
+    cases, rounds, times = time_attacks(models, data, sides, peer, args, dev, peaks)
+    fgsm_check = fgsm_identity(models, data, saved, sides, peer, tmp, dev)
     peer_threads = peer.info.get("threads")
     peer.close()
     train = time_training(models["resnet18"][0], *data["resnet18"], args, dev, peaks)
