@@ -664,11 +664,20 @@ def suite_missing(dataset: str, arm: str, seed: int) -> bool:
     return rec is None or rec["suite"] is None
 
 
-def suite_one(dataset: str, arm: str, seed: int, n: int) -> None:
-    """The standard suite on the first ``n`` test images of a finished run (resumable)."""
+def suite_one(dataset: str, arm: str, seed: int, n: int, *, threads: int = 1, batch_size: int = 256) -> None:
+    """The standard suite on the first ``n`` test images of a finished run (resumable).
+
+    ``threads``: torch threads for the attacks (1 beside another run; 2 lets a lone suite use both
+    cores). ``batch_size``: points per attack call, which is also how often the state is saved (a
+    stop loses the unfinished batch). Neither changes what is measured: each point's attack is its
+    own, and a resumed suite re-seeds its random stream anyway, so neither is in the suite's state
+    fingerprint and a suite may resume with other values.
+    """
     import torch
 
-    torch.set_num_threads(1)
+    if threads < 1 or batch_size < 1:
+        raise ValueError(f"threads and batch_size must be >= 1, got {threads} and {batch_size}")
+    torch.set_num_threads(threads)
     rec = current_record(dataset, arm, seed)
     if rec is None or rec["suite"] is not None:
         return
@@ -680,11 +689,11 @@ def suite_one(dataset: str, arm: str, seed: int, n: int) -> None:
     out = run_dir / "eval" / "study_suite_standard.json"
     with claimed(run_dir):
         if not out.exists():  # another process may have run it while this one waited for the record
-            _run_suite(run_dir, out, dataset, n)
+            _run_suite(run_dir, out, dataset, n, batch_size)
         publish(run_dir, dataset)
 
 
-def _run_suite(run_dir: Path, out: Path, dataset: str, n: int) -> None:
+def _run_suite(run_dir: Path, out: Path, dataset: str, n: int, batch_size: int) -> None:
     import numpy as np
 
     from aal.engine.run import load_run
@@ -696,7 +705,7 @@ def _run_suite(run_dir: Path, out: Path, dataset: str, n: int) -> None:
     # APGD-CE -> APGD-DLR with EOT over 20 draws per step; the record says which suite ran
     suite = "rand" if is_randomized(model, bundle.test.images[:32].float().div(255)) else "standard"
     res = run_suite(model, bundle.test, suite, eps=_eps_value(DATASETS[dataset].eps), n=n, eot="auto", eot_n=EOT_N,
-                    state_path=run_dir / "eval" / f"study_suite_state_{n}.json")
+                    batch_size=batch_size, state_path=run_dir / "eval" / f"study_suite_state_{n}.json")
     np.savez_compressed(run_dir / "suite_correct.npz", **{k: v.cpu().numpy() for k, v in res.correct.items()})
     out.write_text(json.dumps(res.to_dict(), indent=1))
 
@@ -1151,6 +1160,26 @@ def _skip_claimed():
         print(f"  {e}", flush=True)
 
 
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def add_suite_options(p: argparse.ArgumentParser) -> None:
+    """The suite's ``--suite-threads`` and ``--suite-batch`` (see :func:`suite_one`), shared with methods_rank."""
+    p.add_argument("--suite-threads", type=_positive, default=1,
+                   help="torch threads of a suite (default 1, for two runs at a time; 2: a lone suite on both cores)")
+    p.add_argument("--suite-batch", type=_positive, default=256,
+                   help="points per attack call; the state is saved after each (smaller: less lost at a stop)")
+
+
+def suite_options(args: argparse.Namespace) -> dict[str, int]:
+    """:func:`suite_one`'s keyword options from the parsed ``--suite-threads`` / ``--suite-batch``."""
+    return {"threads": args.suite_threads, "batch_size": args.suite_batch}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("phase", choices=("train", "suite", "report", "carry"),
@@ -1160,6 +1189,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--arms", default=",".join(MAIN), help=f"comma-separated, from: {', '.join(ARMS)}")
     p.add_argument("--seeds", default="0")
     p.add_argument("--suite-n", type=int, default=1000)
+    add_suite_options(p)
     p.add_argument("--lock", default=None, help="hold this file's lock (flock) during each run: share a core politely")
     p.add_argument("--then-suite", action="store_true",
                    help="train: run the suite on each run right after it, while its checkpoint is on this machine "
@@ -1192,9 +1222,9 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"  clean {r['accuracy']['clean']:.4f} pgd20 {r['accuracy']['pgd20']:.4f} "
                           f"diag {r['last_epoch']} ({time.time() - t0:.0f} s)", flush=True)
                     if args.then_suite:
-                        suite_one(args.dataset, arm, seed, args.suite_n)
+                        suite_one(args.dataset, arm, seed, args.suite_n, **suite_options(args))
                 else:
-                    suite_one(args.dataset, arm, seed, args.suite_n)
+                    suite_one(args.dataset, arm, seed, args.suite_n, **suite_options(args))
     return 0
 
 

@@ -90,10 +90,11 @@ MIN_SEEDS = 3  # a method comparison needs seed-to-seed variation the bootstrap 
 
 
 def train(methods: list[str], seeds: list[int], lock: str | None, suite_n: int = 0, dataset: str = DATASET,
-          supersede: bool = False) -> None:
+          supersede: bool = False, suite_options: dict[str, int] | None = None) -> None:
     """Train every method (and its pipeline stages) per seed; with ``suite_n`` > 0 run each method's
     suite right after it, while its checkpoint is on this machine (checkpoints are not committed).
-    ``supersede``: a needed model that cannot be recovered here is trained again (``aal_study.supersede``)."""
+    ``supersede``: a needed model that cannot be recovered here is trained again (``aal_study.supersede``).
+    ``suite_options``: the suite's ``threads`` / ``batch_size`` (``aal_study.suite_one``)."""
     for seed in seeds:  # seed-major: a cut-short study still has whole seeds
         for m in methods:
             with study._skip_claimed():  # another process holds a stage: the method's chain is its work
@@ -106,17 +107,18 @@ def train(methods: list[str], seeds: list[int], lock: str | None, suite_n: int =
                         need = arm != m or bool(suite_n) and study.suite_missing(dataset, m, seed)
                         r = study.train_one(dataset, arm, seed, checkpoint=need, supersede_unrecoverable=supersede)
                         if suite_n and arm == m:
-                            study.suite_one(dataset, m, seed, suite_n)
+                            study.suite_one(dataset, m, seed, suite_n, **(suite_options or {}))
                     print(f"  clean {r['accuracy']['clean']:.4f} pgd20 {r['accuracy']['pgd20']:.4f} "
                           f"({time.time() - t0:.0f} s)", flush=True)
 
 
-def suite(methods: list[str], seeds: list[int], n: int, lock: str | None, dataset: str = DATASET) -> None:
+def suite(methods: list[str], seeds: list[int], n: int, lock: str | None, dataset: str = DATASET,
+          suite_options: dict[str, int] | None = None) -> None:
     for seed in seeds:
         for m in methods:
             with study._held(lock), study._skip_claimed():
                 print(f"[{time.strftime('%H:%M:%S')}] suite {m} seed {seed} (n={n})", flush=True)
-                study.suite_one(dataset, m, seed, n)
+                study.suite_one(dataset, m, seed, n, **(suite_options or {}))
 
 
 # ----------------------------------------------------------------------------- statistics
@@ -395,6 +397,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, from: {', '.join(METHODS)}")
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--suite-n", type=int, default=1000)
+    study.add_suite_options(p)
     p.add_argument("--lock", default=None, help="hold this file's lock (flock) during each run: share a core politely")
     p.add_argument("--then-suite", action="store_true", help="train: each method's suite right after it (same machine)")
     p.add_argument("--supersede-unrecoverable", action="store_true",
@@ -413,9 +416,9 @@ def main(argv: list[str] | None = None) -> int:
         study.carry(args.dataset)
     elif args.phase == "train":
         train(methods, seeds, args.lock, args.suite_n if args.then_suite else 0, args.dataset,
-              args.supersede_unrecoverable)
+              args.supersede_unrecoverable, study.suite_options(args))
     elif args.phase == "suite":
-        suite(methods, seeds, args.suite_n, args.lock, args.dataset)
+        suite(methods, seeds, args.suite_n, args.lock, args.dataset, study.suite_options(args))
     else:
         print(report(args.dataset))
     return 0

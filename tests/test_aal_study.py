@@ -182,12 +182,13 @@ def test_then_suite_runs_each_suite_right_after_its_run(monkeypatch):
     acc = {"accuracy": {"clean": 0.5, "pgd20": 0.2}, "last_epoch": {}}
     monkeypatch.setattr(aal_study, "train_one", lambda d, a, s, checkpoint=False, supersede_unrecoverable=False:
                         calls.append(("train", a, s) + (("supersede",) if supersede_unrecoverable else ())) or acc)
-    monkeypatch.setattr(aal_study, "suite_one", lambda d, a, s, n: calls.append(("suite", a, s, n)))
+    monkeypatch.setattr(aal_study, "suite_one", lambda d, a, s, n, **kw: calls.append(("suite", a, s, n, kw)))
     monkeypatch.setattr(aal_study, "suite_missing", lambda d, a, s: True)
     aal_study.main(["train", "--dataset", "fashion_mnist", "--arms", "fgsm_at,aal_fgsm", "--seeds", "1",
-                    "--then-suite", "--suite-n", "300"])
-    assert calls == [("train", "fgsm_at", 1), ("suite", "fgsm_at", 1, 300), ("train", "aal_fgsm", 1),
-                     ("suite", "aal_fgsm", 1, 300)]
+                    "--then-suite", "--suite-n", "300", "--suite-threads", "2"])
+    kw = {"threads": 2, "batch_size": 256}
+    assert calls == [("train", "fgsm_at", 1), ("suite", "fgsm_at", 1, 300, kw), ("train", "aal_fgsm", 1),
+                     ("suite", "aal_fgsm", 1, 300, kw)]
     calls.clear()
     aal_study.main(["train", "--dataset", "fashion_mnist", "--arms", "fgsm_at", "--seeds", "0"])
     assert calls == [("train", "fgsm_at", 0)]
@@ -591,3 +592,9 @@ def test_working_folder_lies_outside_the_work_tree_and_follows_the_environment(t
     assert aal_study.ROOT not in out().parents
     assert out(XDG_CACHE_HOME=str(tmp_path / "xdg")) == tmp_path / "xdg" / "aal" / "study"
     assert out(AAL_STUDY_OUT=str(tmp_path / "o"), XDG_CACHE_HOME=str(tmp_path / "xdg")) == tmp_path / "o"
+
+
+@pytest.mark.parametrize("bad", [{"threads": 0}, {"batch_size": 0}])
+def test_suite_one_refuses_nonpositive_threads_or_batch(bad):
+    with pytest.raises(ValueError, match=">= 1"):
+        aal_study.suite_one("fashion_mnist", "fgsm_at", 0, 100, **bad)

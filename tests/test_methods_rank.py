@@ -211,12 +211,22 @@ def test_then_suite_follows_each_method_not_its_pipeline_stages(monkeypatch):
     acc = {"accuracy": {"clean": 0.5, "pgd20": 0.2}}
     monkeypatch.setattr(methods_rank.study, "train_one", lambda d, a, s, checkpoint=False, supersede_unrecoverable=False:
                         calls.append(("train", a, checkpoint) + (("supersede",) if supersede_unrecoverable else ())) or acc)
-    monkeypatch.setattr(methods_rank.study, "suite_one", lambda d, a, s, n: calls.append(("suite", a, n)))
+    options = []
+    monkeypatch.setattr(methods_rank.study, "suite_one",
+                        lambda d, a, s, n, **kw: calls.append(("suite", a, n)) or options.append(kw))
     monkeypatch.setattr(methods_rank.study, "suite_missing", lambda d, a, s: a == "atop")  # trades has its suite
     methods_rank.main(["train", "--methods", "atop,trades", "--seeds", "0", "--then-suite", "--suite-n", "500"])
     # a stage's checkpoint feeds the next stage, a method's its missing suite: both recovered if trained elsewhere
     assert calls == [("train", "standard", True), ("train", "atop_pretrain", True), ("train", "atop", True),
                      ("suite", "atop", 500), ("train", "trades", False), ("suite", "trades", 500)]
+    assert options == [{"threads": 1, "batch_size": 256}] * 2  # one thread beside another run, AutoAttack's batch
+    calls.clear(), options.clear()
+    for phase in (["train", "--then-suite"], ["suite"]):
+        methods_rank.main([*phase, "--methods", "trades", "--seeds", "0", "--suite-threads", "2", "--suite-batch", "64"])
+    assert options == [{"threads": 2, "batch_size": 64}] * 2
+    for bad in ("0", "-1"):
+        with pytest.raises(SystemExit):
+            methods_rank.main(["suite", "--methods", "trades", "--suite-batch", bad])
     calls.clear()
     methods_rank.main(["train", "--methods", "atop", "--seeds", "0"])  # no suite: only the stages need their models
     assert calls == [("train", "standard", True), ("train", "atop_pretrain", True), ("train", "atop", False)]

@@ -144,6 +144,24 @@ def test_resume_skips_finished_stages_and_batches(setup, tmp_path):
         run_suite(model, (x, y), [("a", a3)], eps=1.0, state_path=state)
 
 
+def test_a_suite_resumes_with_another_batch_size(setup, tmp_path):
+    """The batch size only decides how often the state is saved (the study scripts' ``--suite-batch``):
+    a suite stopped in batches of 5 and resumed in batches of 3 attacks each point once, as one run does."""
+    model, x, y = setup
+    ok = evaluate(model, (x, y), attacks=("clean",)).correct["clean"].nonzero().flatten().tolist()
+    state = tmp_path / "state.json"
+    ref = run_suite(model, (x, y), [("a", ByIndex(model, y, ok[:10])), ("b", ByIndex(model, y, ok[12:20]))], eps=1.0, batch_size=5)
+    a, b = ByIndex(model, y, ok[:10]), ByIndex(model, y, ok[12:20], fail_after=2)
+    with pytest.raises(RuntimeError, match="planted"):
+        run_suite(model, (x, y), [("a", a), ("b", b)], eps=1.0, batch_size=5, state_path=state)
+    a2, b2 = ByIndex(model, y, ok[:10]), ByIndex(model, y, ok[12:20])
+    res = run_suite(model, (x, y), [("a", a2), ("b", b2)], eps=1.0, batch_size=3, state_path=state)
+    assert res.resumed and a2.calls == 0
+    assert sorted(b2.seen + b.seen) == ok[10:] and not set(b2.seen) & set(b.seen)
+    assert b2.calls == -(-(len(ok) - 10 - 10) // 3)  # the rest in batches of 3
+    assert res.accuracy == ref.accuracy and torch.equal(res.correct["robust"], ref.correct["robust"])
+
+
 def test_budget_violations_are_refused(setup):
     model, x, y = setup
     with pytest.raises(RuntimeError, match="outside"):
