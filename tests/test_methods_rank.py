@@ -73,7 +73,7 @@ def test_dataset_option_reaches_every_phase_and_names_the_results(monkeypatch, t
     calls = []
     acc = {"accuracy": {"clean": 0.5, "pgd20": 0.2}}
     monkeypatch.setattr(methods_rank.study, "train_one", lambda d, a, s, checkpoint, supersede_unrecoverable: calls.append(("train", d, a)) or acc)
-    monkeypatch.setattr(methods_rank.study, "suite_one", lambda d, a, s, n: calls.append(("suite", d, a)))
+    monkeypatch.setattr(methods_rank.study, "suite_one", lambda d, a, s, n, **kw: calls.append(("suite", d, a)))
     monkeypatch.setattr(methods_rank.study, "suite_missing", lambda d, a, s: calls.append(("missing?", d, a)) or True)
     methods_rank.main(["train", "--dataset", "cifar10_rank", "--methods", "trades", "--seeds", "0", "--then-suite"])
     methods_rank.main(["suite", "--dataset", "cifar10_rank", "--methods", "mart", "--seeds", "0"])
