@@ -101,16 +101,21 @@ def test_stages_are_cumulative_and_bookkept(setup, tmp_path):
         assert word in table
 
 
+def _reference_and_interrupted(model, x, y, ok, state):
+    """An uninterrupted two-stage suite in batches of 5, and the same suite stopped in stage b after its
+    first two batches (state in ``state``); returns the reference result and the stopped stage-b attack."""
+    ref = run_suite(model, (x, y), [("a", ByIndex(model, y, ok[:10])), ("b", ByIndex(model, y, ok[12:20]))], eps=1.0, batch_size=5)
+    a, b = ByIndex(model, y, ok[:10]), ByIndex(model, y, ok[12:20], fail_after=2)
+    with pytest.raises(RuntimeError, match="planted"):
+        run_suite(model, (x, y), [("a", a), ("b", b)], eps=1.0, batch_size=5, state_path=state)
+    return ref, b
+
+
 def test_resume_skips_finished_stages_and_batches(setup, tmp_path):
     model, x, y = setup
     ok = evaluate(model, (x, y), attacks=("clean",)).correct["clean"].nonzero().flatten().tolist()
     state = tmp_path / "state.json"
-    ref = run_suite(model, (x, y), [("a", ByIndex(model, y, ok[:10])), ("b", ByIndex(model, y, ok[12:20]))], eps=1.0, batch_size=5)
-
-    # interrupted in stage b, after its first two batches
-    a, b = ByIndex(model, y, ok[:10]), ByIndex(model, y, ok[12:20], fail_after=2)
-    with pytest.raises(RuntimeError, match="planted"):
-        run_suite(model, (x, y), [("a", a), ("b", b)], eps=1.0, batch_size=5, state_path=state)
+    ref, b = _reference_and_interrupted(model, x, y, ok, state)
     saved = json.loads(state.read_text())
     assert set(saved["stages"]) == {"a"} and saved["current"]["stage"] == "b"
     seen_b = list(b.seen)
@@ -150,10 +155,7 @@ def test_a_suite_resumes_with_another_batch_size(setup, tmp_path):
     model, x, y = setup
     ok = evaluate(model, (x, y), attacks=("clean",)).correct["clean"].nonzero().flatten().tolist()
     state = tmp_path / "state.json"
-    ref = run_suite(model, (x, y), [("a", ByIndex(model, y, ok[:10])), ("b", ByIndex(model, y, ok[12:20]))], eps=1.0, batch_size=5)
-    a, b = ByIndex(model, y, ok[:10]), ByIndex(model, y, ok[12:20], fail_after=2)
-    with pytest.raises(RuntimeError, match="planted"):
-        run_suite(model, (x, y), [("a", a), ("b", b)], eps=1.0, batch_size=5, state_path=state)
+    ref, b = _reference_and_interrupted(model, x, y, ok, state)
     a2, b2 = ByIndex(model, y, ok[:10]), ByIndex(model, y, ok[12:20])
     res = run_suite(model, (x, y), [("a", a2), ("b", b2)], eps=1.0, batch_size=3, state_path=state)
     assert res.resumed and a2.calls == 0
